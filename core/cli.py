@@ -1,0 +1,319 @@
+"""`python -m core train | sample | eval | bench | runs`: the same engine the dashboard uses.
+
+Every user mistake (a bad flag value, a damaged run, a missing dataset) ends with one line on
+stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .config import (DATASET_NAMES, DEVICE_NAMES, MODEL_NAMES, OPTIMIZER_NAMES, PRESETS, SAMPLER_NAMES,
+                     SCHEDULE_NAMES, ConfigError, SampleConfig, override, preset)
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
+        self.exit(EXIT_USAGE, f"error: {message} (see `python -m core {self.prog.split()[-1]} --help`)\n")
+
+
+def _positive_int_or_none(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m core", description="Train, sample and evaluate the book's DDPM and "
+                     "the ImprovedUNet on FashionMNIST / MNIST.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    tr = sub.add_parser("train", help="train a run (new or --resume)",
+                        description="Train a diffusion model into checkpoints/<name>/. A preset fills every "
+                        "setting; explicit flags override it.")
+    tr.add_argument("--preset", choices=sorted(PRESETS), default="book",
+                    help="book: step 9 exactly (UNet, Adam 1e-3, batch 128, 10 epochs, T=1000); improved: "
+                    "ImprovedUNet + AdamW, EMA; quick: a small ImprovedUNet for ~5 minutes on a CPU")
+    tr.add_argument("--model", choices=MODEL_NAMES, help="network: the book's unet or improved_unet")
+    tr.add_argument("--base-channels", type=_positive_int_or_none, help="width of the first level (book: 64)")
+    tr.add_argument("--channel-mults", type=_positive_int_or_none, nargs="+",
+                    help="improved_unet: width multiplier per resolution, e.g. 1 2 2")
+    tr.add_argument("--num-res-blocks", type=_positive_int_or_none, help="improved_unet: residual blocks per level")
+    tr.add_argument("--attention", choices=("on", "off"), help="improved_unet: self-attention at 7x7")
+    tr.add_argument("--norm", choices=("group", "batch"), help="improved_unet: GroupNorm or BatchNorm")
+    tr.add_argument("--optimizer", choices=OPTIMIZER_NAMES, help="adam (the book) or adamw (decoupled decay)")
+    tr.add_argument("--dataset", choices=DATASET_NAMES, help="training data (default fashion_mnist)")
+    tr.add_argument("--epochs", type=_positive_int_or_none, help="passes over the data (0: no epoch limit)")
+    tr.add_argument("--max-steps", type=_positive_int_or_none, help="stop after this many steps (0: no limit)")
+    tr.add_argument("--time-budget", type=_float, metavar="SECONDS", help="stop after this much training time")
+    tr.add_argument("--batch-size", type=_positive_int_or_none, help="images per step (book: 128)")
+    tr.add_argument("--lr", type=_float, help="learning rate (book: 1e-3)")
+    tr.add_argument("--weight-decay", type=_float, help="weight decay (L2 for adam, decoupled for adamw)")
+    tr.add_argument("--warmup-steps", type=_positive_int_or_none, help="linear learning-rate warm-up")
+    tr.add_argument("--timesteps", type=_positive_int_or_none, help="diffusion steps T (book: 1000)")
+    tr.add_argument("--schedule", choices=SCHEDULE_NAMES, help="beta schedule (book: linear)")
+    tr.add_argument("--pixel-range", choices=("unit", "symmetric"), help="unit = [0, 1] (book), symmetric = [-1, 1]")
+    tr.add_argument("--ema-decay", type=_float, help="EMA of the weights, e.g. 0.999 (0: off)")
+    tr.add_argument("--grad-clip", type=_float, help="clip the gradient norm (0: off)")
+    tr.add_argument("--limit-images", type=_positive_int_or_none, help="train on the first N images only")
+    tr.add_argument("--checkpoint-every", type=_float, metavar="SECONDS", help="periodic checkpoint interval")
+    tr.add_argument("--seed", type=_positive_int_or_none, help="random seed")
+    tr.add_argument("--device", choices=DEVICE_NAMES, help="auto picks CUDA, then MPS, then CPU")
+    tr.add_argument("--compile", choices=("on", "off"), help="torch.compile the model (measure first)")
+    tr.add_argument("--channels-last", choices=("on", "off"), help="channels_last memory format")
+    tr.add_argument("--runs-dir", default=None, help="folder of run folders (default checkpoints)")
+    tr.add_argument("--name", help="run name (A-Z a-z 0-9 . _ -); default: preset-model-optimizer-time")
+    tr.add_argument("--resume", action="store_true", help="continue the run --name from its last checkpoint")
+    tr.add_argument("--data-root", help="folder holding FashionMNIST/raw or MNIST/raw (env DDPM_DATA_ROOT)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sa = sub.add_parser("sample", help="generate images from a run",
+                        description="Generate images with DDPM (every step) or DDIM (any number of steps).")
+    sa.add_argument("--run", required=True, help="run folder, e.g. checkpoints/demo-improved-unet-adamw")
+    sa.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm", help="ddpm (the book) or ddim")
+    sa.add_argument("--steps", type=_positive_int_or_none, default=0, help="reverse steps (ddim; default T)")
+    sa.add_argument("--eta", type=_float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
+    sa.add_argument("--n", type=_positive_int_or_none, default=16, help="number of images")
+    sa.add_argument("--seed", type=_positive_int_or_none, default=0, help="random seed")
+    sa.add_argument("--batch-size", type=_positive_int_or_none, default=256, help="images per forward pass")
+    sa.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
+    sa.add_argument("--device", choices=DEVICE_NAMES, default="auto", help="where to run")
+    sa.add_argument("--out", help="PNG grid to write (default <run>/samples/sample_<sampler>.png)")
+    sa.add_argument("--npy", help="write the final images as uint8 (N, 28, 28) .npy")
+    sa.add_argument("--frames", help="write x_t and predicted x0 of every step as .npz")
+    sa.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("eval", help="measure sample quality (Fréchet distance in a classifier's features)")
+    _add_eval_arguments(ev)
+
+    be = sub.add_parser("bench", help="measure training and sampling speed on this device")
+    _add_bench_arguments(be)
+
+    ru = sub.add_parser("runs", help="list runs (or --models: parameters and FLOPs of each network)")
+    ru.add_argument("--runs-dir", default=None, help="folder of run folders (default checkpoints)")
+    ru.add_argument("--models", action="store_true", help="print parameters and FLOPs per image of each model")
+    ru.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    try:
+        from .evaluation_cli import add_arguments
+    except ImportError:  # the evaluation module is optional at import time of the parser
+        parser.set_defaults(_eval_missing=True)
+        return
+    add_arguments(parser)
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    try:
+        from .bench import add_arguments
+    except ImportError:
+        parser.set_defaults(_bench_missing=True)
+        return
+    add_arguments(parser)
+
+
+# -- commands ----------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import runs
+    from .training import train_run
+
+    flags = lambda v: None if v is None else v == "on"  # noqa: E731
+    config = override(
+        preset(args.preset), model=args.model, base_channels=args.base_channels,
+        channel_mults=tuple(args.channel_mults) if args.channel_mults else None,
+        num_res_blocks=args.num_res_blocks, attention=flags(args.attention), norm=args.norm,
+        optimizer=args.optimizer, dataset=args.dataset, epochs=args.epochs, max_steps=args.max_steps,
+        time_budget_s=args.time_budget, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, timesteps=args.timesteps, schedule=args.schedule,
+        pixel_range=args.pixel_range, ema_decay=args.ema_decay, grad_clip=args.grad_clip,
+        limit_images=args.limit_images, checkpoint_every_s=args.checkpoint_every, seed=args.seed,
+        device=args.device, compile=flags(args.compile), channels_last=flags(args.channels_last))
+    runs_dir = Path(args.runs_dir) if args.runs_dir else runs.DEFAULT_RUNS_DIR
+    if args.resume:
+        if not args.name:
+            raise CliError("--resume needs --name of the run to continue")
+        run_dir = runs.run_path(runs_dir, args.name)
+        # The run's own config wins, except how long to train and where: a resumed run may be
+        # given more epochs, steps or time, or be moved to another device.
+        saved = runs.load_config(run_dir)
+        config = override(saved, epochs=args.epochs, max_steps=args.max_steps,
+                          time_budget_s=args.time_budget, device=args.device)
+        if config != saved:
+            runs.atomic_write_text(run_dir / "config.json", config.to_json())
+    else:
+        name = args.name or f"{args.preset}-{config.model.name}-{config.train.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = runs.create_run(runs_dir, name, config)
+    from .training import resolve_device
+    resolve_device(config.train.device)  # fail before loading data when the device is missing
+
+    bar = None if args.quiet else _progress_bar(config)
+    progress = train_run(run_dir, resume=args.resume, data_root=args.data_root,
+                         on_progress=bar.update if bar else None)
+    if bar:
+        bar.close()
+    last = f"{progress.losses[-1]:.4f}" if progress.losses else "n/a"
+    print(f"{progress.state}: {run_dir} step {progress.step}, last loss {last}, "
+          f"{progress.elapsed_s:.0f} s on {progress.device}")
+    return 0
+
+
+class _progress_bar:
+    """tqdm over steps, updated from the loop's Progress reports."""
+
+    def __init__(self, config):
+        from tqdm import tqdm
+        self._tqdm = tqdm(total=None, unit="step", dynamic_ncols=True)
+        self._last = 0
+
+    def update(self, progress) -> None:
+        if progress.total_steps and self._tqdm.total != progress.total_steps:
+            self._tqdm.total = progress.total_steps
+            self._tqdm.refresh()
+        if progress.step > self._last:
+            self._tqdm.update(progress.step - self._last)
+            self._last = progress.step
+        if progress.losses:
+            self._tqdm.set_postfix(epoch=progress.epoch, loss=f"{progress.losses[-1]:.4f}",
+                                   img_s=f"{progress.images_per_s:.0f}", refresh=False)
+        if progress.message:
+            self._tqdm.set_description(progress.message)
+        else:
+            self._tqdm.set_description("train")
+
+    def close(self) -> None:
+        self._tqdm.close()
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import export, runs
+    from .sampling import sample
+    from .schedule import NoiseScheduler
+    from .training import resolve_device
+
+    sample_config = SampleConfig(sampler=args.sampler, steps=args.steps, eta=args.eta, n=args.n,
+                                 seed=args.seed, batch_size=args.batch_size)
+    device = resolve_device(args.device)
+    loaded = runs.load_model(Path(args.run), use_ema=not args.no_ema, device=device)
+    scheduler = NoiseScheduler(loaded.config.schedule)
+    steps = sample_config.resolved_steps(scheduler.num_timesteps)
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=None, unit="step", desc=f"{args.sampler} {steps} steps", dynamic_ncols=True)
+
+    def on_step(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    result = sample(loaded.model, scheduler, sample_config, pixel_range=loaded.config.train.pixel_range,
+                    device=device, record="all" if args.frames else "none", progress=on_step)
+    if bar is not None:
+        bar.close()
+    out = Path(args.out) if args.out else loaded.path / "samples" / f"sample_{args.sampler}.png"
+    export.save_grid(out, result.images)
+    written = [str(out)]
+    if args.npy:
+        np.save(args.npy, result.images)
+        written.append(args.npy)
+    if args.frames:
+        Path(args.frames).write_bytes(export.frames_npz(result.images, result.frame_timesteps,
+                                                        result.frames_xt, result.frames_x0))
+        written.append(args.frames)
+    print(f"{len(result.images)} samples ({args.sampler}, {steps} steps, "
+          f"{'EMA' if loaded.used_ema else 'raw'} weights) -> {', '.join(written)}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from . import runs
+    if args.models:
+        return _print_models(args.json)
+    infos = runs.list_runs(Path(args.runs_dir) if args.runs_dir else runs.DEFAULT_RUNS_DIR)
+    rows = []
+    for info in infos:
+        cfg = info.config
+        rows.append({
+            "name": info.name, "state": info.state,
+            "model": cfg.model.name if cfg else "?", "optimizer": cfg.train.optimizer if cfg else "?",
+            "dataset": cfg.train.dataset if cfg else "?", "step": info.step,
+            "last_loss": info.last_loss, "error": info.error,
+        })
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("no runs yet: train one with `python -m core train --preset quick`")
+        return 0
+    print(f"{'name':40} {'state':11} {'model':14} {'optimizer':9} {'dataset':13} {'step':>7} {'loss':>8}")
+    for r in rows:
+        loss = f"{r['last_loss']:.4f}" if r["last_loss"] is not None else "-"
+        print(f"{r['name'][:40]:40} {r['state']:11} {r['model']:14} {r['optimizer']:9} {r['dataset']:13} "
+              f"{r['step']:>7} {loss:>8}")
+        if r["error"] and r["state"] in ("damaged", "failed"):
+            print(f"    {r['error']}")
+    return 0
+
+
+def _print_models(as_json: bool) -> int:
+    from .flops import model_costs
+    rows = model_costs()
+    if as_json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'preset':10} {'model':14} {'params':>10} {'fwd GFLOP/img':>14} {'train GFLOP/img':>16} {'vs book':>8}")
+    for r in rows:
+        print(f"{r['preset']:10} {r['model']:14} {r['params']:>10,} {r['forward_gflop']:>14.3f} "
+              f"{r['train_gflop']:>16.3f} {r['train_vs_book']:>7.2f}x")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .data import DatasetNotFoundError
+    from .runs import RunError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"train": cmd_train, "sample": cmd_sample, "runs": cmd_runs}
+    try:
+        if args.command == "eval":
+            from .evaluation_cli import run as handler
+        elif args.command == "bench":
+            from .bench import run as handler
+        else:
+            handler = handlers[args.command]
+        return handler(args)
+    except (ConfigError, RunError, DatasetNotFoundError, CliError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - a failed run is already marked failed in its folder
+        from .training import TrainingDiverged
+        if isinstance(exc, TrainingDiverged):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

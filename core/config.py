@@ -1,0 +1,336 @@
+"""Frozen, validated configuration for models, noise schedules, training and sampling.
+
+Every field is checked here and only here, so the CLI, the dashboard and the Python API
+report the same message for the same mistake: the field, the value, and what is allowed.
+A `RunConfig` round-trips through JSON and carries a `format_version`, so a run folder can
+rebuild its model, schedule and optimizer from `config.json` alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+FORMAT_VERSION = 1
+
+MODEL_NAMES = ("unet", "improved_unet")
+NORM_NAMES = ("group", "batch")
+SCHEDULE_NAMES = ("linear", "cosine")
+OPTIMIZER_NAMES = ("adam", "adamw")
+DATASET_NAMES = ("fashion_mnist", "mnist")
+DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
+SAMPLER_NAMES = ("ddpm", "ddim")
+PIXEL_RANGES = ("unit", "symmetric")  # [0, 1] as in the book, or [-1, 1]
+
+RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
+MAX_SAMPLES = 10_000  # more than this is almost surely a typo, and would take hours on a CPU
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed. The message names the field, the value and the rule."""
+
+
+def _fail(field_name: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{field_name} = {value!r} is not allowed: {allowed}")
+
+
+def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(field_name, value, "choose one of " + ", ".join(choices))
+
+
+def _check_int(field_name: str, value: Any, low: int | None = None, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(field_name, value, "it must be a whole number")
+    if low is not None and value < low:
+        _fail(field_name, value, f"it must be at least {low}")
+    if high is not None and value > high:
+        _fail(field_name, value, f"it must be at most {high}")
+
+
+def _check_float(field_name: str, value: Any, low: float | None = None, high: float | None = None,
+                 low_inclusive: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(field_name, value, "it must be a finite number")
+    if low is not None:
+        if low_inclusive and value < low:
+            _fail(field_name, value, f"it must be at least {low}")
+        if not low_inclusive and value <= low:
+            _fail(field_name, value, f"it must be greater than {low}")
+    if high is not None and value > high:
+        _fail(field_name, value, f"it must be at most {high}")
+
+
+def check_run_name(name: str) -> str:
+    """A run name becomes a folder name, so it may not climb out of the runs folder."""
+    if not isinstance(name, str) or not RUN_NAME_PATTERN.match(name) or name in (".", "..") \
+            or name.startswith("."):
+        _fail("name", name, "use 1 to 80 characters from A-Z a-z 0-9 . _ - (no '/', no '..', "
+              "not starting with '.')")
+    return name
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network and how wide. Fields a model does not use are ignored by it."""
+    name: str = "unet"
+    base_channels: int = 64            # the book's first level width
+    channel_mults: tuple[int, ...] = (1, 2)  # improved_unet: one entry per resolution
+    num_res_blocks: int = 1            # improved_unet: residual blocks per level
+    attention: bool = True             # improved_unet: self-attention at the lowest resolution
+    norm: str = "group"                # improved_unet: GroupNorm (default) or BatchNorm (the blog)
+    dropout: float = 0.0
+    time_embed_dim: int = 100          # the book's sinusoidal encoding size D
+    in_channels: int = 1
+    out_channels: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
+        _check_choice("model", self.name, MODEL_NAMES)
+        _check_int("base_channels", self.base_channels, 4, 512)
+        if not self.channel_mults or len(self.channel_mults) > 3:
+            _fail("channel_mults", self.channel_mults,
+                  "give 1 to 3 multipliers (28x28 images allow at most two halvings: 28, 14, 7)")
+        for m in self.channel_mults:
+            _check_int("channel_mults", m, 1, 16)
+        _check_int("num_res_blocks", self.num_res_blocks, 1, 8)
+        if not isinstance(self.attention, bool):
+            _fail("attention", self.attention, "it must be true or false")
+        _check_choice("norm", self.norm, NORM_NAMES)
+        _check_float("dropout", self.dropout, 0.0, 0.9)
+        _check_int("time_embed_dim", self.time_embed_dim, 2, 4096)
+        if self.time_embed_dim % 2:
+            _fail("time_embed_dim", self.time_embed_dim, "it must be even (sin and cos pairs)")
+        _check_int("in_channels", self.in_channels, 1, 4)
+        _check_int("out_channels", self.out_channels, 1, 4)
+        if self.name == "improved_unet" and self.norm == "group" and self.base_channels % 4:
+            _fail("base_channels", self.base_channels, "GroupNorm needs a multiple of 4")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The forward process: T steps and how beta_t grows."""
+    timesteps: int = 1000
+    schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self) -> None:
+        _check_int("timesteps", self.timesteps, 2, 10_000)
+        _check_choice("schedule", self.schedule, SCHEDULE_NAMES)
+        _check_float("beta_start", self.beta_start, 0.0, 0.999, low_inclusive=False)
+        _check_float("beta_end", self.beta_end, 0.0, 0.999, low_inclusive=False)
+        if self.beta_end < self.beta_start:
+            _fail("beta_end", self.beta_end, f"it must be at least beta_start ({self.beta_start})")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: data, optimizer, length, and the safety nets."""
+    dataset: str = "fashion_mnist"
+    pixel_range: str = "unit"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    epochs: int = 10
+    max_steps: int = 0                 # 0 = no limit; the run ends at whichever limit comes first
+    time_budget_s: float = 0.0         # 0 = no limit; wall-clock seconds of training
+    warmup_steps: int = 0
+    seed: int = 0
+    device: str = "auto"
+    ema_decay: float = 0.0             # 0 = no EMA
+    grad_clip: float = 0.0             # 0 = no clipping
+    limit_images: int = 0              # 0 = the whole training split; else the first N images
+    checkpoint_every_s: float = 120.0  # periodic checkpoints, besides epoch ends and stop
+    log_every: int = 10                # steps between metrics.csv rows
+    sample_every_epochs: int = 1       # 0 = no per-epoch grids
+    grid_sampler: str = "ddim"         # per-epoch grids are previews: cheap sampler by default
+    grid_steps: int = 50
+    channels_last: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))
+        _check_choice("dataset", self.dataset, DATASET_NAMES)
+        _check_choice("pixel_range", self.pixel_range, PIXEL_RANGES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZER_NAMES)
+        _check_float("lr", self.lr, 0.0, 1.0, low_inclusive=False)
+        if len(self.betas) != 2:
+            _fail("betas", self.betas, "give two numbers, like 0.9 0.999")
+        for b in self.betas:
+            _check_float("betas", b, 0.0, 0.9999)
+        _check_float("weight_decay", self.weight_decay, 0.0, 10.0)
+        _check_int("batch_size", self.batch_size, 1, 60_000)
+        _check_int("epochs", self.epochs, 0, 100_000)
+        _check_int("max_steps", self.max_steps, 0)
+        _check_float("time_budget_s", self.time_budget_s, 0.0)
+        if self.epochs == 0 and self.max_steps == 0 and self.time_budget_s == 0:
+            _fail("epochs", self.epochs, "with max_steps = 0 and no time budget the run would never "
+                  "train; set epochs or max_steps above 0")
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        _check_choice("device", self.device, DEVICE_NAMES)
+        _check_float("ema_decay", self.ema_decay, 0.0, 0.99999)
+        _check_float("grad_clip", self.grad_clip, 0.0)
+        _check_int("limit_images", self.limit_images, 0)
+        if self.limit_images and self.batch_size > self.limit_images:
+            _fail("batch_size", self.batch_size,
+                  f"it must not exceed the {self.limit_images} images in use (limit_images)")
+        _check_float("checkpoint_every_s", self.checkpoint_every_s, 0.0)
+        _check_int("log_every", self.log_every, 1)
+        _check_int("sample_every_epochs", self.sample_every_epochs, 0)
+        _check_choice("grid_sampler", self.grid_sampler, SAMPLER_NAMES)
+        _check_int("grid_steps", self.grid_steps, 1)
+        for flag in ("channels_last", "compile"):
+            if not isinstance(getattr(self, flag), bool):
+                _fail(flag, getattr(self, flag), "it must be true or false")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How to generate: which reverse process, how many steps, how many images."""
+    sampler: str = "ddpm"
+    steps: int = 0        # 0 = T (every step); DDIM may take fewer
+    eta: float = 0.0      # DDIM stochasticity: 0 deterministic, 1 ~ DDPM
+    n: int = 16
+    seed: int = 0
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check_choice("sampler", self.sampler, SAMPLER_NAMES)
+        _check_int("steps", self.steps, 0)
+        _check_float("eta", self.eta, 0.0, 1.0)
+        _check_int("n", self.n, 1, MAX_SAMPLES)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        _check_int("batch_size", self.batch_size, 1, 10_000)
+
+    def resolved_steps(self, timesteps: int) -> int:
+        """The number of reverse steps for a schedule of `timesteps`; checks the upper bound."""
+        steps = self.steps or timesteps
+        if steps < 1 or steps > timesteps:
+            _fail("steps", self.steps, f"it must be between 1 and T = {timesteps}")
+        if self.sampler == "ddpm" and steps != timesteps:
+            _fail("steps", self.steps, f"DDPM runs every step (T = {timesteps}); use the ddim "
+                  "sampler for fewer steps")
+        return steps
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run folder needs to rebuild its model, schedule and optimizer."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _check_int("format_version", self.format_version, 1)
+        if self.format_version > FORMAT_VERSION:
+            _fail("format_version", self.format_version,
+                  f"this run was written by a newer version (this one reads up to "
+                  f"{FORMAT_VERSION}); update the workbench to open it")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "RunConfig":
+        if not isinstance(data, dict):
+            raise ConfigError("config is not a JSON object")
+        version = data.get("format_version")
+        if version is None:
+            raise ConfigError("config misses the field format_version")
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            _fail("format_version", version, f"this run was written by a newer version (this one "
+                  f"reads up to {FORMAT_VERSION}); update the workbench to open it")
+        parts = {}
+        for name, kind in (("model", ModelConfig), ("schedule", ScheduleConfig), ("train", TrainConfig)):
+            if name not in data:
+                raise ConfigError(f"config misses the section {name!r}")
+            parts[name] = _dataclass_from_dict(kind, data[name], name)
+        return cls(format_version=version, **parts)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config.json is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(data)
+
+
+def _dataclass_from_dict(kind: type, data: Any, section: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {section!r} is not a JSON object")
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config section {section!r} has unknown fields: {', '.join(unknown)}")
+    try:
+        return kind(**data)
+    except TypeError as exc:  # pragma: no cover - every field has a default
+        raise ConfigError(f"config section {section!r}: {exc}") from None
+
+
+# Presets. `book` is step 9 exactly; `improved` is the blog's change done well;
+# `quick` is the smallest run that still draws recognisable clothes on 2 CPU cores.
+PRESETS: dict[str, RunConfig] = {
+    "book": RunConfig(
+        model=ModelConfig(name="unet", base_channels=64),
+        schedule=ScheduleConfig(timesteps=1000, schedule="linear"),
+        train=TrainConfig(optimizer="adam", lr=1e-3, batch_size=128, epochs=10, pixel_range="unit"),
+    ),
+    "improved": RunConfig(
+        model=ModelConfig(name="improved_unet", base_channels=32, channel_mults=(1, 2, 2),
+                          num_res_blocks=1, attention=True, norm="group"),
+        schedule=ScheduleConfig(timesteps=1000, schedule="linear"),
+        train=TrainConfig(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=128, epochs=10,
+                          pixel_range="symmetric", ema_decay=0.999, grad_clip=1.0, warmup_steps=200),
+    ),
+    "quick": RunConfig(
+        model=ModelConfig(name="improved_unet", base_channels=16, channel_mults=(1, 2, 2),
+                          num_res_blocks=1, attention=False, norm="group"),
+        schedule=ScheduleConfig(timesteps=1000, schedule="linear"),
+        train=TrainConfig(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=128, epochs=0,
+                          time_budget_s=300.0, pixel_range="symmetric", ema_decay=0.995, grad_clip=1.0,
+                          warmup_steps=100),
+    ),
+}
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        _fail("preset", name, "choose one of " + ", ".join(PRESETS))
+    return PRESETS[name]
+
+
+def override(config: RunConfig, **changes: Any) -> RunConfig:
+    """A copy of `config` with flat field changes routed to the section that owns each field.
+
+    `None` means "not given" so CLI flags and form fields can be passed straight through.
+    """
+    sections = {"model": {}, "schedule": {}, "train": {}}
+    owners = {f.name: s for s, kind in (("model", ModelConfig), ("schedule", ScheduleConfig),
+                                         ("train", TrainConfig)) for f in fields(kind)}
+    aliases = {"model": "name", "model_name": "name"}
+    for key, value in changes.items():
+        if value is None:
+            continue
+        key = aliases.get(key, key)
+        if key not in owners:
+            raise ConfigError(f"unknown setting {key!r}")
+        sections[owners[key]][key] = value
+    return replace(
+        config,
+        model=replace(config.model, **sections["model"]),
+        schedule=replace(config.schedule, **sections["schedule"]),
+        train=replace(config.train, **sections["train"]),
+    )

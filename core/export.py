@@ -1,0 +1,96 @@
+"""Turn uint8 images into files people keep: PNG grids, a GIF of the reverse process, .npz frames,
+and a zip bundle of a run folder. Everything returns bytes, so the dashboard can offer downloads
+and the CLI can write files through the same code.
+"""
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+BUNDLE_FILES = ("config.json", "metrics.csv", "model.safetensors", "ema.safetensors", "eval.json",
+                "state.json", "status.json")
+
+
+def make_grid(images: np.ndarray, ncol: int | None = None, padding: int = 2, scale: int = 1,
+              pad_value: int = 0) -> np.ndarray:
+    """uint8 (N, H, W) -> one uint8 (rows·(H+p)+p, cols·(W+p)+p) image, row-major like the book's plot."""
+    images = np.asarray(images)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"make_grid expects uint8 images of shape (N, H, W), got {images.dtype} {images.shape}")
+    n, h, w = images.shape
+    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
+    nrow = max(1, math.ceil(n / ncol))
+    grid = np.full((nrow * (h + padding) + padding, ncol * (w + padding) + padding), pad_value, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + c * (w + padding)
+        grid[top:top + h, left:left + w] = img
+    if scale > 1:
+        grid = np.kron(grid, np.ones((scale, scale), np.uint8))
+    return grid
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def grid_png(images: np.ndarray, ncol: int | None = None, scale: int = 2) -> bytes:
+    return png_bytes(make_grid(images, ncol=ncol, scale=scale))
+
+
+def save_grid(path: str | Path, images: np.ndarray, ncol: int | None = None, scale: int = 2) -> Path:
+    from .runs import atomic_write_bytes  # atomic: a half-written PNG never shows on a page
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, grid_png(images, ncol, scale))
+    return path
+
+
+def reverse_gif(frames_xt: np.ndarray, frame_timesteps: list[int], final: np.ndarray | None = None,
+                ncol: int | None = None, scale: int = 2, max_frames: int = 100,
+                duration_ms: int = 60) -> bytes:
+    """A GIF of x_t going from noise to images: frames (K, N, H, W) in recorded order."""
+    frames_xt = np.asarray(frames_xt)
+    if frames_xt.ndim != 4 or len(frames_xt) == 0:
+        raise ValueError("reverse_gif needs recorded frames of shape (K, N, H, W); sample with frames on")
+    idx = np.unique(np.linspace(0, len(frames_xt) - 1, min(max_frames, len(frames_xt))).round().astype(int))
+    pictures = [Image.fromarray(make_grid(frames_xt[i], ncol=ncol, scale=scale), mode="L") for i in idx]
+    if final is not None:
+        pictures.append(Image.fromarray(make_grid(final, ncol=ncol, scale=scale), mode="L"))
+    durations = [duration_ms] * (len(pictures) - 1) + [1500]  # rest on the result
+    buf = io.BytesIO()
+    pictures[0].save(buf, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+    return buf.getvalue()
+
+
+def frames_npz(images: np.ndarray, frame_timesteps: list[int], frames_xt: np.ndarray | None,
+               frames_x0: np.ndarray | None) -> bytes:
+    """images (N,H,W), timesteps (K,), x_t and x̂0 frames (K,N,H,W), all uint8 but the timesteps."""
+    buf = io.BytesIO()
+    arrays = {"images": images, "timesteps": np.asarray(frame_timesteps, np.int64)}
+    if frames_xt is not None:
+        arrays["x_t"] = frames_xt
+    if frames_x0 is not None:
+        arrays["pred_x0"] = frames_x0
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def run_bundle(run_dir: str | Path) -> bytes:
+    """A zip of a run: config, metrics, weights, evaluation and sample grids (no optimizer state)."""
+    run_dir = Path(run_dir)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in BUNDLE_FILES:
+            if (run_dir / name).is_file():
+                zf.write(run_dir / name, f"{run_dir.name}/{name}")
+        for png in sorted((run_dir / "samples").glob("*.png")):
+            zf.write(png, f"{run_dir.name}/samples/{png.name}")
+    return buf.getvalue()
