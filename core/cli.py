@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="measure training and sampling speed on this device")
     _add_bench_arguments(be)
 
+    da = sub.add_parser("data", help="make a dataset available (Debian package, ./data, or download)")
+    da.add_argument("--dataset", choices=DATASET_NAMES, default="fashion_mnist", help="which dataset")
+    da.add_argument("--data-root", help="folder to prepare (default ./data or $DDPM_DATA_ROOT)")
+
     ru = sub.add_parser("runs", help="list runs (or --models: parameters and FLOPs of each network)")
     ru.add_argument("--runs-dir", default=None, help="folder of run folders (default checkpoints)")
     ru.add_argument("--models", action="store_true", help="print parameters and FLOPs per image of each model")
@@ -290,13 +294,21 @@ def _print_models(as_json: bool) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import load_images
+    train = load_images(args.dataset, "train", args.data_root)
+    test = load_images(args.dataset, "test", args.data_root)
+    print(f"{args.dataset}: {len(train)} training and {len(test)} test images ready")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .data import DatasetNotFoundError
     from .runs import RunError
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "sample": cmd_sample, "runs": cmd_runs}
+    handlers = {"train": cmd_train, "sample": cmd_sample, "runs": cmd_runs, "data": cmd_data}
     try:
         if args.command == "eval":
             from .evaluation_cli import run as handler

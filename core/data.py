@@ -131,7 +131,8 @@ def ensure_dataset(dataset: str, data_root: str | os.PathLike | None = None,
             if _has_raw_files(target, dataset):
                 return target
         except Exception as exc:  # noqa: BLE001 - any network failure ends the same way
-            tried.append(f"torchvision download into {target} (failed: {type(exc).__name__}: {exc})")
+            reason = " ".join(str(exc).split())[:160]  # one line: the error is printed as one line
+            tried.append(f"torchvision download into {target} (failed: {type(exc).__name__}: {reason})")
     fix = ("run `make data` (installs Debian's dataset-fashion-mnist), or pass --data-root DIR "
            "holding FashionMNIST/raw/*-ubyte" if dataset == "fashion_mnist" else
            f"place the four MNIST IDX files in DIR/MNIST/raw/ and pass --data-root DIR (or set "
