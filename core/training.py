@@ -150,6 +150,35 @@ def _divergence_message(loss: float, step: int, config: RunConfig) -> str:
     return f"loss became {loss} at step {step}: training diverged; {hint}"
 
 
+def training_step(model: nn.Module, forward: Callable, optimizer: torch.optim.Optimizer, x_0: torch.Tensor,
+                  alpha_bars: torch.Tensor, *, lr: float, grad_clip: float = 0.0, autocast=None,
+                  ema: EMA | None = None, step: int = 0) -> torch.Tensor:
+    """One optimisation step on a clean batch x_0 (B,1,28,28) in model range: draw t and ε, noise
+    x_0 to x_t, regress ε̂ on ε (the book's MSE), step the optimizer and the EMA.
+
+    `forward` is the model or its torch.compile'd wrapper; `alpha_bars` is float32 on x_0's device;
+    `step` counts the steps taken before this one. Returns the loss as a 0-d tensor, unsynced.
+    The loop and `python -m core bench` both call this, so the benchmark times the product's step.
+    """
+    timesteps = torch.randint(1, len(alpha_bars) + 1, (len(x_0),), device=x_0.device)
+    noise = torch.randn_like(x_0)
+    alpha_bar = alpha_bars[timesteps - 1].view(-1, 1, 1, 1)
+    x_t = alpha_bar.sqrt() * x_0 + (1 - alpha_bar).sqrt() * noise  # scheduler.add_noise, fused
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast if autocast is not None else _nullcontext():
+        eps = forward(x_t, timesteps)
+    loss = F.mse_loss(eps.float(), noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if ema is not None:
+        ema.update(model, step + 1)
+    return loss
+
+
 def train_run(run_dir: Path, *, resume: bool = False, images: ImageSet | None = None,
               data_root: str | None = None, on_progress: ProgressFn | None = None,
               stop_event: threading.Event | None = None) -> Progress:
@@ -254,24 +283,10 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
                     raise StopRequested
                 idx = order[i * t.batch_size:(i + 1) * t.batch_size]
                 x_0 = to_model_range(data[idx], t.pixel_range).contiguous(memory_format=memory_format)  # (B,1,28,28)
-                timesteps = torch.randint(1, scheduler.num_timesteps + 1, (len(idx),), device=device)
-                noise = torch.randn_like(x_0)
-                alpha_bar = alpha_bars[timesteps - 1].view(-1, 1, 1, 1)
-                x_t = alpha_bar.sqrt() * x_0 + (1 - alpha_bar).sqrt() * noise  # scheduler.add_noise, fused
                 lr = _lr_at(step, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast:
-                    eps = forward(x_t, timesteps)
-                loss = F.mse_loss(eps.float(), noise)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                optimizer.step()
+                loss = training_step(model, forward, optimizer, x_0, alpha_bars, lr=lr, grad_clip=t.grad_clip,
+                                     autocast=autocast, ema=ema, step=step)
                 step += 1
-                if ema is not None:
-                    ema.update(model, step)
                 window_loss += loss.detach()
                 window_count += 1
                 window_images += len(idx)
