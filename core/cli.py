@@ -16,6 +16,11 @@ from .config import (DATASET_NAMES, DEVICE_NAMES, MODEL_NAMES, OPTIMIZER_NAMES, 
                      SCHEDULE_NAMES, ConfigError, SampleConfig, override, preset)
 
 EXIT_USAGE = 2
+# What a resumed run cannot change: it would no longer match its weights, optimizer state or curve.
+RESUME_FIXED_FLAGS = ("model", "base_channels", "channel_mults", "num_res_blocks", "attention", "norm",
+                      "optimizer", "dataset", "batch_size", "lr", "weight_decay", "warmup_steps", "timesteps",
+                      "schedule", "pixel_range", "ema_decay", "grad_clip", "limit_images", "seed", "compile",
+                      "channels_last")
 
 
 class CliError(Exception):
@@ -107,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="measure training and sampling speed on this device")
     _add_bench_arguments(be)
 
+    rp = sub.add_parser("report", help="results page of runs: loss curves PNG, grids side by side, eval table")
+    rp.add_argument("--runs", nargs="+", required=True, help="run folders to compare")
+    rp.add_argument("--out", default="docs", help="folder for loss_curves.png, sample_grids.png, results_table.md")
+    rp.add_argument("--grid", default="final.png", help="which samples/*.png of each run to show")
+
     da = sub.add_parser("data", help="make a dataset available (Debian package, ./data, or download)")
     da.add_argument("--dataset", choices=DATASET_NAMES, default="fashion_mnist", help="which dataset")
     da.add_argument("--data-root", help="folder to prepare (default ./data or $DDPM_DATA_ROOT)")
@@ -139,7 +149,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 # -- commands ----------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from . import runs
-    from .training import train_run
+    from .training import resolve_device, train_run
 
     flags = lambda v: None if v is None else v == "on"  # noqa: E731
     config = override(
@@ -159,16 +169,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = runs.run_path(runs_dir, args.name)
         # The run's own config wins, except how long to train and where: a resumed run may be
         # given more epochs, steps or time, or be moved to another device.
+        fixed = [f"--{k.replace('_', '-')}" for k in RESUME_FIXED_FLAGS if getattr(args, k) is not None]
+        if fixed:  # silently ignoring them would train something other than what was asked for
+            raise CliError(f"{', '.join(fixed)} cannot change on --resume: the run's config.json fixes them; "
+                           "--resume accepts --epochs, --max-steps, --time-budget, --device, --checkpoint-every")
         saved = runs.load_config(run_dir)
+        status = runs.read_status(run_dir)
+        if status.get("state") == "running":  # two writers would corrupt the run
+            raise CliError(f"run {args.name!r} is still training (pid {status.get('pid')}); stop it before "
+                           "resuming it")
         config = override(saved, epochs=args.epochs, max_steps=args.max_steps,
-                          time_budget_s=args.time_budget, device=args.device)
+                          time_budget_s=args.time_budget, device=args.device,
+                          checkpoint_every_s=args.checkpoint_every)
+        resolve_device(config.train.device)  # before touching config.json: a rejected resume changes nothing
         if config != saved:
             runs.atomic_write_text(run_dir / "config.json", config.to_json())
     else:
         name = args.name or f"{args.preset}-{config.model.name}-{config.train.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
+        resolve_device(config.train.device)  # before the folder exists: a rejected run leaves nothing
         run_dir = runs.create_run(runs_dir, name, config)
-    from .training import resolve_device
-    resolve_device(config.train.device)  # fail before loading data when the device is missing
 
     bar = None if args.quiet else _progress_bar(config)
     progress = train_run(run_dir, resume=args.resume, data_root=args.data_root,
@@ -294,6 +313,27 @@ def _print_models(as_json: bool) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import report, runs
+    infos = []
+    for path in args.runs:
+        info = runs.run_info(Path(path))
+        if not info.readable:
+            raise CliError(info.error or f"run {path} cannot be read")
+        infos.append(info)
+    out = Path(args.out)
+    written = [report.loss_curves_png(infos, out / "loss_curves.png")]
+    grids = [(report.run_label(i), i.path / "samples" / args.grid) for i in infos]
+    missing = [str(p) for _, p in grids if not p.is_file()]
+    if missing:
+        raise CliError(f"no sample grid {', '.join(missing)}; sample the runs first or pick --grid")
+    written.append(report.grids_side_by_side_png(grids, out / "sample_grids.png"))
+    (out / "results_table.md").write_text(report.eval_table(infos) + "\n", encoding="utf-8")
+    written.append(out / "results_table.md")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import load_images
     train = load_images(args.dataset, "train", args.data_root)
@@ -308,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "sample": cmd_sample, "runs": cmd_runs, "data": cmd_data}
+    handlers = {"train": cmd_train, "sample": cmd_sample, "runs": cmd_runs, "data": cmd_data,
+                "report": cmd_report}
     try:
         if args.command == "eval":
             from .evaluation_cli import run as handler

@@ -1,0 +1,91 @@
+"""A results page for a set of runs: overlaid loss curves (PNG), their sample grids side by side (PNG)
+and a Markdown table of their evaluation figures. `python -m core report --runs A B --out docs/`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import runs
+
+MODEL_LABELS = {"unet": "UNet (book)", "improved_unet": "ImprovedUNet"}
+OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW"}
+
+
+def ema_smooth(values: list[float], weight: float) -> np.ndarray:
+    """Exponential moving average with bias correction, like TensorBoard's smoothing slider."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** (i + 1)))
+    return np.asarray(out)
+
+
+def run_label(info: runs.RunInfo) -> str:
+    cfg = info.config
+    return f"{MODEL_LABELS[cfg.model.name]} + {OPTIMIZER_LABELS[cfg.train.optimizer]} ({info.name})"
+
+
+def loss_curves_png(infos: list[runs.RunInfo], out: Path, x_axis: str = "elapsed_s", smoothing: float = 0.9) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for info in infos:
+        rows = runs.read_metrics(info.path)
+        if not rows:
+            continue
+        x = np.array([r[x_axis] for r in rows]) / (60.0 if x_axis == "elapsed_s" else 1.0)
+        ax.plot(x, ema_smooth([r["loss"] for r in rows], smoothing), label=run_label(info), linewidth=1.6)
+    ax.set_yscale("log")
+    ax.set_xlabel({"elapsed_s": "wall-clock training time (minutes)", "step": "step", "epoch": "epoch"}[x_axis])
+    ax.set_ylabel(f"MSE loss (EMA-smoothed, {smoothing})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title("Training loss: the book's UNet + Adam vs ImprovedUNet + AdamW")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def grids_side_by_side_png(grids: list[tuple[str, Path]], out: Path) -> Path:
+    """Put existing grid PNGs next to each other with a caption above each."""
+    from PIL import Image, ImageDraw
+
+    images = [(label, Image.open(path).convert("L")) for label, path in grids]
+    gap, caption = 16, 22
+    width = sum(im.width for _, im in images) + gap * (len(images) + 1)
+    height = max(im.height for _, im in images) + caption + 2 * gap
+    canvas = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(canvas)
+    x = gap
+    for label, im in images:
+        draw.text((x, gap // 2), label, fill=0)
+        canvas.paste(im, (x, gap + caption))
+        x += im.width + gap
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+def eval_table(infos: list[runs.RunInfo]) -> str:
+    """Markdown: one row per (run, sampler setting) with the figures eval.json holds."""
+    lines = ["| run | sampler | N | Fréchet distance | floor | ratio to floor | noise ceiling | class entropy | min / max class share |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for info in infos:
+        for e in info.evals:
+            shares = e.get("class_shares") or {}
+            share_text = f"{min(shares.values()):.1%} / {max(shares.values()):.1%}" if shares else "-"
+            lines.append(
+                f"| {run_label(info)} | {e.get('setting', '?')} | {e.get('n', '?')} | {_num(e.get('fid'))} | "
+                f"{_num(e.get('floor'))} | {_num(e.get('ratio_to_floor'))} | {_num(e.get('noise_ceiling'))} | "
+                f"{_num(e.get('class_entropy'))} | {share_text} |")
+    return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) else "-"

@@ -1,0 +1,126 @@
+"""The scheduler against closed forms: schedules, forward marginals, the book's DDPM step, DDIM."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from core.config import ConfigError, ScheduleConfig
+from core.schedule import NoiseScheduler, cosine_beta_schedule
+
+
+def test_linear_schedule_is_the_books():
+    s = NoiseScheduler(ScheduleConfig(timesteps=1000))
+    assert s.betas[0].item() == pytest.approx(1e-4) and s.betas[-1].item() == pytest.approx(0.02)
+    # alpha_bar_t = prod_{s<=t} (1 - beta_s), indexed t - 1
+    assert s.alpha_bars[0].item() == pytest.approx(1 - 1e-4)
+    t = 500
+    expected = math.prod(1 - (1e-4 + (0.02 - 1e-4) * i / 999) for i in range(t))
+    assert s.alpha_bars[t - 1].item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_cosine_schedule_matches_its_closed_form():
+    T, s = 1000, 0.008
+    sched = NoiseScheduler(ScheduleConfig(timesteps=T, schedule="cosine"))
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    for t in (1, 10, 500, 900):
+        assert sched.alpha_bars[t - 1].item() == pytest.approx(f(t) / f(0), rel=1e-6)
+    assert cosine_beta_schedule(T).max() <= 0.999
+
+
+def test_add_noise_is_equation_four():
+    s = NoiseScheduler(ScheduleConfig(timesteps=50))
+    x0, noise = torch.rand(4, 1, 28, 28), torch.randn(4, 1, 28, 28)
+    t = torch.tensor([1, 10, 25, 50])
+    x_t = s.add_noise(x0, t, noise)
+    for i, ti in enumerate(t.tolist()):
+        ab = s.alpha_bars[ti - 1].item()
+        assert torch.allclose(x_t[i], math.sqrt(ab) * x0[i] + math.sqrt(1 - ab) * noise[i], atol=1e-5)
+
+
+def test_forward_marginal_statistics():
+    """x_t of a constant image has mean sqrt(ab)·x0 and variance 1 − ab."""
+    s = NoiseScheduler(ScheduleConfig(timesteps=100))
+    x0 = torch.full((20000, 1, 1, 1), 0.7)
+    t = torch.full((20000,), 60)
+    x_t = s.add_noise(x0, t, torch.randn_like(x0))
+    ab = s.alpha_bars[59].item()
+    assert x_t.mean().item() == pytest.approx(math.sqrt(ab) * 0.7, abs=0.02)
+    assert x_t.var().item() == pytest.approx(1 - ab, abs=0.02)
+
+
+def test_timesteps_outside_one_to_T_are_refused():
+    s = NoiseScheduler(ScheduleConfig(timesteps=10))
+    x = torch.zeros(1, 1, 28, 28)
+    with pytest.raises(ConfigError, match="outside 1..T"):
+        s.add_noise(x, torch.tensor([0]), x)
+    with pytest.raises(ConfigError, match="outside 1..T"):
+        s.ddpm_step(x, 11, x)
+
+
+def test_ddpm_step_is_the_books_denoise():
+    s = NoiseScheduler(ScheduleConfig(timesteps=30))
+    x_t, eps = torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)
+    t = 12
+    a, ab, ab_prev = (s.alphas[t - 1].item(), s.alpha_bars[t - 1].item(), s.alpha_bars[t - 2].item())
+    mu = (x_t - (1 - a) / math.sqrt(1 - ab) * eps) / math.sqrt(a)
+    std = math.sqrt((1 - a) * (1 - ab_prev) / (1 - ab))
+    gen = torch.Generator().manual_seed(3)
+    out = s.ddpm_step(eps, t, x_t, generator=gen)
+    noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(out.prev_sample, mu + std * noise, atol=1e-5)
+    assert torch.allclose(out.pred_original_sample, (x_t - math.sqrt(1 - ab) * eps) / math.sqrt(ab), atol=1e-5)
+
+
+def test_ddpm_last_step_adds_no_noise():
+    s = NoiseScheduler(ScheduleConfig(timesteps=30))
+    x_t, eps = torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)
+    a = s.alphas[0].item()
+    mu = (x_t - (1 - a) / math.sqrt(1 - s.alpha_bars[0].item()) * eps) / math.sqrt(a)
+    out1 = s.ddpm_step(eps, 1, x_t, generator=torch.Generator().manual_seed(1))
+    out2 = s.ddpm_step(eps, 1, x_t, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(out1.prev_sample, mu, atol=1e-5) and torch.equal(out1.prev_sample, out2.prev_sample)
+
+
+def test_pred_x0_inverts_add_noise_with_the_true_noise():
+    s = NoiseScheduler(ScheduleConfig(timesteps=1000))
+    x0, noise = torch.rand(3, 1, 28, 28), torch.randn(3, 1, 28, 28)
+    t = torch.tensor([5, 400, 990])
+    x_t = s.add_noise(x0, t, noise)
+    assert torch.allclose(s.pred_x0(x_t, t, noise), x0, atol=1e-3)
+
+
+def test_ddim_with_true_noise_lands_on_x0_and_follows_the_marginal():
+    """Deterministic DDIM (η=0) with the exact ε maps x_t to sqrt(ab_prev)·x0 + sqrt(1−ab_prev)·ε."""
+    s = NoiseScheduler(ScheduleConfig(timesteps=100))
+    x0, noise = torch.rand(2, 1, 28, 28), torch.randn(2, 1, 28, 28)
+    x_t = s.add_noise(x0, torch.tensor([80, 80]), noise)
+    out = s.ddim_step(noise, 80, 40, x_t, eta=0.0)
+    ab_prev = s.alpha_bars[39].item()
+    assert torch.allclose(out.prev_sample, math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * noise, atol=1e-4)
+    final = s.ddim_step(noise, 1, 0, s.add_noise(x0, torch.tensor([1, 1]), noise))
+    assert torch.allclose(final.prev_sample, x0, atol=1e-4)
+
+
+def test_ddim_eta_one_has_the_ddpm_posterior_variance():
+    """With η = 1 and consecutive steps, σ_t equals the DDPM posterior std."""
+    s = NoiseScheduler(ScheduleConfig(timesteps=50))
+    x_t, eps = torch.zeros(20000, 1, 1, 1), torch.zeros(20000, 1, 1, 1)
+    out = s.ddim_step(eps, 30, 29, x_t, eta=1.0, generator=torch.Generator().manual_seed(0))
+    a, ab, ab_prev = s.alphas[29].item(), s.alpha_bars[29].item(), s.alpha_bars[28].item()
+    ddpm_std = math.sqrt((1 - a) * (1 - ab_prev) / (1 - ab))
+    assert out.prev_sample.std().item() == pytest.approx(ddpm_std, rel=0.03)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 50, 1000])
+def test_ddim_timesteps_span_T_to_1(steps):
+    ts = NoiseScheduler(ScheduleConfig(timesteps=1000)).ddim_timesteps(steps)
+    assert len(ts) == steps and ts[0] == 1000 and len(set(ts)) == steps
+    assert ts == sorted(ts, reverse=True) and (steps == 1 or ts[-1] == 1)
+
+
+@pytest.mark.parametrize("steps", [0, 1001])
+def test_ddim_timesteps_refuse_bad_counts(steps):
+    with pytest.raises(ConfigError, match="between 1 and T"):
+        NoiseScheduler(ScheduleConfig(timesteps=1000)).ddim_timesteps(steps)
