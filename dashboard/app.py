@@ -1,5 +1,41 @@
-"""Placeholder until the dashboard lands: proves `make run` opens a page."""
-import streamlit as st
+"""The diffusion workbench dashboard: `streamlit run dashboard/app.py`.
 
-st.title("Diffusion workbench")
-st.write("The dashboard is being built; use `python -m core --help` meanwhile.")
+Routes to one page per view with `st.navigation`. The pages are thin: widgets in `*_ui()`
+functions, work in `core` and in the cached helpers of `dashboard/cache.py`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `streamlit run dashboard/app.py` puts dashboard/ on sys.path, not the repository root.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import streamlit as st  # noqa: E402
+
+from dashboard.state import job_manager  # noqa: E402
+
+VIEWS = Path(__file__).parent / "views"
+
+st.set_page_config(page_title="Diffusion workbench", page_icon=":material/blur_on:", layout="wide")
+
+pages = [
+    st.Page(VIEWS / "forward.py", title="Forward process", icon=":material/blur_on:", url_path="forward", default=True),
+    st.Page(VIEWS / "train.py", title="Train", icon=":material/model_training:", url_path="train"),
+    st.Page(VIEWS / "compare.py", title="Compare", icon=":material/stacked_line_chart:", url_path="compare"),
+    st.Page(VIEWS / "reverse.py", title="Reverse process", icon=":material/movie:", url_path="reverse"),
+    st.Page(VIEWS / "runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
+]
+page = st.navigation(pages)
+
+with st.sidebar:
+    st.caption("Step 9 of *Deep Learning from Scratch 5*: a DDPM on 28×28 images, the book's UNet "
+               "versus an ImprovedUNet, Adam versus AdamW.")
+    job = job_manager().job
+    if job is not None and job.alive and job.snapshot().active:
+        st.info(f"Training **{job.run_dir.name}** in the background; its progress is on the Train page.",
+                icon=":material/model_training:")
+
+page.run()

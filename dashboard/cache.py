@@ -1,0 +1,111 @@
+"""Cached non-UI work for the pages: datasets, schedules, trained models, previews, diagnostics.
+
+Every function takes plain values (paths as strings, plus the weights' modification time so a
+checkpoint written by a running job invalidates the cache) and calls `core`; none draws anything.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+import torch
+
+from core import runs
+from core.config import SampleConfig, ScheduleConfig
+from core.data import ImageSet, load_images, to_model_range, to_uint8
+from core.diagnostics import loss_by_timestep
+from core.sampling import sample
+from core.schedule import NoiseScheduler
+
+COMPARE_SAMPLES = 8       # images per run in Compare's sample rows
+COMPARE_STEPS = 25        # DDIM steps for those previews: a few seconds even for the book's UNet
+BUCKET_IMAGES = 128       # test images scored per timestep bucket
+
+
+def weights_file(run_dir: Path, use_ema: bool = True) -> Path:
+    ema = run_dir / "ema.safetensors"
+    return ema if use_ema and ema.exists() else run_dir / "model.safetensors"
+
+
+def weights_mtime(run_dir: Path, use_ema: bool = True) -> float:
+    """The cache key part that changes whenever the run writes a new checkpoint."""
+    try:
+        return weights_file(run_dir, use_ema).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def dataset(name: str, split: str) -> ImageSet:
+    return load_images(name, split)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def scheduler(timesteps: int, schedule: str, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseScheduler:
+    return NoiseScheduler(ScheduleConfig(timesteps=timesteps, schedule=schedule, beta_start=beta_start,
+                                         beta_end=beta_end))
+
+
+def scheduler_for(config) -> NoiseScheduler:
+    s = config.schedule
+    return scheduler(s.timesteps, s.schedule, s.beta_start, s.beta_end)
+
+
+@st.cache_resource(show_spinner=False, max_entries=6)
+def trained_model(run_dir: str, mtime: float, use_ema: bool) -> runs.LoadedRun:
+    """A run's network in eval mode on the CPU; `mtime` is only part of the cache key."""
+    del mtime
+    return runs.load_model(Path(run_dir), use_ema=use_ema, device="cpu")
+
+
+def load_run_model(run_dir: Path, use_ema: bool = True) -> runs.LoadedRun:
+    return trained_model(str(run_dir), weights_mtime(run_dir, use_ema), use_ema)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def preview_samples(run_dir: str, mtime: float, seed: int, steps: int = COMPARE_STEPS,
+                    n: int = COMPARE_SAMPLES) -> np.ndarray:
+    """uint8 (n, 28, 28) DDIM samples of a run from `seed`: the same starting noise for every run."""
+    loaded = trained_model(run_dir, mtime, True)
+    sched = scheduler_for(loaded.config)
+    config = SampleConfig(sampler="ddim", steps=min(steps, sched.num_timesteps), n=n, seed=seed)
+    return sample(loaded.model, sched, config, pixel_range=loaded.config.train.pixel_range).images
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def timestep_losses(run_dir: str, mtime: float, buckets: int = 10, n_images: int = BUCKET_IMAGES,
+                    seed: int = 0) -> list[tuple[int, int, float]]:
+    """(t_low, t_high, loss) per bucket on the first `n_images` test images of the run's dataset."""
+    loaded = trained_model(run_dir, mtime, True)
+    test = dataset(loaded.config.train.dataset, "test")
+    result = loss_by_timestep(loaded.model, scheduler_for(loaded.config), test.images[:n_images],
+                              pixel_range=loaded.config.train.pixel_range, buckets=buckets, seed=seed)
+    return [(b.t_low, b.t_high, b.loss) for b in result]
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def forward_example(dataset_name: str, index: int, timesteps: int, schedule: str, pixel_range: str,
+                    noise_seed: int) -> dict[str, np.ndarray]:
+    """x_0, ε and x_t for every t in 1..T (uint8) of one dataset image, and ᾱ_t.
+
+    All T frames at once (T·784 bytes): the t slider then only indexes, it never recomputes.
+    """
+    images = dataset(dataset_name, "train")
+    sched = scheduler(timesteps, schedule)
+    x_0 = to_model_range(images.images[index:index + 1], pixel_range)            # (1, 1, 28, 28)
+    noise = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(noise_seed))
+    t_all = torch.arange(1, timesteps + 1)
+    x_t = sched.add_noise(x_0.expand(timesteps, -1, -1, -1), t_all, noise.expand(timesteps, -1, -1, -1))
+    return {
+        "x0": to_uint8(x_0, pixel_range).numpy()[0],
+        "noise": to_uint8(noise, "symmetric").numpy()[0],  # ε shown with 0 as mid-grey
+        "xt": to_uint8(x_t, pixel_range).numpy(),          # (T, 28, 28)
+        "alpha_bars": sched.alpha_bars.numpy(),
+    }
+
+
+def strip_timesteps(timesteps: int, count: int = 10) -> tuple[int, ...]:
+    """`count` evenly spaced t in 1..T, always including 1 and T, like the book's figure."""
+    values = np.unique(np.linspace(1, timesteps, min(count, timesteps)).round().astype(int))
+    return tuple(int(v) for v in values)

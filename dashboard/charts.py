@@ -1,0 +1,195 @@
+"""Figures and tables for the pages: plotly figures, pandas frames, scaled-up image grids.
+
+Plain functions of plain data (no Streamlit calls), so they are easy to test and to reuse.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from core.config import RunConfig
+from core.export import make_grid
+from core.runs import RunInfo
+
+# A qualitative palette with enough contrast on white; one colour per run.
+PALETTE = ("#4C6EF5", "#E8590C", "#2B8A3E", "#C2255C", "#7048E8", "#0B7285", "#E67700", "#495057")
+X_AXES = {"step": ("step", "step"), "epoch": ("epoch", "epoch"),
+          "wall-clock": ("elapsed_min", "wall-clock minutes")}
+
+
+def scaled_grid(images: np.ndarray, ncol: int | None = None, target_px: int = 420) -> np.ndarray:
+    """A grid upscaled by whole pixels (nearest neighbour) to about `target_px` wide: crisp, not blurry."""
+    grid = make_grid(images, ncol=ncol)
+    scale = max(1, target_px // grid.shape[1])
+    return np.kron(grid, np.ones((scale, scale), np.uint8)) if scale > 1 else grid
+
+
+def upscale(image: np.ndarray, target_px: int) -> np.ndarray:
+    """One uint8 (H, W) image upscaled by whole pixels to about `target_px` wide."""
+    scale = max(1, target_px // image.shape[1])
+    return np.kron(image, np.ones((scale, scale), np.uint8)) if scale > 1 else image
+
+
+def smooth(values: Sequence[float], weight: float) -> np.ndarray:
+    """TensorBoard's debiased exponential moving average: weight 0 = raw, 0.99 = very smooth."""
+    values = np.asarray(values, dtype=np.float64)
+    if weight <= 0 or len(values) == 0:
+        return values
+    out = np.empty_like(values)
+    running = 0.0
+    for i, v in enumerate(values):
+        running = weight * running + (1 - weight) * v
+        out[i] = running / (1 - weight ** (i + 1))  # debias: early values are not pulled to 0
+    return out
+
+
+def run_label(info: RunInfo) -> str:
+    """Model + optimizer first (what the comparison is about), then the run's name."""
+    if info.config is None:
+        return f"{info.name} (unreadable)"
+    model = {"unet": "UNet", "improved_unet": "ImprovedUNet"}[info.config.model.name]
+    optimizer = {"adam": "Adam", "adamw": "AdamW"}[info.config.train.optimizer]
+    return f"{model} + {optimizer} · {info.name}"
+
+
+def metrics_frame(named_rows: Iterable[tuple[RunInfo, list[dict[str, float]]]], weight: float) -> pd.DataFrame:
+    """One long table of every run's metrics.csv rows, with the smoothed loss beside the raw one."""
+    frames = []
+    for info, rows in named_rows:
+        if not rows:
+            continue
+        df = pd.DataFrame(rows)
+        df.insert(0, "run", info.name)
+        df.insert(1, "label", run_label(info))
+        df["elapsed_min"] = df["elapsed_s"] / 60.0
+        df["loss_smoothed"] = smooth(df["loss"].to_numpy(), weight)
+        frames.append(df)
+    columns = ["run", "label", "step", "epoch", "loss", "loss_smoothed", "lr", "elapsed_s", "elapsed_min",
+               "images_per_s"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def loss_figure(df: pd.DataFrame, x_axis: str = "step", log_y: bool = True, show_raw: bool = True,
+                height: int = 420) -> go.Figure:
+    """Overlaid loss curves, one colour per run; the raw loss faint behind the smoothed line."""
+    x_col, x_title = X_AXES[x_axis]
+    fig = go.Figure()
+    for i, (label, part) in enumerate(df.groupby("label", sort=False)):
+        colour = PALETTE[i % len(PALETTE)]
+        if show_raw:
+            fig.add_trace(go.Scatter(x=part[x_col], y=part["loss"], mode="lines", name=f"{label} (raw)",
+                                     line=dict(color=colour, width=1), opacity=0.25, showlegend=False,
+                                     hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=part[x_col], y=part["loss_smoothed"], mode="lines", name=label,
+                                 line=dict(color=colour, width=2)))
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10), xaxis_title=x_title,
+                      yaxis_title="loss (MSE of ε)", legend=dict(orientation="h", y=-0.2),
+                      hovermode="x unified")
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def live_loss_figure(steps: Sequence[int], losses: Sequence[float], height: int = 300) -> go.Figure:
+    fig = go.Figure(go.Scatter(x=list(steps), y=list(losses), mode="lines+markers" if len(steps) < 40 else "lines",
+                               line=dict(color=PALETTE[0], width=2), name="loss"))
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=10, b=10), xaxis_title="step",
+                      yaxis_title="loss (MSE of ε)")
+    fig.update_yaxes(type="log")
+    return fig
+
+
+def schedule_figure(alpha_bars: np.ndarray, t: int, schedule: str) -> go.Figure:
+    """ᾱ_t and SNR(t) = ᾱ_t / (1 − ᾱ_t) over t = 1..T, with a marker at the chosen t."""
+    timesteps = np.arange(1, len(alpha_bars) + 1)
+    snr = alpha_bars / (1 - alpha_bars)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("ᾱ_t: how much of x₀ is left",
+                                                         "SNR(t) = ᾱ_t / (1 − ᾱ_t), log scale"))
+    fig.add_trace(go.Scatter(x=timesteps, y=alpha_bars, mode="lines", name=f"ᾱ_t ({schedule})",
+                             line=dict(color=PALETTE[0])), row=1, col=1)
+    fig.add_trace(go.Scatter(x=timesteps, y=snr, mode="lines", name=f"SNR ({schedule})",
+                             line=dict(color=PALETTE[1])), row=1, col=2)
+    for col, values in ((1, alpha_bars), (2, snr)):
+        fig.add_trace(go.Scatter(x=[t], y=[values[t - 1]], mode="markers", marker=dict(size=11, color="black"),
+                                 name=f"t = {t}", showlegend=False), row=1, col=col)
+        fig.add_vline(x=t, line=dict(color="grey", dash="dot"), row=1, col=col)
+    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_xaxes(title_text="t")
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), showlegend=False)
+    return fig
+
+
+def bucket_figure(series: dict[str, list[tuple[int, int, float]]], timesteps: dict[str, int],
+                  log_y: bool = True) -> go.Figure:
+    """Loss per timestep bucket, one line per run; x is t when every run has the same T, else t/T."""
+    same_t = len(set(timesteps.values())) <= 1
+    fig = go.Figure()
+    for i, (label, buckets) in enumerate(series.items()):
+        total = timesteps[label]
+        mids = [(lo + hi) / 2 for lo, hi, _ in buckets]
+        fig.add_trace(go.Scatter(
+            x=mids if same_t else [m / total for m in mids], y=[loss for _, _, loss in buckets],
+            mode="lines+markers", name=label, line=dict(color=PALETTE[i % len(PALETTE)], width=2),
+            text=[f"t in {lo}..{hi}" for lo, hi, _ in buckets], hovertemplate="%{text}: %{y:.4f}"))
+    fig.update_layout(height=360, margin=dict(l=10, r=10, t=10, b=10),
+                      xaxis_title="t (bucket middle)" if same_t else "t / T (bucket middle)",
+                      yaxis_title="MSE of ε", legend=dict(orientation="h", y=-0.25))
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
+    else:
+        out[prefix] = value
+
+
+def _display(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return str(value)
+
+
+def config_diff(configs: dict[str, RunConfig]) -> pd.DataFrame:
+    """Only the config fields whose values differ between the runs; one column per run."""
+    flat = {}
+    for name, config in configs.items():
+        row: dict[str, Any] = {}
+        _flatten("", {k: v for k, v in config.to_dict().items() if k != "format_version"}, row)
+        flat[name] = {k: _display(v) for k, v in row.items()}
+    fields = sorted({k for row in flat.values() for k in row})
+    differing = [f for f in fields if len({row.get(f, "—") for row in flat.values()}) > 1]
+    return pd.DataFrame({name: [row.get(f, "—") for f in differing] for name, row in flat.items()},
+                        index=pd.Index(differing, name="setting"))
+
+
+def evals_frame(named_evals: dict[str, list[dict[str, Any]]]) -> pd.DataFrame:
+    """Every eval.json entry of every run as one row; nested dicts become dotted columns."""
+    rows = []
+    for name, entries in named_evals.items():
+        for entry in entries:
+            row: dict[str, Any] = {"run": name}
+            _flatten("", entry, row)
+            rows.append({k: (v if isinstance(v, (int, float, str)) or v is None else _display(v))
+                         for k, v in row.items()})
+    return pd.DataFrame(rows)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

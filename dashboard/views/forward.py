@@ -1,0 +1,93 @@
+"""Forward process: watch noise swallow a dataset image as t grows, and see ᾱ_t and SNR at that t.
+
+Needs no trained run: only the dataset and the noise schedule.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import streamlit as st
+
+from core.config import DATASET_NAMES, SCHEDULE_NAMES
+from core.data import DatasetNotFoundError
+from dashboard import cache
+from dashboard.charts import schedule_figure, upscale
+
+DATASET_LABELS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
+PIXEL_RANGES = {"symmetric": "[−1, 1] (ImprovedUNet presets)", "unit": "[0, 1] (the book)"}
+
+
+def _random_index(n_images: int) -> None:
+    st.session_state["fw_index"] = random.randrange(n_images)
+
+
+def source_ui() -> tuple[str, str, int, str]:
+    """Dataset, schedule, T and pixel range."""
+    c1, c2, c3, c4 = st.columns(4)
+    dataset = c1.selectbox("Dataset", DATASET_NAMES, format_func=DATASET_LABELS.get, key="fw_dataset",
+                           persist_state="session")
+    schedule = c2.radio("Schedule", SCHEDULE_NAMES, horizontal=True, key="fw_schedule", persist_state="session",
+                        help="linear: the book (Ho et al. 2020); cosine: Nichol & Dhariwal 2021")
+    timesteps = int(c3.number_input("T (timesteps)", min_value=2, max_value=4000, value=1000, step=50,
+                                    key="fw_T", persist_state="session"))
+    pixel_range = c4.radio("Pixel range", list(PIXEL_RANGES), format_func=PIXEL_RANGES.get, key="fw_range",
+                           persist_state="session")
+    return dataset, schedule, timesteps, pixel_range
+
+
+def image_ui(n_images: int) -> tuple[int, int]:
+    """Which image, and the seed of its noise ε."""
+    c1, c2, c3 = st.columns([2, 1, 2], vertical_alignment="bottom")
+    st.session_state.setdefault("fw_index", 0)
+    index = int(c1.number_input(f"Image index (0 to {n_images - 1})", min_value=0, max_value=n_images - 1,
+                                key="fw_index", persist_state="session"))
+    c2.button("Random image", icon=":material/casino:", on_click=_random_index, args=(n_images,))
+    seed = int(c3.number_input("Noise seed", min_value=0, max_value=2**31 - 1, value=0, key="fw_seed",
+                               persist_state="session"))
+    return index, seed
+
+
+def timestep_ui(timesteps: int) -> int:
+    st.session_state.setdefault("fw_t", max(1, timesteps // 10))
+    if st.session_state["fw_t"] > timesteps:  # T was lowered below the slider's value
+        st.session_state["fw_t"] = timesteps
+    return int(st.slider("Timestep t", min_value=1, max_value=timesteps, key="fw_t", persist_state="session"))
+
+
+st.title("Forward process")
+st.caption("The forward process adds Gaussian noise to a real image: x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε. "
+           "Drag t to see how much of the image survives; no trained model is needed here.")
+
+dataset_name, schedule, T, pixel_range = source_ui()
+try:
+    n_images = len(cache.dataset(dataset_name, "train"))
+except DatasetNotFoundError as exc:
+    st.error(str(exc))
+    st.stop()
+
+index, noise_seed = image_ui(n_images)
+t = timestep_ui(T)
+example = cache.forward_example(dataset_name, index, T, schedule, pixel_range, noise_seed)
+alpha_bar = float(example["alpha_bars"][t - 1])
+snr = alpha_bar / (1 - alpha_bar)
+
+left, mid, right = st.columns([1, 1, 2])
+with left:
+    st.image(upscale(example["x0"], 168), caption=f"x₀ (image {index})")
+with mid:
+    st.image(upscale(example["noise"], 168), caption="ε ~ N(0, I)")
+with right:
+    st.image(upscale(example["xt"][t - 1], 336), caption=f"x_t at t = {t}")
+
+st.latex(rf"x_{{{t}}} = \sqrt{{\bar\alpha_{{{t}}}}}\,x_0 + \sqrt{{1-\bar\alpha_{{{t}}}}}\,\epsilon"
+         rf" = {math.sqrt(alpha_bar):.4f}\,x_0 + {math.sqrt(1 - alpha_bar):.4f}\,\epsilon,"
+         rf"\qquad \bar\alpha_t = \prod_{{s=1}}^{{t}} (1-\beta_s) = {alpha_bar:.4g},"
+         rf"\quad \mathrm{{SNR}}(t) = \frac{{\bar\alpha_t}}{{1-\bar\alpha_t}} = {snr:.3g}")
+
+st.plotly_chart(schedule_figure(example["alpha_bars"], t, schedule), key="fw_schedule_chart")
+
+st.subheader("x_t at evenly spaced t")
+st.caption("The same image and the same ε at ten timesteps, like the book's figure of the forward process.")
+strip_t = cache.strip_timesteps(T)
+st.image([upscale(example["xt"][s - 1], 84) for s in strip_t], caption=[f"t = {s}" for s in strip_t])

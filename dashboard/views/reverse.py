@@ -1,0 +1,208 @@
+"""Reverse process: generate images with a trained run, then scrub (or play) every step of the way.
+
+Generation runs in a background `SamplingJob`; a fragment polls its progress, so the page stays
+responsive during a 1000-step DDPM. Every step's x_t and predicted x̂0 are kept for the scrubber.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import streamlit as st
+
+from core import runs
+from core.config import SAMPLER_NAMES, ConfigError, SampleConfig
+from core.export import frames_npz, grid_png, reverse_gif
+from core.jobs import SamplingJob
+from dashboard import cache
+from dashboard.charts import scaled_grid
+from dashboard.state import runs_dir
+from dashboard.widgets import run_picker_ui, sampleable
+
+MAX_IMAGES = 64          # 1000 DDPM frames x 64 images x 2 (x_t, x̂0) = 100 MB of uint8: the ceiling
+POLL_S = 0.3
+PLAY_TICK_S = 0.15
+PLAY_TICKS = 60          # a playthrough takes about PLAY_TICKS ticks, whatever the number of frames
+SAMPLER_LABELS = {"ddpm": "DDPM (every step, the book)", "ddim": "DDIM (fewer steps)"}
+
+
+# -- callbacks -------------------------------------------------------------------------------------------
+def _generate(run_dir: str, params: dict) -> None:
+    previous = st.session_state.get("rev_job")
+    if previous is not None:
+        previous["job"].cancel()
+    try:
+        loaded = cache.load_run_model(Path(run_dir), use_ema=params["use_ema"])
+        config = SampleConfig(sampler=params["sampler"], steps=params["steps"], eta=params["eta"],
+                              n=params["n"], seed=params["seed"])
+        config.resolved_steps(loaded.config.schedule.timesteps)  # a bad value fails here, not in the thread
+    except (ConfigError, runs.RunError) as exc:
+        st.session_state["rev_feedback"] = ("error", f"Not generated: {exc}")
+        return
+    job = SamplingJob(loaded.model, cache.scheduler_for(loaded.config), config,
+                      pixel_range=loaded.config.train.pixel_range, record="all").start()
+    meta = dict(params, run=loaded.name, used_ema=loaded.used_ema, timesteps=loaded.config.schedule.timesteps)
+    st.session_state["rev_job"] = {"job": job, "meta": meta}
+
+
+def _collect_finished() -> None:
+    """Move a finished generation's result into the page state (once)."""
+    entry = st.session_state.get("rev_job")
+    if entry is None:
+        return
+    status = entry["job"].snapshot()
+    if status.state == "running":
+        return
+    del st.session_state["rev_job"]
+    if status.state == "finished":
+        st.session_state["rev_result"] = {"result": entry["job"].result, "meta": entry["meta"],
+                                          "elapsed_s": status.elapsed_s}
+        st.session_state["rev_frame"] = 0
+        st.session_state["rev_playing"] = False
+    elif status.state == "failed":
+        st.session_state["rev_feedback"] = ("error", f"Generation failed: {status.error}")
+    else:
+        st.session_state["rev_feedback"] = ("info", "Generation cancelled.")
+
+
+# -- widgets ---------------------------------------------------------------------------------------------
+def sampler_ui(info: runs.RunInfo) -> dict:
+    """Sampler settings for this run, as a plain dict."""
+    T = info.config.schedule.timesteps
+    has_ema = (info.path / "ema.safetensors").exists()
+    st.session_state.setdefault("rev_steps", min(50, T))
+    if st.session_state["rev_steps"] > T:
+        st.session_state["rev_steps"] = T
+    c1, c2, c3, c4, c5, c6 = st.columns([2, 1, 1, 1, 1, 1], vertical_alignment="bottom")
+    sampler = c1.radio("Sampler", SAMPLER_NAMES, format_func=SAMPLER_LABELS.get, horizontal=True,
+                       key="rev_sampler", persist_state="session")
+    ddim = sampler == "ddim"
+    steps = c2.number_input(f"Steps (1 to T = {T})", min_value=1, max_value=T, key="rev_steps", disabled=not ddim,
+                            help="DDPM always runs all T steps; DDIM can skip.", persist_state="session")
+    eta = c3.slider("η", 0.0, 1.0, 0.0, 0.1, key="rev_eta", disabled=not ddim, persist_state="session",
+                    help="DDIM noise: 0 deterministic, 1 like DDPM")
+    seed = c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="rev_seed",
+                           persist_state="session")
+    n = c5.number_input("Images", min_value=1, max_value=MAX_IMAGES, value=16, key="rev_n", persist_state="session")
+    use_ema = c6.toggle("EMA", value=has_ema, disabled=not has_ema, key="rev_ema",
+                        help="Sample with the EMA weights (usually better)" if has_ema
+                        else "This run was trained without EMA")
+    return {"sampler": sampler, "steps": int(steps) if ddim else 0, "eta": float(eta) if ddim else 0.0,
+            "seed": int(seed), "n": int(n), "use_ema": bool(use_ema and has_ema)}
+
+
+def feedback_ui() -> None:
+    feedback = st.session_state.pop("rev_feedback", None)
+    if feedback:
+        getattr(st, feedback[0])(feedback[1])
+
+
+def generation_panel() -> None:
+    entry = st.session_state.get("rev_job")
+    running_at_full_run = entry is not None and entry["job"].snapshot().state == "running"
+
+    @st.fragment(run_every=POLL_S if running_at_full_run else None)
+    def panel() -> None:
+        entry = st.session_state.get("rev_job")
+        if entry is None:
+            return
+        status = entry["job"].snapshot()
+        if status.state == "running":
+            meta = entry["meta"]
+            st.progress(status.fraction, text=f"Generating {meta['n']} images with {meta['sampler'].upper()}: "
+                                              f"step {status.done} of {status.total} · {status.elapsed_s:.1f} s")
+            st.button("Cancel", icon=":material/close:", on_click=entry["job"].cancel, key="rev_cancel")
+        elif running_at_full_run:
+            st.rerun()  # finished: a full run collects the result and draws the scrubber
+
+    panel()
+
+
+def _describe(meta: dict) -> str:
+    steps = meta["steps"] or meta["timesteps"]
+    extra = f", η = {meta['eta']:g}" if meta["sampler"] == "ddim" else ""
+    weights = "EMA" if meta["used_ema"] else "raw"
+    return (f"{meta['run']} · {meta['sampler'].upper()} {steps} steps{extra} · seed {meta['seed']} · "
+            f"{weights} weights")
+
+
+def player(result, meta: dict) -> None:
+    """A frame slider over every recorded step (plus the final images), with play / pause."""
+    last = len(result.frame_timesteps)  # frames 0..last-1 are recorded steps, frame `last` the result
+    ncol = math.ceil(math.sqrt(meta["n"]))
+    playing = st.session_state.get("rev_playing", False)
+
+    @st.fragment(run_every=PLAY_TICK_S if playing else None)
+    def view() -> None:
+        if st.session_state.get("rev_playing"):
+            step = max(1, math.ceil(last / PLAY_TICKS))
+            st.session_state["rev_frame"] = min(last, st.session_state.get("rev_frame", 0) + step)
+        c1, c2 = st.columns([1, 8], vertical_alignment="bottom")
+        playing_now = st.session_state.get("rev_playing", False)
+        if c1.button("Pause" if playing_now else "Play", key="rev_play",
+                     icon=":material/pause:" if playing_now else ":material/play_arrow:"):
+            at_end = st.session_state.get("rev_frame", 0) >= last
+            st.session_state["rev_playing"] = not st.session_state.get("rev_playing", False)
+            if st.session_state["rev_playing"] and at_end:
+                st.session_state["rev_frame"] = 0
+            st.rerun()  # a full run re-registers the fragment with (or without) its timer
+        frame = c2.slider("Frame", 0, last, key="rev_frame",
+                          help="0 = pure noise x_T; the last frame is the finished images")
+        if frame < last:
+            t = result.frame_timesteps[frame]
+            xt, x0 = result.frames_xt[frame], result.frames_x0[frame]
+            st.caption(f"Frame {frame} of {last}: t = {t}. Left, x_t going into the step at t; right, the "
+                       "clean image x̂0 the model predicts from it.")
+        else:
+            xt = x0 = result.images
+            st.caption(f"Frame {last} of {last}: the finished images x_0.")
+        left, right = st.columns(2)
+        left.image(scaled_grid(xt, ncol=ncol, target_px=440), caption="x_t" if frame < last else "x_0")
+        right.image(scaled_grid(x0, ncol=ncol, target_px=440), caption="predicted x̂0" if frame < last else "x_0")
+        if st.session_state.get("rev_playing") and frame >= last:
+            st.session_state["rev_playing"] = False
+            st.rerun()
+
+    view()
+
+
+def exports_ui(result, meta: dict) -> None:
+    ncol = math.ceil(math.sqrt(meta["n"]))
+    stem = f"{meta['run']}-{meta['sampler']}{meta['steps'] or meta['timesteps']}-seed{meta['seed']}"
+    c1, c2, c3 = st.columns(3)
+    c1.download_button("Final grid (PNG)", data=grid_png(result.images, ncol=ncol, scale=4), file_name=f"{stem}.png",
+                       mime="image/png", icon=":material/download:", on_click="ignore", key="rev_png")
+    # GIF and frames are built only when clicked (deferred data): the .npz of a 1000-step run is big.
+    c2.download_button("Reverse process (GIF)", file_name=f"{stem}.gif", mime="image/gif",
+                       data=lambda: reverse_gif(result.frames_xt, result.frame_timesteps, final=result.images,
+                                                ncol=ncol, scale=3),
+                       icon=":material/download:", on_click="ignore", key="rev_gif")
+    c3.download_button("All frames (.npz)", file_name=f"{stem}.npz", mime="application/octet-stream",
+                       data=lambda: frames_npz(result.images, result.frame_timesteps, result.frames_xt,
+                                               result.frames_x0),
+                       icon=":material/download:", on_click="ignore", key="rev_npz")
+
+
+st.title("Reverse process")
+st.caption("Generate images from pure noise with a trained run, then scrub through every step: x_t on the left, "
+           "the model's current guess of the clean image x̂0 on the right.")
+
+candidates = sampleable(runs.list_runs(runs_dir()))
+if not candidates:
+    st.info("No trained run yet. Train one on the **Train** page (the *Tiny smoke test* preset takes seconds).")
+    st.stop()
+
+info = run_picker_ui(candidates, key="rev_run", help="Runs with saved weights")
+params = sampler_ui(info)
+st.button("Generate", icon=":material/auto_awesome:", type="primary", on_click=_generate, args=(str(info.path), params),
+          key="rev_generate", help="Runs in the background; the page stays usable.")
+_collect_finished()
+feedback_ui()
+generation_panel()
+
+done = st.session_state.get("rev_result")
+if done is not None:
+    st.divider()
+    st.markdown(f"**{_describe(done['meta'])}** · generated in {done['elapsed_s']:.1f} s")
+    player(done["result"], done["meta"])
+    exports_ui(done["result"], done["meta"])

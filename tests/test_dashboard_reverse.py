@@ -1,0 +1,103 @@
+"""Dashboard, Reverse process page: generate on a tiny run in the background, scrub and play the
+frames, and export a PNG grid, a GIF and the frames as .npz."""
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from conftest import REPO
+from core.export import frames_npz, grid_png, reverse_gif
+
+APP = str(REPO / "dashboard" / "app.py")
+
+
+@pytest.fixture
+def app(tiny_run, monkeypatch) -> AppTest:
+    monkeypatch.setenv("DDPM_RUNS_DIR", str(tiny_run.parent))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/reverse.py").run()
+    assert not at.exception
+    return at
+
+
+def generate(at: AppTest, timeout: float = 60.0) -> dict:
+    at.button(key="rev_generate").click().run()
+    deadline = time.monotonic() + timeout
+    while "rev_result" not in at.session_state:  # each run polls the background job, as the fragment does
+        assert time.monotonic() < deadline, "generation did not finish in time"
+        assert not at.error, at.error[0].value
+        time.sleep(0.1)
+        at.run()
+    assert not at.exception
+    return at.session_state["rev_result"]
+
+
+def test_widgets_and_no_run_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_RUNS_DIR", str(tmp_path / "empty"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/reverse.py").run()
+    assert "No trained run yet" in at.info[0].value
+
+
+def test_ddim_generate_scrub_and_export(app):
+    assert app.selectbox(key="rev_run").value == "tiny"
+    assert app.toggle(key="rev_ema").value is True  # the tiny run has EMA weights
+    app.radio(key="rev_sampler").set_value("ddim").run()
+    app.number_input(key="rev_steps").set_value(5)
+    app.number_input(key="rev_n").set_value(4)
+    app.number_input(key="rev_seed").set_value(3).run()
+    done = generate(app)
+    result, meta = done["result"], done["meta"]
+    assert meta["sampler"] == "ddim" and meta["steps"] == 5 and meta["used_ema"]
+    assert result.images.shape == (4, 28, 28) and result.frames_xt.shape == (5, 4, 28, 28)
+
+    frame = app.slider(key="rev_frame")
+    assert frame.min == 0 and frame.max == 5 and frame.value == 0
+    frame.set_value(2).run()
+    assert any(f"Frame 2 of 5: t = {result.frame_timesteps[2]}." in c.value for c in app.caption)
+    assert [img.captions for img in app.image] == [["x_t"], ["predicted x̂0"]]
+    app.slider(key="rev_frame").set_value(5).run()
+    assert any("the finished images" in c.value for c in app.caption)
+
+    labels = [b.label for b in app.get("download_button")]
+    assert labels == ["Final grid (PNG)", "Reverse process (GIF)", "All frames (.npz)"]
+
+    # The bytes behind the three buttons (the same calls with the page's own result).
+    png = grid_png(result.images, ncol=2, scale=4)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.size == (4 * (2 * 30 + 2),) * 2
+        grid = np.asarray(img)
+    np.testing.assert_array_equal(grid[8:8 + 112:4, 8:8 + 112:4], result.images[0])  # image 0, top left
+    gif = reverse_gif(result.frames_xt, result.frame_timesteps, final=result.images, ncol=2, scale=3)
+    assert gif[:6] == b"GIF89a"
+    with Image.open(io.BytesIO(gif)) as img:
+        assert img.n_frames == 6  # five steps and the result
+    npz = np.load(io.BytesIO(frames_npz(result.images, result.frame_timesteps, result.frames_xt,
+                                        result.frames_x0)))
+    assert npz["x_t"].shape == (5, 4, 28, 28) and list(npz["timesteps"]) == result.frame_timesteps
+
+
+def test_ddpm_runs_every_step_and_play_advances(app):
+    app.radio(key="rev_sampler").set_value("ddpm").run()
+    assert app.number_input(key="rev_steps").proto.disabled
+    app.number_input(key="rev_n").set_value(2).run()
+    done = generate(app)
+    assert done["result"].frame_timesteps == list(range(20, 0, -1))  # T = 20, every step recorded
+    assert app.slider(key="rev_frame").max == 20
+
+    app.button(key="rev_play").click().run()
+    assert app.session_state["rev_playing"] is True
+    first = app.slider(key="rev_frame").value
+    app.run()  # each run of the player (a timer tick in the browser) advances the frame
+    assert app.slider(key="rev_frame").value > first
+    app.button(key="rev_play").click().run()  # pause
+    assert app.session_state["rev_playing"] is False
+    paused_at = app.slider(key="rev_frame").value
+    app.run()
+    assert app.slider(key="rev_frame").value == paused_at

@@ -1,0 +1,138 @@
+"""Dashboard, Train page: presets fill the form, a tiny run trains in the background job to the end,
+a second start is refused while one runs, Stop and Resume work, bad values and failures are shown."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from conftest import REPO
+from core import runs
+from dashboard.presets import TINY
+from dashboard.state import job_manager
+
+pytestmark = pytest.mark.integration  # the job trains on real FashionMNIST images
+
+APP = str(REPO / "dashboard" / "app.py")
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch):
+    path = tmp_path / "runs"
+    monkeypatch.setenv("DDPM_RUNS_DIR", str(path))
+    yield path
+    manager = job_manager()  # never leave a job running into the next test
+    manager.stop()
+    if manager.job is not None:
+        assert manager.job.join(120)
+
+
+def train_page() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/train.py").run()
+    assert not at.exception
+    return at
+
+
+def choose_tiny(at: AppTest, **fields) -> None:
+    at.selectbox(key="train_preset").set_value("Tiny smoke test").run()
+    for name, value in fields.items():
+        widget = at.text_input(key=f"f_{name}") if name == "run_name" else at.number_input(key=f"f_{name}")
+        widget.set_value(value)
+    at.form_submit_button[0].click().run()
+
+
+def wait_finished(at: AppTest, timeout: float = 120.0) -> None:
+    job = job_manager().job
+    assert job is not None and job.join(timeout), "the training job did not end in time"
+    at.run()
+    assert not at.exception
+
+
+def test_presets_fill_the_form(runs_dir):
+    at = train_page()
+    assert at.selectbox(key="train_preset").value == "Quick CPU demo"
+    assert at.number_input(key="f_time_budget_s").value == 300.0
+    choose_preset = at.selectbox(key="train_preset")
+    choose_preset.set_value("Book").run()
+    assert at.selectbox(key="f_model").value == "unet" and at.selectbox(key="f_optimizer").value == "adam"
+    assert at.number_input(key="f_timesteps").value == 1000 and at.number_input(key="f_lr").value == 1e-3
+    assert at.text_input(key="f_run_name").value.startswith("book-unet-adam-")
+    at.selectbox(key="train_preset").set_value("Tiny smoke test").run()
+    assert at.number_input(key="f_timesteps").value == 20 and at.number_input(key="f_limit_images").value == 512
+    assert at.selectbox(key="f_model").value == "improved_unet"
+
+
+def test_tiny_run_trains_to_the_end_and_shows_curve_and_grid(runs_dir):
+    at = train_page()
+    choose_tiny(at, run_name="tiny-ui", max_steps=8)
+    assert "Started run **tiny-ui**" in at.success[0].value
+    wait_finished(at)
+    assert "tiny-ui" in at.markdown[0].value and "finished" in at.markdown[0].value
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Step"] == "8/8" and metrics["Last loss"] != "—"
+    assert len(at.get("plotly_chart")) == 1
+    assert ["final"] in [img.captions for img in at.image]
+    info = runs.run_info(runs_dir / "tiny-ui")
+    assert info.state == "finished" and info.step == 8
+    assert runs.load_config(runs_dir / "tiny-ui").schedule.timesteps == TINY.schedule.timesteps
+    # The run name field offers a fresh name, so a second click does not collide.
+    assert at.text_input(key="f_run_name").value != "tiny-ui"
+
+
+def test_second_start_is_refused_then_stop_and_resume(runs_dir):
+    at = train_page()
+    choose_tiny(at, run_name="long", max_steps=100_000, epochs=1000)
+    at.text_input(key="f_run_name").set_value("second")
+    at.form_submit_button[0].click().run()
+    assert any("one run at a time" in w.value for w in at.warning)
+    assert not (runs_dir / "second").exists()
+
+    deadline = time.monotonic() + 60  # wait until it really trains, so Stop has something to stop
+    while job_manager().job.snapshot().step < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    at.run()
+    at.button(key="stop_button").click().run()
+    wait_finished(at)
+    assert runs.run_info(runs_dir / "long").state == "stopped"
+    assert "stopped" in at.markdown[0].value and not [b for b in at.button if b.key == "stop_button"]
+
+    # Resume it from the expander, then stop it again.
+    at.selectbox(key="resume_pick").set_value("long")
+    at.button(key="resume_button").click().run()
+    assert "Resumed run **long**" in at.success[0].value
+    resumed = job_manager().job
+    assert resumed.run_dir == runs_dir / "long" and resumed.alive
+    job_manager().stop()
+    wait_finished(at)
+    assert runs.run_info(runs_dir / "long").state == "stopped"
+
+
+def test_bad_values_are_reported_next_to_the_form(runs_dir):
+    at = train_page()
+    choose_tiny(at, run_name="../escape")
+    assert "name = '../escape' is not allowed" in at.error[0].value
+    at.number_input(key="f_batch_size").set_value(1024)
+    at.text_input(key="f_run_name").set_value("too-big-batch")
+    at.form_submit_button[0].click().run()
+    assert "batch_size = 1024 is not allowed" in at.error[0].value
+    assert not at.exception
+    assert not runs_dir.exists() or not any(runs_dir.iterdir())  # no folder for a refused run
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA to fail on device=cuda")
+def test_a_failed_run_shows_its_error_and_the_app_keeps_working(runs_dir):
+    at = train_page()
+    at.selectbox(key="train_preset").set_value("Tiny smoke test").run()
+    at.selectbox(key="f_device").set_value("cuda")
+    at.text_input(key="f_run_name").set_value("no-gpu")
+    at.form_submit_button[0].click().run()
+    wait_finished(at)
+    assert "device = 'cuda' is not allowed" in at.error[0].value
+    assert runs.run_info(runs_dir / "no-gpu").state == "failed"
+    at.switch_page("views/runs.py").run()  # the rest of the app still works, and lists the failure
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert table.loc[table["run"] == "no-gpu", "status"].item() == "failed"
