@@ -1,0 +1,297 @@
+"""A small CNN classifier per dataset: its 128-d penultimate features measure sample quality.
+
+No Inception weights exist offline, so the Fréchet distance is taken in the features of this
+network instead, trained by the project on the same dataset (DESIGN.md, "Measuring sample
+quality"). One classifier per dataset lives in a cache folder that git ignores:
+
+    $DDPM_CLASSIFIER_DIR/<dataset>.safetensors     (default data/classifiers/)
+
+Its safetensors metadata holds the dataset, the test accuracy and the architecture version, so a
+file written by an older architecture is recognised and refitted instead of loaded into the wrong
+shapes. Loading never unpickles anything.
+
+Network (about 0.47 M parameters, about 5 M multiply-adds per image, so a CPU fits it in minutes):
+    uint8 (B, 28, 28) -> x/127.5 - 1 -> pixel-unshuffle to (B, 4, 14, 14)
+    -> [Conv3x3-BN-ReLU] 4->32, 32->32 -> max-pool -> (B, 32, 7, 7)
+    -> [Conv3x3-BN-ReLU] 32->64, 64->64 -> (B, 64, 7, 7)
+    -> flatten -> Linear 3136->128 -> BN -> ReLU   = the 128-d features
+    -> Linear 128->10                              = class logits
+The pixel-unshuffle (space-to-depth) start halves the resolution without discarding pixels: the
+28x28 layers were what made the first drafts too slow to fit on 2 cores.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+from torch import nn
+from torch.nn import functional as F
+
+from .config import DATASET_NAMES, ConfigError
+from .data import CLASS_NAMES, ImageSet
+
+ARCH_VERSION = 1          # bump when the network changes: older files are then refitted
+FEATURE_DIM = 128
+NUM_CLASSES = 10
+ENV_CLASSIFIER_DIR = "DDPM_CLASSIFIER_DIR"
+DEFAULT_CLASSIFIER_DIR = Path("data") / "classifiers"
+# What `fit` must reach on the test split (DESIGN.md); a fit below it is still saved, with a warning.
+REQUIRED_ACCURACY = {"fashion_mnist": 0.91, "mnist": 0.99}
+
+ProgressFn = Callable[[int, int, float], None]  # (steps done, steps total, last loss)
+
+
+class ClassifierError(RuntimeError):
+    """A classifier file is missing, damaged or from another architecture; the message says what to run."""
+
+
+class ClassifierNotFoundError(ClassifierError):
+    """No classifier has been fitted for this dataset yet."""
+
+
+def fit_command(dataset: str) -> str:
+    return f"python -m core eval --fit-classifier --dataset {dataset}"
+
+
+# -- network -----------------------------------------------------------------------------------------
+def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class FeatureClassifier(nn.Module):
+    """The CNN above; `features` gives the 128-d embedding, `forward` the logits."""
+
+    num_features = FEATURE_DIM
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.PixelUnshuffle(2),                                   # (B, 4, 14, 14)
+            *_conv_bn_relu(4, 32), *_conv_bn_relu(32, 32),
+            nn.MaxPool2d(2),                                        # (B, 32, 7, 7)
+            *_conv_bn_relu(32, 64), *_conv_bn_relu(64, 64),         # (B, 64, 7, 7)
+        )
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, FEATURE_DIM, bias=False),
+                                   nn.BatchNorm1d(FEATURE_DIM), nn.ReLU(inplace=True))
+        self.head = nn.Linear(FEATURE_DIM, NUM_CLASSES)
+
+    @staticmethod
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 28, 28) or (B, 1, 28, 28) -> float (B, 1, 28, 28) in [-1, 1]."""
+        if images.dtype != torch.uint8:
+            raise ConfigError(f"images dtype = {images.dtype} is not allowed: the classifier reads uint8 pixels")
+        if images.dim() == 3:
+            images = images.unsqueeze(1)
+        if images.dim() != 4 or tuple(images.shape[1:]) != (1, 28, 28):
+            raise ConfigError(f"images shape = {tuple(images.shape)} is not allowed: expected (N, 28, 28)")
+        return images.float() / 127.5 - 1.0
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.body(self.prepare(images)))  # (B, 128)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))  # (B, 10)
+
+
+class FeatureExtractor(nn.Module):
+    """uint8 images -> 128-d features, the `feature` module torchmetrics' FID expects.
+
+    torchmetrics calls `module(imgs)` and reads `num_features`; it leaves custom modules in
+    whatever mode they are in, so this one pins the classifier to eval mode (BatchNorm running
+    statistics, never batch statistics: a feature must not depend on its batch-mates).
+    """
+
+    def __init__(self, classifier: FeatureClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.num_features = FEATURE_DIM
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        return super().train(False)
+
+    @torch.no_grad()  # not inference_mode: torchmetrics adds these into its own (normal) state tensors
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images).float()
+
+
+# -- fitting -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FitConfig:
+    """How the classifier is trained: AdamW with a one-cycle learning rate, batches drawn by index."""
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 4e-3            # peak of the one-cycle schedule
+    weight_decay: float = 0.05  # decoupled (AdamW)
+    flip: bool = True           # random horizontal flips: clothes are left-right symmetric, digits are not
+    max_steps: int = 0          # 0: run all epochs (tests use a handful of steps)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("epochs", 1), ("batch_size", 1), ("max_steps", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} = {value!r} is not allowed: it must be a whole number >= {low}")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise ConfigError(f"{name} = {value!r} is not allowed: it must be a finite number "
+                                  f"{'> 0' if name == 'lr' else '>= 0'}")
+
+
+@dataclass
+class Classifier:
+    """A fitted (or loaded) classifier with what is known about it."""
+    model: FeatureClassifier
+    dataset: str
+    test_accuracy: float
+    arch_version: int = ARCH_VERSION
+    path: Path | None = None
+    sha256: str = ""            # of the weights file: names the classifier in caches and eval entries
+    fit_seconds: float = 0.0
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return CLASS_NAMES[self.dataset]
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    return torch.where(flip.view(-1, 1, 1).to(x.device), x.flip(-1), x)
+
+
+@torch.inference_mode()
+def accuracy(model: FeatureClassifier, data: ImageSet, device: torch.device | str = "cpu",
+             batch_size: int = 1000) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        logits = model(data.images[start:start + batch_size].to(device))
+        correct += int((logits.argmax(1).cpu() == data.labels[start:start + batch_size]).sum())
+    return correct / max(1, len(data))
+
+
+def fit(train: ImageSet, test: ImageSet, config: FitConfig = FitConfig(), device: torch.device | str = "cpu",
+        progress: ProgressFn | None = None) -> Classifier:
+    """Train a FeatureClassifier on `train` and measure its accuracy on `test`."""
+    if train.dataset != test.dataset:
+        raise ConfigError(f"test dataset = {test.dataset!r} is not allowed: the training split is {train.dataset!r}")
+    device = torch.device(device)
+    torch.manual_seed(config.seed)  # the initial weights
+    gen = torch.Generator().manual_seed(config.seed)
+    model = FeatureClassifier().to(device)
+    n = len(train)
+    steps_per_epoch = max(1, n // config.batch_size)  # full batches only: BatchNorm dislikes a batch of 1
+    total = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
+    flip = config.flip and train.dataset != "mnist"
+    images, labels = train.images.to(device), train.labels.to(device)
+    started = time.perf_counter()
+    step = 0
+    model.train()
+    while step < total:
+        order = torch.randperm(n, generator=gen).to(device)
+        for b in range(steps_per_epoch):
+            if step >= total:
+                break
+            index = order[b * config.batch_size:(b + 1) * config.batch_size]
+            x = images[index]                               # uint8 (B, 28, 28), drawn by index
+            if flip:
+                x = _augment(x, gen)
+            loss = F.cross_entropy(model(x), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if progress is not None:
+                progress(step, total, loss.item())
+    seconds = time.perf_counter() - started
+    model.eval()
+    return Classifier(model=model, dataset=train.dataset, test_accuracy=accuracy(model, test, device),
+                      fit_seconds=seconds)
+
+
+# -- files -------------------------------------------------------------------------------------------
+def classifier_dir(directory: str | os.PathLike | None = None) -> Path:
+    if directory:
+        return Path(directory)
+    return Path(os.environ.get(ENV_CLASSIFIER_DIR) or DEFAULT_CLASSIFIER_DIR)
+
+
+def classifier_path(dataset: str, directory: str | os.PathLike | None = None) -> Path:
+    if dataset not in DATASET_NAMES:
+        raise ConfigError(f"dataset = {dataset!r} is not allowed: choose one of {', '.join(DATASET_NAMES)}")
+    return classifier_dir(directory) / f"{dataset}.safetensors"
+
+
+def save_classifier(classifier: Classifier, path: Path) -> Classifier:
+    """Write the weights atomically with their metadata; returns the classifier with path and sha256."""
+    from .runs import atomic_write_bytes  # the same crash-safe write as run folders
+
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in classifier.model.state_dict().items()}
+    metadata = {
+        "format": "ddpm-workbench-classifier", "dataset": classifier.dataset,
+        "test_accuracy": f"{classifier.test_accuracy:.6f}", "arch_version": str(ARCH_VERSION),
+        "feature_dim": str(FEATURE_DIM), "class_names": json.dumps(list(classifier.class_names)),
+        "fit_seconds": f"{classifier.fit_seconds:.1f}", "torch": torch.__version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    blob = save(state, metadata=metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, blob)
+    classifier.path, classifier.sha256 = path, hashlib.sha256(blob).hexdigest()
+    return classifier
+
+
+def load_classifier(dataset: str, directory: str | os.PathLike | None = None,
+                    device: torch.device | str = "cpu") -> Classifier:
+    """Load the dataset's classifier; ClassifierNotFoundError / ClassifierError say how to (re)fit it."""
+    path = classifier_path(dataset, directory)
+    refit = f"fit a new one with `{fit_command(dataset)}`"
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise ClassifierNotFoundError(f"no classifier for {dataset} at {path}; {refit} "
+                                      f"(a few minutes on a CPU, once)") from None
+    try:
+        state = load(blob)
+        metadata = read_metadata(blob)
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise ClassifierError(f"classifier {path} is damaged ({exc}); {refit}") from None
+    version = metadata.get("arch_version")
+    if metadata.get("dataset") != dataset:
+        raise ClassifierError(f"classifier {path} was fitted on {metadata.get('dataset')!r}, not {dataset!r}; {refit}")
+    if version != str(ARCH_VERSION):
+        raise ClassifierError(f"classifier {path} has architecture version {version}, this code needs "
+                              f"{ARCH_VERSION}; {refit}")
+    model = FeatureClassifier()
+    try:
+        model.load_state_dict(state, strict=True)
+        test_accuracy = float(metadata["test_accuracy"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = str(exc).splitlines()[0][:200]
+        raise ClassifierError(f"classifier {path} does not fit the network ({first}); {refit}") from None
+    return Classifier(model=model.to(device).eval(), dataset=dataset, test_accuracy=test_accuracy,
+                      path=path, sha256=hashlib.sha256(blob).hexdigest(),
+                      fit_seconds=float(metadata.get("fit_seconds", 0) or 0))
+
+
+def read_metadata(blob: bytes) -> dict[str, str]:
+    """The __metadata__ of a safetensors blob: an 8-byte little-endian header length, then JSON."""
+    if len(blob) < 8:
+        raise ValueError("file is shorter than its header")
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size].decode("utf-8"))
+    return dict(header.get("__metadata__") or {})
