@@ -13,6 +13,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from . import runs
@@ -111,7 +112,7 @@ class SamplingJob:
     """
 
     def __init__(self, model: nn.Module, scheduler: NoiseScheduler, config: SampleConfig, *,
-                 pixel_range: str, record: str = "all", device: str = "cpu"):
+                 pixel_range: str, record: str = "all", device: torch.device | str = "cpu"):
         self._args = (model, scheduler, config)
         self._pixel_range, self._record, self._device = pixel_range, record, device
         self._lock = threading.Lock()
@@ -162,4 +163,3 @@ class SamplingJob:
         with self._lock:
             end = self._ended if self._ended is not None else time.perf_counter()
             return SamplingStatus(self._state, self._done, self._total, end - self._started, self._error)
-

@@ -17,7 +17,10 @@ from core.data import ImageSet, load_images, to_model_range, to_uint8
 from core.diagnostics import loss_by_timestep
 from core.sampling import sample
 from core.schedule import NoiseScheduler
+from core.training import resolve_device
 
+# Sampling and scoring run on the best device here (a GPU when there is one); training picks its own.
+DEVICE = resolve_device("auto")
 COMPARE_SAMPLES = 8       # images per run in Compare's sample rows
 COMPARE_STEPS = 25        # DDIM steps for those previews: a few seconds even for the book's UNet
 BUCKET_IMAGES = 128       # test images scored per timestep bucket
@@ -54,9 +57,9 @@ def scheduler_for(config) -> NoiseScheduler:
 
 @st.cache_resource(show_spinner=False, max_entries=6)
 def trained_model(run_dir: str, mtime: float, use_ema: bool) -> runs.LoadedRun:
-    """A run's network in eval mode on the CPU; `mtime` is only part of the cache key."""
+    """A run's network in eval mode on DEVICE; `mtime` is only part of the cache key."""
     del mtime
-    return runs.load_model(Path(run_dir), use_ema=use_ema, device="cpu")
+    return runs.load_model(Path(run_dir), use_ema=use_ema, device=DEVICE)
 
 
 def load_run_model(run_dir: Path, use_ema: bool = True) -> runs.LoadedRun:
@@ -70,7 +73,7 @@ def preview_samples(run_dir: str, mtime: float, seed: int, steps: int = COMPARE_
     loaded = trained_model(run_dir, mtime, True)
     sched = scheduler_for(loaded.config)
     config = SampleConfig(sampler="ddim", steps=min(steps, sched.num_timesteps), n=n, seed=seed)
-    return sample(loaded.model, sched, config, pixel_range=loaded.config.train.pixel_range).images
+    return sample(loaded.model, sched, config, pixel_range=loaded.config.train.pixel_range, device=DEVICE).images
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -80,7 +83,8 @@ def timestep_losses(run_dir: str, mtime: float, buckets: int = 10, n_images: int
     loaded = trained_model(run_dir, mtime, True)
     test = dataset(loaded.config.train.dataset, "test")
     result = loss_by_timestep(loaded.model, scheduler_for(loaded.config), test.images[:n_images],
-                              pixel_range=loaded.config.train.pixel_range, buckets=buckets, seed=seed)
+                              pixel_range=loaded.config.train.pixel_range, buckets=buckets, seed=seed,
+                              device=DEVICE)
     return [(b.t_low, b.t_high, b.loss) for b in result]
 
 

@@ -16,10 +16,15 @@ from plotly.subplots import make_subplots
 from core.config import RunConfig
 from core.export import make_grid
 from core.runs import RunInfo
+from core.training import steps_per_epoch
+
+TRAIN_SPLIT_SIZE = 60_000  # FashionMNIST and MNIST both have 60k training images
 
 # A qualitative palette with enough contrast on white; one colour per run.
 PALETTE = ("#4C6EF5", "#E8590C", "#2B8A3E", "#C2255C", "#7048E8", "#0B7285", "#E67700", "#495057")
-X_AXES = {"step": ("step", "step"), "epoch": ("epoch", "epoch"),
+# Log axes labelled at 1, 2, 5 × 10^k as plain numbers (plotly's default labels every digit).
+LOG_AXIS = dict(type="log", dtick="D2", tickformat=".2g")
+X_AXES = {"step": ("step", "step"), "epoch": ("epoch_fraction", "epoch"),
           "wall-clock": ("elapsed_min", "wall-clock minutes")}
 
 
@@ -58,6 +63,21 @@ def run_label(info: RunInfo) -> str:
     return f"{model} + {optimizer} · {info.name}"
 
 
+def epoch_position(df: pd.DataFrame, config: RunConfig | None) -> pd.Series:
+    """Each row's place in epochs: 2.5 is half-way through the third epoch.
+
+    metrics.csv logs whole epoch numbers; step / steps-per-epoch places rows inside their epoch. The
+    steps per epoch follow from the config when the run trained on the dataset's training split; a
+    run fed other images (the Python API) logs epochs that disagree, and keeps its whole numbers.
+    """
+    if config is None:
+        return df["epoch"].astype(float)
+    n_images = min(config.train.limit_images or TRAIN_SPLIT_SIZE, TRAIN_SPLIT_SIZE)
+    fraction = df["step"] / steps_per_epoch(n_images, config.train.batch_size)
+    consistent = bool((np.ceil(fraction - 1e-9).clip(lower=1) == df["epoch"]).all())
+    return fraction if consistent else df["epoch"].astype(float)
+
+
 def metrics_frame(named_rows: Iterable[tuple[RunInfo, list[dict[str, float]]]], weight: float) -> pd.DataFrame:
     """One long table of every run's metrics.csv rows, with the smoothed loss beside the raw one."""
     frames = []
@@ -68,10 +88,11 @@ def metrics_frame(named_rows: Iterable[tuple[RunInfo, list[dict[str, float]]]], 
         df.insert(0, "run", info.name)
         df.insert(1, "label", run_label(info))
         df["elapsed_min"] = df["elapsed_s"] / 60.0
+        df["epoch_fraction"] = epoch_position(df, info.config)
         df["loss_smoothed"] = smooth(df["loss"].to_numpy(), weight)
         frames.append(df)
-    columns = ["run", "label", "step", "epoch", "loss", "loss_smoothed", "lr", "elapsed_s", "elapsed_min",
-               "images_per_s"]
+    columns = ["run", "label", "step", "epoch", "epoch_fraction", "loss", "loss_smoothed", "lr", "elapsed_s",
+               "elapsed_min", "images_per_s"]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
@@ -92,7 +113,7 @@ def loss_figure(df: pd.DataFrame, x_axis: str = "step", log_y: bool = True, show
                       yaxis_title="loss (MSE of ε)", legend=dict(orientation="h", y=-0.2),
                       hovermode="x unified")
     if log_y:
-        fig.update_yaxes(type="log")
+        fig.update_yaxes(**LOG_AXIS)
     return fig
 
 
@@ -101,7 +122,7 @@ def live_loss_figure(steps: Sequence[int], losses: Sequence[float], height: int 
                                line=dict(color=PALETTE[0], width=2), name="loss"))
     fig.update_layout(height=height, margin=dict(l=10, r=10, t=10, b=10), xaxis_title="step",
                       yaxis_title="loss (MSE of ε)")
-    fig.update_yaxes(type="log")
+    fig.update_yaxes(**LOG_AXIS)
     return fig
 
 
@@ -119,7 +140,7 @@ def schedule_figure(alpha_bars: np.ndarray, t: int, schedule: str) -> go.Figure:
         fig.add_trace(go.Scatter(x=[t], y=[values[t - 1]], mode="markers", marker=dict(size=11, color="black"),
                                  name=f"t = {t}", showlegend=False), row=1, col=col)
         fig.add_vline(x=t, line=dict(color="grey", dash="dot"), row=1, col=col)
-    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_yaxes(type="log", exponentformat="power", row=1, col=2)
     fig.update_xaxes(title_text="t")
     fig.update_layout(height=300, margin=dict(l=10, r=10, t=40, b=10), showlegend=False)
     return fig
@@ -141,7 +162,7 @@ def bucket_figure(series: dict[str, list[tuple[int, int, float]]], timesteps: di
                       xaxis_title="t (bucket middle)" if same_t else "t / T (bucket middle)",
                       yaxis_title="MSE of ε", legend=dict(orientation="h", y=-0.25))
     if log_y:
-        fig.update_yaxes(type="log")
+        fig.update_yaxes(**LOG_AXIS)
     return fig
 
 

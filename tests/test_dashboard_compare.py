@@ -124,3 +124,18 @@ def test_loss_per_timestep_and_samples_from_one_seed(two_runs):
     assert all(y > 0 for t in buckets for y in values(t["y"]))
     at.run()  # the bucket chart stays (cached) on later runs of the page
     assert len(at.get("plotly_chart")) == 2
+
+
+def test_smoothing_and_epoch_position():
+    from core.config import override
+    from dashboard.charts import epoch_position, smooth
+
+    assert np.allclose(smooth([3.0] * 5, 0.9), 3.0)  # debiased: a constant stays constant from the start
+    assert list(smooth([1.0, 2.0], 0.0)) == [1.0, 2.0]
+    assert smooth([1.0, 0.0], 0.5)[1] == pytest.approx(1 / 3)  # (0.5·0.5·1 + 0.5·0) / (1 − 0.25)
+    # 512 images, batch 32: 16 steps per epoch; rows logged at steps 8, 16, 24 sit at 0.5, 1.0, 1.5.
+    config = override(tiny_config(), limit_images=512)
+    rows = pd.DataFrame({"step": [8, 16, 24], "epoch": [1, 1, 2]})
+    assert list(epoch_position(rows, config)) == [0.5, 1.0, 1.5]
+    # Epochs that disagree with the config (a run fed other images) keep their whole numbers.
+    assert list(epoch_position(pd.DataFrame({"step": [8, 16], "epoch": [1, 2]}), config)) == [1.0, 2.0]

@@ -90,6 +90,10 @@ def test_second_start_is_refused_then_stop_and_resume(runs_dir):
     assert any("one run at a time" in w.value for w in at.warning)
     assert not (runs_dir / "second").exists()
 
+    other_tab = train_page()  # a second session (a reload, another tab) shows the same running job
+    assert "long" in other_tab.markdown[0].value
+    assert [b for b in other_tab.button if b.key == "stop_button"]
+
     deadline = time.monotonic() + 60  # wait until it really trains, so Stop has something to stop
     while job_manager().job.snapshot().step < 2 and time.monotonic() < deadline:
         time.sleep(0.2)

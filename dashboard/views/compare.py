@@ -111,7 +111,7 @@ if show:
     for info in with_weights:
         with st.spinner(f"Sampling {info.name}..."):
             images = cache.preview_samples(str(info.path), cache.weights_mtime(info.path), seed)
-        show_grid(images, caption=run_label(info), ncol=cache.COMPARE_SAMPLES, target_px=720)
+        show_grid(images, caption=run_label(info), ncol=cache.COMPARE_SAMPLES, target_px=970)
     missing = [i.name for i in chosen if i not in with_weights]
     if missing:
         st.caption("No weights yet: " + ", ".join(missing))

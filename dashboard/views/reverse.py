@@ -40,7 +40,7 @@ def _generate(run_dir: str, params: dict) -> None:
         st.session_state["rev_feedback"] = ("error", f"Not generated: {exc}")
         return
     job = SamplingJob(loaded.model, cache.scheduler_for(loaded.config), config,
-                      pixel_range=loaded.config.train.pixel_range, record="all").start()
+                      pixel_range=loaded.config.train.pixel_range, record="all", device=cache.DEVICE).start()
     meta = dict(params, run=loaded.name, used_ema=loaded.used_ema, timesteps=loaded.config.schedule.timesteps)
     st.session_state["rev_job"] = {"job": job, "meta": meta}
 
