@@ -195,16 +195,43 @@ def config_diff(configs: dict[str, RunConfig]) -> pd.DataFrame:
                         index=pd.Index(differing, name="setting"))
 
 
+# The headline figures of an evaluation first (core/evaluation.py's names); whatever else an entry
+# holds follows, and the per-class shares come last.
+EVAL_FIRST = ("run", "setting", "n", "fd", "fd_floor", "fd_ratio", "fd_noise", "fid", "floor", "ratio_to_floor",
+              "class_entropy", "entropy", "mean_confidence")
+
+
 def evals_frame(named_evals: dict[str, list[dict[str, Any]]]) -> pd.DataFrame:
     """Every eval.json entry of every run as one row; nested dicts become dotted columns."""
     rows = []
     for name, entries in named_evals.items():
         for entry in entries:
+            if not isinstance(entry, dict):
+                continue  # a hand-edited eval.json: show what can be shown
             row: dict[str, Any] = {"run": name}
             _flatten("", entry, row)
             rows.append({k: (v if isinstance(v, (int, float, str)) or v is None else _display(v))
                          for k, v in row.items()})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    first = [c for c in EVAL_FIRST if c in df.columns]
+    shares = [c for c in df.columns if c.startswith("class_shares.")]
+    return df[first + [c for c in df.columns if c not in first and c not in shares] + shares]
+
+
+def class_shares_figure(named_evals: dict[str, list[dict[str, Any]]]) -> go.Figure | None:
+    """The share of each predicted class in the samples, one bar group per evaluation; None if none."""
+    fig = go.Figure()
+    for name, entries in named_evals.items():
+        for entry in entries:
+            shares = entry.get("class_shares") if isinstance(entry, dict) else None
+            if isinstance(shares, dict) and shares:
+                fig.add_trace(go.Bar(x=list(shares), y=list(shares.values()),
+                                     name=f"{name} · {entry.get('setting', '')}".rstrip(" ·")))
+    if not fig.data:
+        return None
+    fig.update_layout(height=320, margin=dict(l=10, r=10, t=10, b=10), barmode="group",
+                      yaxis_title="share of samples", legend=dict(orientation="h", y=-0.3))
+    return fig
 
 
 def format_duration(seconds: float | None) -> str:

@@ -99,6 +99,9 @@ def test_settings_that_differ_and_evaluations(two_runs):
     row = evals.iloc[0]
     assert row["run"] == "tiny" and row["fid"] == 123.4 and row["ratio_to_floor"] == 38.6
     assert row["class_shares.Trouser"] == 0.5
+    assert list(evals.columns[:4]) == ["run", "setting", "n", "fid"]  # headline figures first
+    shares = figure(at, 1)["data"]  # after the loss curves: the class shares of the evaluation
+    assert [t["type"] for t in shares] == ["bar"] and list(shares[0]["x"]) == ["Trouser", "Bag"]
 
 
 def test_csv_of_the_overlaid_curves(two_runs):
@@ -119,11 +122,11 @@ def test_loss_per_timestep_and_samples_from_one_seed(two_runs):
         captions == [["ImprovedUNet + AdamW · tiny"], ["ImprovedUNet + Adam · adam"]]
     at.button(key="cmp_buckets_button").click().run()
     assert not at.exception
-    buckets = figure(at, 1)["data"]
+    buckets = figure(at, 2)["data"]  # loss curves, class shares, then the buckets
     assert len(buckets) == 2 and all(len(values(t["y"])) == 10 for t in buckets)
     assert all(y > 0 for t in buckets for y in values(t["y"]))
     at.run()  # the bucket chart stays (cached) on later runs of the page
-    assert len(at.get("plotly_chart")) == 2
+    assert len(at.get("plotly_chart")) == 3
 
 
 def test_smoothing_and_epoch_position():

@@ -9,8 +9,8 @@ import streamlit as st
 
 from core import runs
 from dashboard import cache
-from dashboard.charts import (X_AXES, bucket_figure, config_diff, evals_frame, loss_figure, metrics_frame,
-                              run_label)
+from dashboard.charts import (X_AXES, bucket_figure, class_shares_figure, config_diff, evals_frame, loss_figure,
+                              metrics_frame, run_label)
 from dashboard.state import runs_dir
 from dashboard.widgets import sampleable, show_grid
 
@@ -79,6 +79,11 @@ if evals:
     st.caption("From each run's eval.json (`python -m core eval`); compare numbers taken with the same "
                "classifier and the same sample count.")
     st.dataframe(evals_frame(evals), hide_index=True, key="cmp_evals")
+    shares = class_shares_figure(evals)
+    if shares is not None:
+        st.caption("Which classes the samples look like, by the classifier: an even spread is what the "
+                   "dataset has; a tall bar is a model that favours one kind of garment.")
+        st.plotly_chart(shares, key="cmp_shares_chart")
 else:
     st.caption("None of the chosen runs has been evaluated yet (`python -m core eval --run NAME`).")
 
