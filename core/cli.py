@@ -237,6 +237,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     sample_config = SampleConfig(sampler=args.sampler, steps=args.steps, eta=args.eta, n=args.n,
                                  seed=args.seed, batch_size=args.batch_size)
+    for flag, value in (("--npy", args.npy), ("--frames", args.frames)):
+        # checked before sampling, which may take minutes, rather than failing when writing
+        if value and not Path(value).resolve().parent.is_dir():
+            raise CliError(f"{flag} = {value!r} is not allowed: its folder {Path(value).resolve().parent} "
+                           "does not exist")
     device = resolve_device(args.device)
     loaded = runs.load_model(Path(args.run), use_ema=not args.no_ema, device=device)
     scheduler = NoiseScheduler(loaded.config.schedule)

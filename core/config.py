@@ -66,7 +66,8 @@ def _check_float(field_name: str, value: Any, low: float | None = None, high: fl
 
 def check_run_name(name: str) -> str:
     """A run name becomes a folder name, so it may not climb out of the runs folder."""
-    if not isinstance(name, str) or not RUN_NAME_PATTERN.match(name) or name in (".", "..") \
+    # fullmatch, not match: '$' also matches before a trailing newline, which would let "x\n" through.
+    if not isinstance(name, str) or not RUN_NAME_PATTERN.fullmatch(name) or name in (".", "..") \
             or name.startswith("."):
         _fail("name", name, "use 1 to 80 characters from A-Z a-z 0-9 . _ - (no '/', no '..', "
               "not starting with '.')")
@@ -88,6 +89,8 @@ class ModelConfig:
     out_channels: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.channel_mults, (list, tuple)):
+            _fail("channel_mults", self.channel_mults, "give a list of whole numbers, like 1 2 2")
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         _check_choice("model", self.name, MODEL_NAMES)
         _check_int("base_channels", self.base_channels, 4, 512)
@@ -155,6 +158,8 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.betas, (list, tuple)):
+            _fail("betas", self.betas, "give two numbers, like 0.9 0.999")
         object.__setattr__(self, "betas", tuple(self.betas))
         _check_choice("dataset", self.dataset, DATASET_NAMES)
         _check_choice("pixel_range", self.pixel_range, PIXEL_RANGES)
@@ -267,6 +272,16 @@ class RunConfig:
         return cls.from_dict(data)
 
 
+# What every format-1 config.json holds and a run cannot do without: the network's shape, the
+# schedule, and the pixel range its samples are decoded from. Keep this list fixed for format 1.
+REQUIRED_FIELDS = {
+    "model": ("name", "base_channels", "channel_mults", "num_res_blocks", "attention", "norm",
+              "time_embed_dim"),
+    "schedule": ("timesteps", "schedule", "beta_start", "beta_end"),
+    "train": ("dataset", "pixel_range", "optimizer"),
+}
+
+
 def _dataclass_from_dict(kind: type, data: Any, section: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config section {section!r} is not a JSON object")
@@ -274,6 +289,11 @@ def _dataclass_from_dict(kind: type, data: Any, section: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"config section {section!r} has unknown fields: {', '.join(unknown)}")
+    # Fields added after format 1 may be absent (they take their defaults), but a run whose file
+    # lacks what shapes its weights or its schedule would silently rebuild the wrong network.
+    missing = [name for name in REQUIRED_FIELDS.get(section, ()) if name not in data]
+    if missing:
+        raise ConfigError(f"config section {section!r} misses the fields: {', '.join(missing)}")
     try:
         return kind(**data)
     except TypeError as exc:  # pragma: no cover - every field has a default

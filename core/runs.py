@@ -125,11 +125,20 @@ def read_status(path: Path) -> dict[str, Any]:
     return status
 
 
+def _number(value: Any, default: float = 0.0) -> float:
+    """A number read from a run's JSON files; anything else (damage, hand edits) is the default."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return default
+    return number if number == number else default  # NaN is damage too
+
+
 def _process_alive(status: dict[str, Any]) -> bool:
     pid = status.get("pid")
     if not isinstance(pid, int):
         return False
-    if time.time() - float(status.get("updated_at", 0)) > HEARTBEAT_STALE_S:
+    if time.time() - _number(status.get("updated_at")) > HEARTBEAT_STALE_S:
         return False
     try:
         os.kill(pid, 0)
@@ -174,7 +183,7 @@ def load_weights(path: Path, model: nn.Module, run: str) -> None:
         state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0][:300]
+        first = " ".join(str(exc).split())[:300]  # one line, past torch's bare "Error(s) in loading" header
         raise RunError(f"run {run!r}: {path.name} does not fit the model in config.json ({first})") from None
 
 
@@ -199,6 +208,9 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, run: str) -> No
             meta = handle.metadata() or {}
         tensors = read_safetensors(path, run)
         groups = json.loads(meta["param_groups"])
+        for group in groups:  # JSON has no tuples: give Adam back the (beta1, beta2) pair it was saved with
+            if isinstance(group, dict) and isinstance(group.get("betas"), list):
+                group["betas"] = tuple(group["betas"])
         scalars = json.loads(meta.get("scalars", "{}"))
     except RunError:
         raise
@@ -252,12 +264,17 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     if not file.exists():
         return []
     rows = []
-    with open(file, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            try:
-                rows.append({k: float(row[k]) for k in METRIC_FIELDS})
-            except (TypeError, ValueError, KeyError):
-                continue
+    # errors="replace": a garbled file yields unparsable rows (skipped), not an exception that
+    # would take the whole run list down with it.
+    with open(file, newline="", encoding="utf-8", errors="replace") as fh:
+        try:
+            for row in csv.DictReader(fh):
+                try:
+                    rows.append({k: float(row[k]) for k in METRIC_FIELDS})
+                except (TypeError, ValueError, KeyError):
+                    continue
+        except csv.Error:
+            pass  # keep the rows read before the damage
     return rows
 
 
@@ -317,18 +334,25 @@ def run_info(path: Path) -> RunInfo:
     state_file = {}
     if (path / "state.json").exists():
         try:
-            state_file = json.loads((path / "state.json").read_text())
+            state_file = json.loads((path / "state.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             state_file = {}
+    if not isinstance(state_file, dict):  # damaged by hand or disk: show what the metrics say
+        state_file = {}
     metrics = read_metrics(path)
+    state = status.get("state", "created")
+    meta = state_file.get("meta")
+    error = status.get("error")
     info = RunInfo(
-        name=name, path=path, config=config, state=status.get("state", "created"),
-        step=int(state_file.get("step", metrics[-1]["step"] if metrics else 0)),
-        epoch=int(state_file.get("epoch", 0)),
+        name=name, path=path, config=config, state=state if state in STATES else "damaged",
+        step=int(_number(state_file.get("step"), metrics[-1]["step"] if metrics else 0)),
+        epoch=int(_number(state_file.get("epoch"))),
         last_loss=metrics[-1]["loss"] if metrics else None,
-        error=status.get("error"), updated_at=float(status.get("updated_at", 0) or 0),
-        evals=read_eval(path), meta=state_file.get("meta", {}) or {},
+        error=None if error is None else str(error), updated_at=_number(status.get("updated_at")),
+        evals=read_eval(path), meta=meta if isinstance(meta, dict) else {},
     )
+    if info.state == "damaged" and info.error is None:
+        info.error = f"run {name!r}: status.json holds an unknown state {state!r}"
     if info.state in ("finished", "stopped", "interrupted") and not (path / "model.safetensors").exists():
         info.state, info.readable = "damaged", False
         info.error = f"run {name!r}: model.safetensors is missing"
@@ -375,6 +399,9 @@ def load_model(path: Path, use_ema: bool = True, device: torch.device | str = "c
     from .models import build_model  # late: keeps `runs` importable without building models
 
     path = Path(path)
+    if isinstance(device, str) and device in ("auto", "cpu", "cuda", "mps"):
+        from .training import resolve_device  # late: training imports this module
+        device = resolve_device(device)  # a missing GPU is a ConfigError naming the device
     config = load_config(path)
     model = build_model(config.model)
     ema_file = path / "ema.safetensors"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, SampleConfig
+from .config import DEVICE_NAMES, ConfigError, SampleConfig
 from .data import to_uint8
 from .schedule import NoiseScheduler
 
@@ -39,6 +39,9 @@ def sample(model: nn.Module, scheduler: NoiseScheduler, config: SampleConfig = S
 
     record: "none", "all" (every step), or an iterable of timesteps to keep (others are skipped).
     """
+    if isinstance(device, str) and device in DEVICE_NAMES:
+        from .training import resolve_device  # late: training imports this module
+        device = resolve_device(device)  # "auto" picks one; a missing GPU is a ConfigError, not a crash
     device = torch.device(device)
     steps = config.resolved_steps(scheduler.num_timesteps)
     if config.sampler == "ddpm":

@@ -144,9 +144,16 @@ def total_steps_for(config: RunConfig, n_images: int) -> int:
 
 
 def _divergence_message(loss: float, step: int, config: RunConfig) -> str:
-    hint = (f"the learning rate ({config.train.lr:g}) is probably too high; try 10x lower"
-            if config.train.lr > 3e-3 else
-            "try a lower learning rate or gradient clipping (--grad-clip 1.0)")
+    decay = config.train.lr * config.train.weight_decay
+    if config.train.optimizer == "adamw" and decay > 1:
+        # AdamW multiplies the weights by (1 - lr·wd) each step: past 1 that factor flips their sign,
+        # past 2 it grows them geometrically until they overflow.
+        hint = (f"lr × weight_decay = {decay:g} > 1, so AdamW's decoupled decay multiplies the weights by "
+                f"{1 - decay:g} every step and they blow up; lower lr or weight_decay (e.g. 2e-3 and 0.01)")
+    else:
+        hint = (f"the learning rate ({config.train.lr:g}) is probably too high; try 10x lower"
+                if config.train.lr > 3e-3 else
+                "try a lower learning rate or gradient clipping (--grad-clip 1.0)")
     return f"loss became {loss} at step {step}: training diverged; {hint}"
 
 
@@ -220,6 +227,11 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
     if images is None:
         images = load_images(t.dataset, "train", data_root)
     data = images.images[: t.limit_images] if t.limit_images else images.images
+    if not torch.is_tensor(data) or data.dtype != torch.uint8 or tuple(data.shape[1:]) != (28, 28):
+        # Floats in [0, 1] would be divided by 255 again and train on near-black images, silently.
+        got = f"{data.dtype} {tuple(data.shape)}" if torch.is_tensor(data) else type(data).__name__
+        raise ConfigError(f"images = {got} is not allowed: training expects uint8 images of shape "
+                          "(N, 28, 28) with pixels 0..255 (see core.data.ImageSet)")
     if t.batch_size > len(data):
         raise ConfigError(f"batch_size = {t.batch_size} is not allowed: it exceeds the {len(data)} "
                           "training images; lower it")
