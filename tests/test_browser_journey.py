@@ -93,8 +93,9 @@ def test_train_then_generate_then_download(server, tmp_path):
 
             # 1. The default page is the forward process: useful before any training.
             page.goto(server)
-            expect(page.get_by_role("heading", name="Forward process")).to_be_visible(timeout=60_000)
-            expect(page.get_by_text("x_t at t = 100")).to_be_visible(timeout=60_000)
+            # A cold start imports torch and reads the dataset: generous caps for a busy machine.
+            expect(page.get_by_role("heading", name="Forward process")).to_be_visible(timeout=180_000)
+            expect(page.get_by_text("x_t at t = 100")).to_be_visible(timeout=180_000)
             shot(page, "01-forward")
 
             # 2. Train the tiny preset.
