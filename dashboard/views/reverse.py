@@ -23,7 +23,7 @@ MAX_IMAGES = 64          # 1000 DDPM frames x 64 images x 2 (x_t, x̂0) = 100 MB
 POLL_S = 0.3
 PLAY_TICK_S = 0.15
 PLAY_TICKS = 60          # a playthrough takes about PLAY_TICKS ticks, whatever the number of frames
-SAMPLER_LABELS = {"ddpm": "DDPM (every step, the book)", "ddim": "DDIM (fewer steps)"}
+SAMPLER_LABELS = {"ddpm": "DDPM (all T steps)", "ddim": "DDIM (fewer steps)"}
 
 
 # -- callbacks -------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def sampler_ui(info: runs.RunInfo) -> dict:
     st.session_state.setdefault("rev_steps", min(50, T))
     if st.session_state["rev_steps"] > T:
         st.session_state["rev_steps"] = T
-    c1, c2, c3, c4, c5, c6 = st.columns([2, 1, 1, 1, 1, 1], vertical_alignment="bottom")
+    c1, c2, c3, c4, c5, c6 = st.columns([3, 1, 1, 1, 1, 1], vertical_alignment="bottom")
     sampler = c1.radio("Sampler", SAMPLER_NAMES, format_func=SAMPLER_LABELS.get, horizontal=True,
                        key="rev_sampler", persist_state="session")
     ddim = sampler == "ddim"
