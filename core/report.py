@@ -74,16 +74,18 @@ def grids_side_by_side_png(grids: list[tuple[str, Path]], out: Path) -> Path:
 
 def eval_table(infos: list[runs.RunInfo]) -> str:
     """Markdown: one row per (run, sampler setting) with the figures eval.json holds."""
-    lines = ["| run | sampler | N | Fréchet distance | floor | ratio to floor | noise ceiling | class entropy | min / max class share |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | sampler | weights | N | Fréchet distance | floor | ratio to floor | noise ceiling | "
+             "class entropy | min / max class share | mean confidence |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for info in infos:
         for e in info.evals:
             shares = e.get("class_shares") or {}
             share_text = f"{min(shares.values()):.1%} / {max(shares.values()):.1%}" if shares else "-"
             lines.append(
-                f"| {run_label(info)} | {e.get('setting', '?')} | {e.get('n', '?')} | {_num(e.get('fid'))} | "
-                f"{_num(e.get('floor'))} | {_num(e.get('ratio_to_floor'))} | {_num(e.get('noise_ceiling'))} | "
-                f"{_num(e.get('class_entropy'))} | {share_text} |")
+                f"| {run_label(info)} | {e.get('setting', '?')} | {e.get('weights', '?')} | {e.get('n', '?')} | "
+                f"{_num(e.get('fd'))} | {_num(e.get('fd_floor'))} | {_num(e.get('fd_ratio'))} | "
+                f"{_num(e.get('fd_noise'))} | {_num(e.get('class_entropy'))} | {share_text} | "
+                f"{_num(e.get('mean_confidence'))} |")
     return "\n".join(lines)
 
 
