@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .argtypes import number, whole_number
 from .config import (DATASET_NAMES, DEVICE_NAMES, MODEL_NAMES, OPTIMIZER_NAMES, PRESETS, SAMPLER_NAMES,
                      SCHEDULE_NAMES, ConfigError, SampleConfig, override, preset)
 
@@ -32,18 +33,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see `python -m core {self.prog.split()[-1]} --help`)\n")
 
 
-def _positive_int_or_none(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,29 +47,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="book: step 9 exactly (UNet, Adam 1e-3, batch 128, 10 epochs, T=1000); improved: "
                     "ImprovedUNet + AdamW, EMA; quick: a small ImprovedUNet for ~5 minutes on a CPU")
     tr.add_argument("--model", choices=MODEL_NAMES, help="network: the book's unet or improved_unet")
-    tr.add_argument("--base-channels", type=_positive_int_or_none, help="width of the first level (book: 64)")
-    tr.add_argument("--channel-mults", type=_positive_int_or_none, nargs="+",
+    tr.add_argument("--base-channels", type=whole_number, help="width of the first level (book: 64)")
+    tr.add_argument("--channel-mults", type=whole_number, nargs="+",
                     help="improved_unet: width multiplier per resolution, e.g. 1 2 2")
-    tr.add_argument("--num-res-blocks", type=_positive_int_or_none, help="improved_unet: residual blocks per level")
+    tr.add_argument("--num-res-blocks", type=whole_number, help="improved_unet: residual blocks per level")
     tr.add_argument("--attention", choices=("on", "off"), help="improved_unet: self-attention at 7x7")
     tr.add_argument("--norm", choices=("group", "batch"), help="improved_unet: GroupNorm or BatchNorm")
     tr.add_argument("--optimizer", choices=OPTIMIZER_NAMES, help="adam (the book) or adamw (decoupled decay)")
     tr.add_argument("--dataset", choices=DATASET_NAMES, help="training data (default fashion_mnist)")
-    tr.add_argument("--epochs", type=_positive_int_or_none, help="passes over the data (0: no epoch limit)")
-    tr.add_argument("--max-steps", type=_positive_int_or_none, help="stop after this many steps (0: no limit)")
-    tr.add_argument("--time-budget", type=_float, metavar="SECONDS", help="stop after this much training time")
-    tr.add_argument("--batch-size", type=_positive_int_or_none, help="images per step (book: 128)")
-    tr.add_argument("--lr", type=_float, help="learning rate (book: 1e-3)")
-    tr.add_argument("--weight-decay", type=_float, help="weight decay (L2 for adam, decoupled for adamw)")
-    tr.add_argument("--warmup-steps", type=_positive_int_or_none, help="linear learning-rate warm-up")
-    tr.add_argument("--timesteps", type=_positive_int_or_none, help="diffusion steps T (book: 1000)")
+    tr.add_argument("--epochs", type=whole_number, help="passes over the data (0: no epoch limit)")
+    tr.add_argument("--max-steps", type=whole_number, help="stop after this many steps (0: no limit)")
+    tr.add_argument("--time-budget", type=number, metavar="SECONDS", help="stop after this much training time")
+    tr.add_argument("--batch-size", type=whole_number, help="images per step (book: 128)")
+    tr.add_argument("--lr", type=number, help="learning rate (book: 1e-3)")
+    tr.add_argument("--weight-decay", type=number, help="weight decay (L2 for adam, decoupled for adamw)")
+    tr.add_argument("--warmup-steps", type=whole_number, help="linear learning-rate warm-up")
+    tr.add_argument("--timesteps", type=whole_number, help="diffusion steps T (book: 1000)")
     tr.add_argument("--schedule", choices=SCHEDULE_NAMES, help="beta schedule (book: linear)")
     tr.add_argument("--pixel-range", choices=("unit", "symmetric"), help="unit = [0, 1] (book), symmetric = [-1, 1]")
-    tr.add_argument("--ema-decay", type=_float, help="EMA of the weights, e.g. 0.999 (0: off)")
-    tr.add_argument("--grad-clip", type=_float, help="clip the gradient norm (0: off)")
-    tr.add_argument("--limit-images", type=_positive_int_or_none, help="train on the first N images only")
-    tr.add_argument("--checkpoint-every", type=_float, metavar="SECONDS", help="periodic checkpoint interval")
-    tr.add_argument("--seed", type=_positive_int_or_none, help="random seed")
+    tr.add_argument("--ema-decay", type=number, help="EMA of the weights, e.g. 0.999 (0: off)")
+    tr.add_argument("--grad-clip", type=number, help="clip the gradient norm (0: off)")
+    tr.add_argument("--limit-images", type=whole_number, help="train on the first N images only")
+    tr.add_argument("--checkpoint-every", type=number, metavar="SECONDS", help="periodic checkpoint interval")
+    tr.add_argument("--seed", type=whole_number, help="random seed")
     tr.add_argument("--device", choices=DEVICE_NAMES, help="auto picks CUDA, then MPS, then CPU")
     tr.add_argument("--compile", choices=("on", "off"), help="torch.compile the model (measure first)")
     tr.add_argument("--channels-last", choices=("on", "off"), help="channels_last memory format")
@@ -94,11 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Generate images with DDPM (every step) or DDIM (any number of steps).")
     sa.add_argument("--run", required=True, help="run folder, e.g. checkpoints/demo-improved-unet-adamw")
     sa.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm", help="ddpm (the book) or ddim")
-    sa.add_argument("--steps", type=_positive_int_or_none, default=0, help="reverse steps (ddim; default T)")
-    sa.add_argument("--eta", type=_float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
-    sa.add_argument("--n", type=_positive_int_or_none, default=16, help="number of images")
-    sa.add_argument("--seed", type=_positive_int_or_none, default=0, help="random seed")
-    sa.add_argument("--batch-size", type=_positive_int_or_none, default=256, help="images per forward pass")
+    sa.add_argument("--steps", type=whole_number, default=0, help="reverse steps (ddim; default T)")
+    sa.add_argument("--eta", type=number, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
+    sa.add_argument("--n", type=whole_number, default=16, help="number of images")
+    sa.add_argument("--seed", type=whole_number, default=0, help="random seed")
+    sa.add_argument("--batch-size", type=whole_number, default=256, help="images per forward pass")
     sa.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     sa.add_argument("--device", choices=DEVICE_NAMES, default="auto", help="where to run")
     sa.add_argument("--out", help="PNG grid to write (default <run>/samples/sample_<sampler>.png)")

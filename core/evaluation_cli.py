@@ -19,23 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .argtypes import number, whole_number
 from .config import DATASET_NAMES, DEVICE_NAMES, SAMPLER_NAMES, ConfigError, SampleConfig
 
 DEFAULT_N = 1000
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,18 +40,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=DATASET_NAMES,
                         help="dataset for --fit-classifier / --real (default fashion_mnist; --run uses its own)")
     parser.add_argument("--runs-dir", help="folder of run folders (default checkpoints)")
-    parser.add_argument("--n", type=_int, default=DEFAULT_N, help=f"number of samples (default {DEFAULT_N}); "
+    parser.add_argument("--n", type=whole_number, default=DEFAULT_N, help=f"number of samples (default {DEFAULT_N}); "
                         "compare only numbers taken at the same N")
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm", help="ddpm (the book) or ddim")
-    parser.add_argument("--steps", type=_int, default=0, help="reverse steps (ddim; default T)")
-    parser.add_argument("--eta", type=_float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
-    parser.add_argument("--seed", type=_int, default=0, help="seed of the samples, the floor's images and the noise")
-    parser.add_argument("--batch-size", type=_int, default=250, help="images per forward pass")
+    parser.add_argument("--steps", type=whole_number, default=0, help="reverse steps (ddim; default T)")
+    parser.add_argument("--eta", type=number, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
+    parser.add_argument("--seed", type=whole_number, default=0, help="seed of the samples, the floor's images and the noise")
+    parser.add_argument("--batch-size", type=whole_number, default=250, help="images per forward pass")
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights even when EMA exists")
     parser.add_argument("--device", choices=DEVICE_NAMES, default="auto", help="where to sample and classify")
     parser.add_argument("--classifier-dir", help="classifier cache folder (default data/classifiers or "
                         "$DDPM_CLASSIFIER_DIR)")
-    parser.add_argument("--fit-epochs", type=_int, default=None, help="epochs when fitting the classifier (default 4)")
+    parser.add_argument("--fit-epochs", type=whole_number, default=None, help="epochs when fitting the classifier (default 5)")
     parser.add_argument("--data-root", help="folder holding FashionMNIST/raw or MNIST/raw (env DDPM_DATA_ROOT)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
