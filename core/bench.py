@@ -4,9 +4,9 @@ Everything is measured in one run, so the ratios hold even when absolute numbers
 (a shared CPU, turbo, another process): the device's dense fp32 matmul rate, training images/s
 of the book's UNet and the ImprovedUNet through the product's own `training_step`, their
 achieved GFLOP/s as a fraction of that matmul rate, DDPM-1000 and DDIM-50 sampling time through
-the product's `sample`, peak memory, and the book's original code (`core.reference`) timed the
-same way, so the speed-up is a ratio. The full run also switches each fast path (channels_last)
-on and off, alternating steps, and reports on/off speed ratios.
+the product's `sample`, peak memory, and the book's original code (`core.reference`) timed
+against the product's book preset step for step, so the speed-up is a ratio. The full run also
+switches each fast path (channels_last) on and off, alternating steps, and reports the ratios.
 
 Timing notes: one warm-up step (or forward) precedes every timed block, since the first call
 allocates and picks kernels. On CPU each training step is timed alone and the median is reported,
@@ -17,6 +17,8 @@ model call); `*_timed_steps` and `*_extrapolated` say so. Targets are reported, 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import inspect
 import json
 import math
@@ -36,7 +38,7 @@ from .flops import flops_per_image
 from .models import build_model, count_parameters
 from .sampling import sample
 from .schedule import NoiseScheduler
-from .training import EMA, build_optimizer, resolve_device, training_step
+from .training import EMA, _lr_at, build_optimizer, resolve_device, training_step
 
 BENCH_VERSION = 1
 MODEL_PRESETS = {"unet": "book", "improved_unet": "improved"}  # the model each preset trains
@@ -104,6 +106,16 @@ def _r(x: float | None, digits: int = 4) -> float | None:
     return round(x, digits)
 
 
+def release_memory() -> None:
+    """Free what earlier measurements left behind, and hand glibc's free heap back to the OS, so
+    the next peak RSS starts from the process itself rather than from old allocations."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak just includes freed memory
+        pass
+
+
 class PeakMemory:
     """Peak memory of one measurement: CUDA's max_memory_allocated, else the process's peak RSS
     (VmHWM), reset before each measurement through /proc/self/clear_refs where Linux allows it."""
@@ -113,6 +125,7 @@ class PeakMemory:
         self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS (VmHWM)"
 
     def reset(self) -> None:
+        release_memory()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
@@ -152,6 +165,14 @@ def current_memory_mb(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
     return _proc_status_mb("VmRSS")
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average: above the core count, other processes were competing."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def device_name(device: torch.device) -> str:
@@ -230,7 +251,8 @@ class ProductTrainer:
         i = self.steps_done % per_epoch
         idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
         x_0 = to_model_range(self.data[idx], t.pixel_range).contiguous(memory_format=self.memory_format)
-        loss = training_step(self.model, self.forward, self.optimizer, x_0, self.alpha_bars, lr=t.lr,
+        lr = _lr_at(self.steps_done, self.config)  # warm-up included, as in the loop
+        loss = training_step(self.model, self.forward, self.optimizer, x_0, self.alpha_bars, lr=lr,
                              grad_clip=t.grad_clip, autocast=self.autocast, ema=self.ema, step=self.steps_done)
         self.steps_done += 1
         return loss
@@ -370,63 +392,82 @@ def scheduler_step_overhead(device: torch.device, n: int, repeats: int = 200) ->
 
 
 # -- the book's code -----------------------------------------------------------------------------------
-def measure_reference(device: torch.device, images: torch.Tensor, plan: BenchPlan, peak_gflops: float,
-                      memory: PeakMemory) -> dict:
-    """The book's step-9 code (core.reference) timed like the product: training at the same batch
-    size through its DataLoader, and its DDPM sampler over a timed prefix of its T steps."""
+def measure_reference(config: RunConfig, device: torch.device, images: torch.Tensor, plan: BenchPlan,
+                      peak_gflops: float, sample_channels_last: bool) -> dict:
+    """The book's step-9 code (core.reference) against the product's book preset, interleaved so
+    that both see the same load: training steps alternate (the book's DataLoader step, then the
+    product's step), and DDPM sampling alternates blocks of reverse steps of the two samplers."""
     from . import reference
     torch.manual_seed(0)
-    model = reference.UNet().to(device)
+    book_model = reference.UNet().to(device)
     train_flop = flops_per_image(reference.UNet(), train=True, batch=1)
-    diffuser = reference.Diffuser(1000, device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    diffuser = reference.Diffuser(config.schedule.timesteps, config.schedule.beta_start, config.schedule.beta_end,
+                                  device=device)
+    optimizer = torch.optim.Adam(book_model.parameters(), lr=1e-3)
     loader = reference.make_dataloader(images, plan.batch_size)
     batches = iter(loader)
 
-    def one_step() -> None:
+    def book_step() -> None:
         nonlocal batches
         try:
             x, _ = next(batches)
         except StopIteration:  # a new epoch, as the book's outer loop would start
             batches = iter(loader)
             x, _ = next(batches)
-        reference.train_step(model, optimizer, diffuser, x)
+        reference.train_step(book_model, optimizer, diffuser, x)
 
-    memory.reset()
-    before = current_memory_mb(device)
-    [step_s] = _timed_steps([one_step], max(1, plan.train_warmup - 1), plan.reference_train_steps, device)
+    product = ProductTrainer(config, device, images, plan.batch_size)
+    book_s, product_s = _timed_steps([book_step, product.step], max(1, plan.train_warmup - 1),
+                                     plan.reference_train_steps, device)
+    del product
     entry = {"what": "the book's step-9 code (core/reference.py): Python-loop time encoding, DataLoader + "
                      "ToTensor per image, eval()/train() and no_grad per reverse step, NCHW fp32",
              "train_gflop_per_image": _r(train_flop / 1e9), "batch_size": plan.batch_size}
-    entry.update(_train_entry(step_s, plan.batch_size, train_flop, peak_gflops))
-    entry["peak_memory_mb"] = _r(memory.read_mb(), 1)
-    entry["memory_before_mb"] = _r(before, 1)
+    entry.update(_train_entry(book_s, plan.batch_size, train_flop, peak_gflops))
+    entry["product_images_per_s_interleaved"] = _r(plan.batch_size / statistics.median(product_s), 2)
+    entry["train_speedup"] = _r(statistics.median(book_s) / statistics.median(product_s), 3)
 
-    n = plan.samples
-    timed = min(plan.reference_ddpm_timed_steps, diffuser.num_timesteps)
-    diffuser.sample(model, (n, 1, 28, 28), num_steps=1)  # warm-up
-    _sync(device)
-    start = time.perf_counter()
-    diffuser.sample(model, (n, 1, 28, 28), num_steps=timed)
-    _sync(device)
-    per_step = (time.perf_counter() - start) / timed
-    entry.update({"n": n, "ddpm_steps": diffuser.num_timesteps, "ddpm_s": _r(per_step * diffuser.num_timesteps, 3),
-                  "ddpm_timed_steps": timed, "ddpm_extrapolated": timed < diffuser.num_timesteps})
+    # DDPM: blocks of reverse steps, book then product, each extrapolated to T; medians.
+    n, total = plan.samples, diffuser.num_timesteps
+    timed = min(plan.reference_ddpm_timed_steps, total)
+    blocks = min(4, timed)
+    per_block = max(1, timed // blocks)
+    torch.manual_seed(0)
+    product_model = build_model(config.model).to(device)
+    scheduler = NoiseScheduler(config.schedule)
+    diffuser.sample(book_model, (n, 1, 28, 28), num_steps=1)  # warm-up
+    book_ddpm, product_ddpm = [], []
+    for _ in range(blocks):
+        _sync(device)
+        start = time.perf_counter()
+        diffuser.sample(book_model, (n, 1, 28, 28), num_steps=per_block)
+        _sync(device)
+        book_ddpm.append((time.perf_counter() - start) / per_block * total)
+        product_ddpm.append(time_sampler(product_model, scheduler, SampleConfig(sampler="ddpm", n=n, batch_size=n),
+                                         per_block, device, config.train.pixel_range,
+                                         sample_channels_last)["seconds"])
+    book_ddpm_s, product_ddpm_s = statistics.median(book_ddpm), statistics.median(product_ddpm)
+    entry.update({"n": n, "ddpm_steps": total, "ddpm_s": _r(book_ddpm_s, 3),
+                  "ddpm_timed_steps": blocks * per_block, "ddpm_extrapolated": blocks * per_block < total,
+                  "product_ddpm_s_interleaved": _r(product_ddpm_s, 3),
+                  "ddpm_speedup": _r(book_ddpm_s / product_ddpm_s, 3)})
     return entry
 
 
-def time_encoding_us(batch: int, repeats: int = 20) -> dict:
+def time_encoding_us(batch: int, device: torch.device, repeats: int = 20) -> dict:
     """The book's per-sample Python loop against the product's broadcast, for one batch."""
     from . import reference
     from .models.embedding import sinusoidal_encoding
-    t = torch.randint(1, 1001, (batch,), generator=torch.Generator().manual_seed(0))
+    t = torch.randint(1, 1001, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
     out = {}
     for name, fn in (("book_loop_us", lambda: reference.pos_encoding(t, 100)),
                      ("product_us", lambda: sinusoidal_encoding(t, 100))):
         fn()
+        _sync(device)
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
+        _sync(device)
         out[name] = _r((time.perf_counter() - start) / repeats * 1e6, 1)
     return out
 
@@ -481,7 +522,8 @@ def run_bench(plan: BenchPlan = FULL, device: str = "auto", *, channels_last: bo
     result["device"] = {"type": dev.type, "name": device_name(dev), "torch": torch.__version__,
                         "python": platform.python_version(), "threads": torch.get_num_threads(),
                         "interop_threads": torch.get_num_interop_threads(), "cpu_count": os.cpu_count(),
-                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                        "load_average_at_start": _load_average()}
     train_cfg = configs["unet"].train
     result["flags"] = {"train_channels_last": train_cfg.channels_last, "sample_channels_last": sample_cl,
                        "compile": train_cfg.compile, "autocast": "bfloat16" if dev.type == "cuda" else None,
@@ -507,13 +549,10 @@ def run_bench(plan: BenchPlan = FULL, device: str = "auto", *, channels_last: bo
     result["scheduler_step_overhead"] = scheduler_step_overhead(dev, plan.samples)
 
     if reference:
-        say("the book's reference code")
-        ref = measure_reference(dev, images, plan, peak, memory)
-        product_unet = result["train"]["unet"]
-        ref["train_speedup"] = _r(product_unet["images_per_s"] / ref["images_per_s"], 3)
-        ref["ddpm_speedup"] = _r(ref["ddpm_s"] / result["sampling"]["unet"]["ddpm_s"], 3)
+        say("the book's reference code, interleaved with the product's")
+        ref = measure_reference(configs["unet"], dev, images, plan, peak, sample_cl)
         ref["ddim50_speedup_over_book_ddpm"] = _r(ref["ddpm_s"] / result["sampling"]["unet"]["ddim_s"], 3)
-        ref["time_encoding"] = time_encoding_us(plan.batch_size)
+        ref["time_encoding"] = time_encoding_us(plan.batch_size, dev)
         result["reference"] = ref
     else:
         result["reference"] = None
@@ -527,6 +566,7 @@ def run_bench(plan: BenchPlan = FULL, device: str = "auto", *, channels_last: bo
         result["fast_paths"] = None
 
     result["targets"] = _targets(result, dev)
+    result["device"]["load_average_at_end"] = _load_average()  # other processes' load skews the numbers
     result["elapsed_s"] = _r(time.perf_counter() - began, 1)
     return result
 

@@ -154,6 +154,9 @@ class TrainConfig:
     sample_every_epochs: int = 1       # 0 = no per-epoch grids
     grid_sampler: str = "ddim"         # per-epoch grids are previews: cheap sampler by default
     grid_steps: int = 50
+    # Measured with `python -m core bench` (2 CPU cores, torch 2.14.1, batch 128, on/off interleaved):
+    # channels_last trains 1.21-1.30x faster for the book UNet and 1.08-1.12x for the ImprovedUNet;
+    # torch.compile ran at 0.97x for both after 39-54 s of compiling, so it stays off.
     channels_last: bool = True
     compile: bool = False
 

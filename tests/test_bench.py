@@ -63,9 +63,13 @@ def test_bench_json_has_every_measurement_with_sane_types():
         for key in ("train_speedup_on_vs_off", "sample_speedup_on_vs_off"):
             assert _is_number(ablation[key]) and ablation[key] > 0
     ref = result["reference"]
-    for key in ("images_per_s", "ddpm_s", "train_speedup", "ddpm_speedup", "peak_memory_mb"):
+    for key in ("images_per_s", "ddpm_s", "train_speedup", "ddpm_speedup", "product_images_per_s_interleaved",
+                "product_ddpm_s_interleaved", "ddim50_speedup_over_book_ddpm"):
         assert _is_number(ref[key]) and ref[key] > 0, key
     assert ref["ddpm_extrapolated"] is True
+    # the speed-ups are ratios of the interleaved timings
+    assert ref["train_speedup"] == pytest.approx(ref["product_images_per_s_interleaved"] / ref["images_per_s"], rel=0.02)
+    assert ref["ddpm_speedup"] == pytest.approx(ref["ddpm_s"] / ref["product_ddpm_s_interleaved"], rel=0.02)
     targets = result["targets"]
     for key in ("unet_fraction_met", "improved_unet_fraction_met", "ddim50_over_ddpm1000_met",
                 "cpu_train_peak_rss_met"):
