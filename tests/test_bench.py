@@ -11,7 +11,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from core import reference
 from core.bench import BenchPlan, ProductTrainer, run_bench
@@ -55,7 +54,7 @@ def test_bench_json_has_every_measurement_with_sane_types():
         assert train["achieved_gflops"] == pytest.approx(train["images_per_s"] * train["train_gflop_per_image"],
                                                          rel=0.02)
         sampling = result["sampling"][name]
-        assert sampling["ddpm_steps"] == 1000 and sampling["ddim_steps"] == 3
+        assert sampling["ddpm_steps"] == 1000 and sampling["ddim_steps"] == 3 and sampling["rounds"] == 2
         assert sampling["ddpm_extrapolated"] is True and sampling["ddpm_timed_steps"] == 1
         assert _is_number(sampling["ddpm_s"]) and _is_number(sampling["ddim_s"]) and sampling["ddim_s"] > 0
         assert sampling["ddim_over_ddpm"] == pytest.approx(sampling["ddim_s"] / sampling["ddpm_s"], rel=0.01)
@@ -68,7 +67,8 @@ def test_bench_json_has_every_measurement_with_sane_types():
         assert _is_number(ref[key]) and ref[key] > 0, key
     assert ref["ddpm_extrapolated"] is True
     # the speed-ups are ratios of the interleaved timings
-    assert ref["train_speedup"] == pytest.approx(ref["product_images_per_s_interleaved"] / ref["images_per_s"], rel=0.02)
+    product_ips = ref["product_images_per_s_interleaved"]
+    assert ref["train_speedup"] == pytest.approx(product_ips / ref["images_per_s"], rel=0.02)
     assert ref["ddpm_speedup"] == pytest.approx(ref["ddpm_s"] / ref["product_ddpm_s_interleaved"], rel=0.02)
     targets = result["targets"]
     for key in ("unet_fraction_met", "improved_unet_fraction_met", "ddim50_over_ddpm1000_met",
