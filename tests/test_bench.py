@@ -41,7 +41,9 @@ def test_bench_json_has_every_measurement_with_sane_types():
     assert result["device"]["type"] == "cpu" and result["device"]["threads"] >= 1
     assert result["device"]["torch"] == torch.__version__
     assert set(result["flags"]) >= {"train_channels_last", "sample_channels_last", "compile", "autocast"}
-    assert _is_number(result["matmul"]["gflops"]) and result["matmul"]["gflops"] > 0
+    matmul = result["matmul"]
+    assert _is_number(matmul["gflops"]) and matmul["gflops"] > 0
+    assert matmul["gflops"] == max(matmul["gflops_at_start"], matmul["gflops_at_end"])
     assert result["data"].startswith("synthetic")
     for name, preset in (("unet", "book"), ("improved_unet", "improved")):
         train = result["train"][name]
@@ -53,6 +55,7 @@ def test_bench_json_has_every_measurement_with_sane_types():
         # achieved GFLOP/s is images/s times the counted FLOPs per image
         assert train["achieved_gflops"] == pytest.approx(train["images_per_s"] * train["train_gflop_per_image"],
                                                          rel=0.02)
+        assert train["fraction_of_matmul"] == pytest.approx(train["achieved_gflops"] / matmul["gflops"], rel=0.02)
         sampling = result["sampling"][name]
         assert sampling["ddpm_steps"] == 1000 and sampling["ddim_steps"] == 3 and sampling["rounds"] == 2
         assert sampling["ddpm_extrapolated"] is True and sampling["ddpm_timed_steps"] == 1
