@@ -12,9 +12,21 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+from tqdm import tqdm
+
+from . import bench, export, io, report, runs
 from .argtypes import number, whole_number
-from .config import (DATASET_NAMES, DEVICE_NAMES, MODEL_NAMES, OPTIMIZER_NAMES, PRESETS, SAMPLER_NAMES,
-                     SCHEDULE_NAMES, ConfigError, SampleConfig, override, preset)
+from .bench.flops import model_costs
+from .config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, MODEL_NAMES, OPTIMIZER_NAMES, PIXEL_RANGES, PRESETS,
+                     SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES, ConfigError, SampleConfig, override, preset)
+from .data import DatasetNotFoundError, load_images
+from .device import resolve_device
+from .errors import CliError, RunError
+from .evaluation import cli as evaluation_cli
+from .sampling import collect, reverse_process, total_steps
+from .schedule import NoiseScheduler
+from .training import TrainingDiverged, train_run
 
 EXIT_USAGE = 2
 # What a resumed run cannot change: it would no longer match its weights, optimizer state or curve.
@@ -24,15 +36,9 @@ RESUME_FIXED_FLAGS = ("model", "base_channels", "channel_mults", "num_res_blocks
                       "channels_last")
 
 
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
         self.exit(EXIT_USAGE, f"error: {message} (see `python -m core {self.prog.split()[-1]} --help`)\n")
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "setting; explicit flags override it.")
     tr.add_argument("--preset", choices=sorted(PRESETS), default="book",
                     help="book: step 9 exactly (UNet, Adam 1e-3, batch 128, 10 epochs, T=1000); improved: "
-                    "ImprovedUNet + AdamW, EMA; quick: a small ImprovedUNet for ~5 minutes on a CPU")
+                    "ImprovedUNet + AdamW, EMA; quick: a small ImprovedUNet for ~5 minutes on a CPU; "
+                    "tiny: the whole pipeline in about a minute (T=20, 48 steps)")
     tr.add_argument("--model", choices=MODEL_NAMES, help="network: the book's unet or improved_unet")
     tr.add_argument("--base-channels", type=whole_number, help="width of the first level (book: 64)")
     tr.add_argument("--channel-mults", type=whole_number, nargs="+",
@@ -64,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--warmup-steps", type=whole_number, help="linear learning-rate warm-up")
     tr.add_argument("--timesteps", type=whole_number, help="diffusion steps T (book: 1000)")
     tr.add_argument("--schedule", choices=SCHEDULE_NAMES, help="beta schedule (book: linear)")
-    tr.add_argument("--pixel-range", choices=("unit", "symmetric"), help="unit = [0, 1] (book), symmetric = [-1, 1]")
+    tr.add_argument("--pixel-range", choices=PIXEL_RANGES, help="unit = [0, 1] (book), symmetric = [-1, 1]")
     tr.add_argument("--ema-decay", type=number, help="EMA of the weights, e.g. 0.999 (0: off)")
     tr.add_argument("--grad-clip", type=number, help="clip the gradient norm (0: off)")
     tr.add_argument("--limit-images", type=whole_number, help="train on the first N images only")
@@ -80,11 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sa = sub.add_parser("sample", help="generate images from a run",
-                        description="Generate images with DDPM (every step) or DDIM (any number of steps).")
+                        description="Generate images with DDPM (every step), or DDIM or DPM-Solver++(2M) (ODE "
+                        "or SDE form) in any number of steps.")
     sa.add_argument("--run", required=True, help="run folder, e.g. checkpoints/demo-improved-unet-adamw")
-    sa.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm", help="ddpm (the book) or ddim")
-    sa.add_argument("--steps", type=whole_number, default=0, help="reverse steps (ddim; default T)")
+    sa.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm",
+                    help="ddpm (the book), ddim, dpmpp2m (DPM-Solver++(2M)) or dpmpp2m-sde")
+    sa.add_argument("--steps", type=whole_number, default=0, help="reverse steps (not ddpm; default T)")
     sa.add_argument("--eta", type=number, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
+    sa.add_argument("--spacing", choices=SPACING_NAMES, default="uniform",
+                    help="timesteps of the few-step samplers: even in t, or even in log-SNR")
+    sa.add_argument("--clip", choices=CLIP_NAMES, default="auto",
+                    help="clip x̂0 to the data range (auto: the run's default for ddpm, on for the others)")
     sa.add_argument("--n", type=whole_number, default=16, help="number of images")
     sa.add_argument("--seed", type=whole_number, default=0, help="random seed")
     sa.add_argument("--batch-size", type=whole_number, default=256, help="images per forward pass")
@@ -96,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("eval", help="measure sample quality (Fréchet distance in a classifier's features)")
-    _add_eval_arguments(ev)
+    evaluation_cli.add_arguments(ev)
 
     be = sub.add_parser("bench", help="measure training and sampling speed on this device")
-    _add_bench_arguments(be)
+    bench.add_arguments(be)
 
     rp = sub.add_parser("report", help="results page of runs: loss curves PNG, grids side by side, eval table")
     rp.add_argument("--runs", nargs="+", required=True, help="run folders to compare")
@@ -117,29 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    try:
-        from .evaluation_cli import add_arguments
-    except ImportError:  # the evaluation module is optional at import time of the parser
-        parser.set_defaults(_eval_missing=True)
-        return
-    add_arguments(parser)
-
-
-def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    try:
-        from .bench import add_arguments
-    except ImportError:
-        parser.set_defaults(_bench_missing=True)
-        return
-    add_arguments(parser)
-
-
 # -- commands ----------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import runs
-    from .training import resolve_device, train_run
-
     flags = lambda v: None if v is None else v == "on"  # noqa: E731
     config = override(
         preset(args.preset), model=args.model, base_channels=args.base_channels,
@@ -172,13 +164,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                           checkpoint_every_s=args.checkpoint_every)
         resolve_device(config.train.device)  # before touching config.json: a rejected resume changes nothing
         if config != saved:
-            runs.atomic_write_text(run_dir / "config.json", config.to_json())
+            io.atomic_write_text(run_dir / "config.json", config.to_json())
     else:
         name = args.name or f"{args.preset}-{config.model.name}-{config.train.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
         resolve_device(config.train.device)  # before the folder exists: a rejected run leaves nothing
         run_dir = runs.create_run(runs_dir, name, config)
 
-    bar = None if args.quiet else _progress_bar(config)
+    bar = None if args.quiet else _ProgressBar()
     progress = train_run(run_dir, resume=args.resume, data_root=args.data_root,
                          on_progress=bar.update if bar else None)
     if bar:
@@ -189,11 +181,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-class _progress_bar:
+class _ProgressBar:
     """tqdm over steps, updated from the loop's Progress reports."""
 
-    def __init__(self, config):
-        from tqdm import tqdm
+    def __init__(self):
         self._tqdm = tqdm(total=None, unit="step", dynamic_ncols=True)
         self._last = 0
 
@@ -217,15 +208,8 @@ class _progress_bar:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from . import export, runs
-    from .sampling import sample
-    from .schedule import NoiseScheduler
-    from .training import resolve_device
-
     sample_config = SampleConfig(sampler=args.sampler, steps=args.steps, eta=args.eta, n=args.n,
-                                 seed=args.seed, batch_size=args.batch_size)
+                                 seed=args.seed, batch_size=args.batch_size, spacing=args.spacing, clip=args.clip)
     for flag, value in (("--npy", args.npy), ("--frames", args.frames)):
         # checked before sampling, which may take minutes, rather than failing when writing
         if value and not Path(value).resolve().parent.is_dir():
@@ -235,20 +219,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     loaded = runs.load_model(Path(args.run), use_ema=not args.no_ema, device=device)
     scheduler = NoiseScheduler(loaded.config.schedule)
     steps = sample_config.resolved_steps(scheduler.num_timesteps)
-    bar = None
+    train_config = loaded.config.train
+    process = reverse_process(loaded.model, scheduler, sample_config, pixel_range=train_config.pixel_range,
+                              clip_default=train_config.clip_denoised, device=device)
     if not args.quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=None, unit="step", desc=f"{args.sampler} {steps} steps", dynamic_ncols=True)
-
-    def on_step(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-    result = sample(loaded.model, scheduler, sample_config, pixel_range=loaded.config.train.pixel_range,
-                    device=device, record="all" if args.frames else "none", progress=on_step)
-    if bar is not None:
-        bar.close()
+        process = tqdm(process, total=total_steps(sample_config, scheduler), unit="step",
+                       desc=f"{args.sampler} {steps} steps", dynamic_ncols=True)
+    result = collect(process, pixel_range=train_config.pixel_range, record="all" if args.frames else "none")
     out = Path(args.out) if args.out else loaded.path / "samples" / f"sample_{args.sampler}.png"
     export.save_grid(out, result.images)
     written = [str(out)]
@@ -265,7 +242,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from . import runs
     if args.models:
         return _print_models(args.json)
     infos = runs.list_runs(Path(args.runs_dir) if args.runs_dir else runs.DEFAULT_RUNS_DIR)
@@ -295,7 +271,6 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _print_models(as_json: bool) -> int:
-    from .flops import model_costs
     rows = model_costs()
     if as_json:
         print(json.dumps(rows))
@@ -308,7 +283,6 @@ def _print_models(as_json: bool) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from . import report, runs
     infos = []
     for path in args.runs:
         info = runs.run_info(Path(path))
@@ -329,7 +303,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data import load_images
     train = load_images(args.dataset, "train", args.data_root)
     test = load_images(args.dataset, "test", args.data_root)
     print(f"{args.dataset}: {len(train)} training and {len(test)} test images ready")
@@ -337,30 +310,18 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .data import DatasetNotFoundError
-    from .runs import RunError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "sample": cmd_sample, "runs": cmd_runs, "data": cmd_data,
-                "report": cmd_report}
+                "report": cmd_report, "eval": evaluation_cli.run, "bench": bench.run}
     try:
-        if args.command == "eval":
-            from .evaluation_cli import run as handler
-        elif args.command == "bench":
-            from .bench import run as handler
-        else:
-            handler = handlers[args.command]
-        return handler(args)
+        return handlers[args.command](args)
     except (ConfigError, RunError, DatasetNotFoundError, CliError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as exc:  # noqa: BLE001 - a failed run is already marked failed in its folder
-        from .training import TrainingDiverged
-        if isinstance(exc, TrainingDiverged):
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except TrainingDiverged as exc:  # the run is already marked failed in its folder
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

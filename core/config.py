@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-FORMAT_VERSION = 1
+# 2: the linear schedule scales with T (`scale_to_timesteps`); format-1 files keep the unscaled one.
+FORMAT_VERSION = 2
 
 MODEL_NAMES = ("unet", "improved_unet")
 NORM_NAMES = ("group", "batch")
@@ -22,11 +23,21 @@ SCHEDULE_NAMES = ("linear", "cosine")
 OPTIMIZER_NAMES = ("adam", "adamw")
 DATASET_NAMES = ("fashion_mnist", "mnist")
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
-SAMPLER_NAMES = ("ddpm", "ddim")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp2m", "dpmpp2m-sde")
+SPACING_NAMES = ("uniform", "logsnr")   # sampler timesteps: even in t, or even in log-SNR λ
+CLIP_NAMES = ("auto", "on", "off")       # x̂0 clipping: auto = the run's default for DDPM, on for the rest
 PIXEL_RANGES = ("unit", "symmetric")  # [0, 1] as in the book, or [-1, 1]
 
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
 MAX_SAMPLES = 10_000  # more than this is almost surely a typo, and would take hours on a CPU
+
+# Display names, one place for the CLI, the reports and every dashboard page.
+MODEL_LABELS = {"unet": "UNet", "improved_unet": "ImprovedUNet"}
+OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW"}
+DATASET_LABELS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
+SAMPLER_LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)",
+                  "dpmpp2m-sde": "DPM-Solver++(2M) SDE"}
+PIXEL_RANGE_LABELS = {"unit": "[0, 1]", "symmetric": "[-1, 1]"}
 
 
 class ConfigError(ValueError):
@@ -107,23 +118,34 @@ class ModelConfig:
         _check_int("time_embed_dim", self.time_embed_dim, 2, 4096)
         if self.time_embed_dim % 2:
             _fail("time_embed_dim", self.time_embed_dim, "it must be even (sin and cos pairs)")
-        _check_int("in_channels", self.in_channels, 1, 4)
-        _check_int("out_channels", self.out_channels, 1, 4)
+        # Data, sampling, export and the classifier are all 1-channel 28x28: refuse here rather than
+        # fail deep inside training.
+        for name in ("in_channels", "out_channels"):
+            if getattr(self, name) != 1:
+                _fail(name, getattr(self, name), "only 1-channel (grayscale) 28x28 images are supported")
         if self.name == "improved_unet" and self.norm == "group" and self.base_channels % 4:
             _fail("base_channels", self.base_channels, "GroupNorm needs a multiple of 4")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The forward process: T steps and how beta_t grows."""
+    """The forward process: T steps and how beta_t grows.
+
+    beta_start / beta_end are the book's values for T = 1000. With `scale_to_timesteps` (the default)
+    a linear schedule of another T scales both by 1000/T (improved-diffusion), so x_T is noise for
+    any T; at T = 1000 the betas are exactly the book's.
+    """
     timesteps: int = 1000
     schedule: str = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    scale_to_timesteps: bool = True
 
     def __post_init__(self) -> None:
         _check_int("timesteps", self.timesteps, 2, 10_000)
         _check_choice("schedule", self.schedule, SCHEDULE_NAMES)
+        if not isinstance(self.scale_to_timesteps, bool):
+            _fail("scale_to_timesteps", self.scale_to_timesteps, "it must be true or false")
         _check_float("beta_start", self.beta_start, 0.0, 0.999, low_inclusive=False)
         _check_float("beta_end", self.beta_end, 0.0, 0.999, low_inclusive=False)
         if self.beta_end < self.beta_start:
@@ -154,9 +176,9 @@ class TrainConfig:
     sample_every_epochs: int = 1       # 0 = no per-epoch grids
     grid_sampler: str = "ddim"         # per-epoch grids are previews: cheap sampler by default
     grid_steps: int = 50
-    # Measured with `python -m core bench` (2 CPU cores, torch 2.14.1, batch 128, on/off interleaved):
-    # channels_last trains 1.21-1.30x faster for the book UNet and 1.08-1.12x for the ImprovedUNet;
-    # torch.compile ran at 0.97x for both after 39-54 s of compiling, so it stays off.
+    clip_denoised: bool = False        # sampling default of this run: DDPM clips x̂0 to the data range
+    # channels_last pays for training on CPU and GPU, torch.compile did not on the CPU: the bench
+    # (`python -m core bench`) measures both, the README quotes the figures.
     channels_last: bool = True
     compile: bool = False
 
@@ -194,7 +216,7 @@ class TrainConfig:
         _check_int("sample_every_epochs", self.sample_every_epochs, 0)
         _check_choice("grid_sampler", self.grid_sampler, SAMPLER_NAMES)
         _check_int("grid_steps", self.grid_steps, 1)
-        for flag in ("channels_last", "compile"):
+        for flag in ("channels_last", "compile", "clip_denoised"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "it must be true or false")
 
@@ -203,16 +225,23 @@ class TrainConfig:
 class SampleConfig:
     """How to generate: which reverse process, how many steps, how many images."""
     sampler: str = "ddpm"
-    steps: int = 0        # 0 = T (every step); DDIM may take fewer
+    steps: int = 0        # 0 = T (every step); the others may take fewer
     eta: float = 0.0      # DDIM stochasticity: 0 deterministic, 1 ~ DDPM
     n: int = 16
     seed: int = 0
     batch_size: int = 256
+    spacing: str = "uniform"         # timesteps of the few-step samplers: even in t or in log-SNR
+    clip: str = "auto"               # x̂0 clipped to the data range: auto, on, off
+    lower_order_final: bool = True   # DPM-Solver++: first order at the last step when steps < 15
 
     def __post_init__(self) -> None:
         _check_choice("sampler", self.sampler, SAMPLER_NAMES)
         _check_int("steps", self.steps, 0)
         _check_float("eta", self.eta, 0.0, 1.0)
+        _check_choice("spacing", self.spacing, SPACING_NAMES)
+        _check_choice("clip", self.clip, CLIP_NAMES)
+        if not isinstance(self.lower_order_final, bool):
+            _fail("lower_order_final", self.lower_order_final, "it must be true or false")
         _check_int("n", self.n, 1, MAX_SAMPLES)
         _check_int("seed", self.seed, 0, 2**63 - 1)
         _check_int("batch_size", self.batch_size, 1, 10_000)
@@ -223,9 +252,28 @@ class SampleConfig:
         if steps < 1 or steps > timesteps:
             _fail("steps", self.steps, f"it must be between 1 and T = {timesteps}")
         if self.sampler == "ddpm" and steps != timesteps:
-            _fail("steps", self.steps, f"DDPM runs every step (T = {timesteps}); use the ddim "
-                  "sampler for fewer steps")
+            _fail("steps", self.steps, f"DDPM runs every step (T = {timesteps}); use ddim or dpmpp2m "
+                  "for fewer steps")
         return steps
+
+    def resolved_clip(self, run_default: bool) -> bool:
+        """Whether x̂0 is clipped: `auto` is the run's own default for DDPM (off for the book, so
+        step 9 stays exact) and on for the few-step samplers, which run away without it."""
+        if self.clip == "auto":
+            return run_default if self.sampler == "ddpm" else True
+        return self.clip == "on"
+
+    @property
+    def setting(self) -> str:
+        """A short name for this sampler setting, e.g. `ddim-50` or `dpmpp2m-sde-20-logsnr`."""
+        parts = [self.sampler, str(self.steps or "T")]
+        if self.sampler == "ddim" and self.eta:
+            parts.append(f"eta{self.eta:g}")
+        if self.spacing != "uniform" and self.sampler != "ddpm":
+            parts.append(self.spacing)
+        if self.clip != "auto":
+            parts.append(f"clip-{self.clip}")
+        return "-".join(parts)
 
 
 @dataclass(frozen=True)
@@ -256,15 +304,21 @@ class RunConfig:
         version = data.get("format_version")
         if version is None:
             raise ConfigError("config misses the field format_version")
-        if isinstance(version, int) and version > FORMAT_VERSION:
+        _check_int("format_version", version, 1)
+        if version > FORMAT_VERSION:
             _fail("format_version", version, f"this run was written by a newer version (this one "
                   f"reads up to {FORMAT_VERSION}); update the workbench to open it")
         parts = {}
         for name, kind in (("model", ModelConfig), ("schedule", ScheduleConfig), ("train", TrainConfig)):
             if name not in data:
                 raise ConfigError(f"config misses the section {name!r}")
-            parts[name] = _dataclass_from_dict(kind, data[name], name)
-        return cls(format_version=version, **parts)
+            section = data[name]
+            if name == "schedule" and version == 1 and isinstance(section, dict):
+                # Format 1 trained on the unscaled linear schedule: the run keeps it.
+                section = {"scale_to_timesteps": False, **section}
+            parts[name] = _dataclass_from_dict(kind, section, name)
+        # Read as the current format: the fields it lacked now hold the values that reproduce it.
+        return cls(**parts)
 
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":
@@ -303,8 +357,14 @@ def _dataclass_from_dict(kind: type, data: Any, section: str) -> Any:
         raise ConfigError(f"config section {section!r}: {exc}") from None
 
 
+def run_label(config: "RunConfig") -> str:
+    """e.g. "ImprovedUNet + AdamW": what the run list and the charts call a run's recipe."""
+    return f"{MODEL_LABELS[config.model.name]} + {OPTIMIZER_LABELS[config.train.optimizer]}"
+
+
 # Presets. `book` is step 9 exactly; `improved` is the blog's change done well;
-# `quick` is the smallest run that still draws recognisable clothes on 2 CPU cores.
+# `quick` is the smallest run that still draws recognisable clothes on 2 CPU cores;
+# `tiny` exercises the whole pipeline in about a minute (for trying the UI, and for tests).
 PRESETS: dict[str, RunConfig] = {
     "book": RunConfig(
         model=ModelConfig(name="unet", base_channels=64),
@@ -325,6 +385,14 @@ PRESETS: dict[str, RunConfig] = {
         train=TrainConfig(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=128, epochs=0,
                           time_budget_s=300.0, pixel_range="symmetric", ema_decay=0.995, grad_clip=1.0,
                           warmup_steps=100),
+    ),
+    "tiny": RunConfig(
+        model=ModelConfig(name="improved_unet", base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                          attention=False, norm="group"),
+        schedule=ScheduleConfig(timesteps=20, schedule="linear"),
+        train=TrainConfig(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=32, epochs=3, max_steps=48,
+                          limit_images=512, pixel_range="symmetric", device="cpu", log_every=2,
+                          sample_every_epochs=1, grid_steps=20, channels_last=False, checkpoint_every_s=0.0),
     ),
 }
 

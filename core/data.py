@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .config import DATASET_NAMES, ConfigError
+from .config import DATASET_LABELS, DATASET_NAMES, ConfigError
 
+IMAGE_SHAPE = (1, 28, 28)  # (C, H, W): every dataset here is 28x28 grayscale
 ENV_DATA_ROOT = "DDPM_DATA_ROOT"
 DEFAULT_DATA_ROOT = Path("data")
 DEBIAN_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
@@ -61,7 +62,7 @@ def _torchvision_class(dataset: str):
 
 
 def _folder_name(dataset: str) -> str:
-    return {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}[dataset]
+    return DATASET_LABELS[dataset]  # torchvision's folder names are the datasets' own names
 
 
 def _has_raw_files(root: Path, dataset: str) -> bool:
@@ -163,3 +164,8 @@ def to_uint8(x: torch.Tensor, pixel_range: str) -> torch.Tensor:
     if pixel_range == "symmetric":
         x = (x + 1.0) / 2.0
     return (x * 255.0).clamp(0, 255).round().to(torch.uint8).squeeze(1)
+
+
+def data_range(pixel_range: str) -> tuple[float, float]:
+    """The interval clean images occupy in model space: [0, 1] (the book) or [-1, 1]."""
+    return (0.0, 1.0) if pixel_range == "unit" else (-1.0, 1.0)

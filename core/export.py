@@ -10,7 +10,11 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.utils import make_grid as tv_make_grid
+
+from .io import atomic_write_bytes
 
 BUNDLE_FILES = ("config.json", "metrics.csv", "model.safetensors", "ema.safetensors", "eval.json",
                 "state.json", "status.json")
@@ -18,18 +22,14 @@ BUNDLE_FILES = ("config.json", "metrics.csv", "model.safetensors", "ema.safetens
 
 def make_grid(images: np.ndarray, ncol: int | None = None, padding: int = 2, scale: int = 1,
               pad_value: int = 0) -> np.ndarray:
-    """uint8 (N, H, W) -> one uint8 (rows·(H+p)+p, cols·(W+p)+p) image, row-major like the book's plot."""
+    """uint8 (N, H, W) -> one uint8 grid image, row-major like the book's plot (torchvision's
+    `make_grid`, kept grayscale), optionally enlarged `scale` times with sharp pixels."""
     images = np.asarray(images)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(f"make_grid expects uint8 images of shape (N, H, W), got {images.dtype} {images.shape}")
-    n, h, w = images.shape
-    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
-    nrow = max(1, math.ceil(n / ncol))
-    grid = np.full((nrow * (h + padding) + padding, ncol * (w + padding) + padding), pad_value, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, ncol)
-        top, left = padding + r * (h + padding), padding + c * (w + padding)
-        grid[top:top + h, left:left + w] = img
+    ncol = ncol or max(1, math.ceil(math.sqrt(len(images))))
+    grid = tv_make_grid(torch.from_numpy(images).unsqueeze(1), nrow=ncol, padding=padding, pad_value=pad_value)
+    grid = grid[0].numpy()  # torchvision repeats one channel to three: keep one
     if scale > 1:
         grid = np.kron(grid, np.ones((scale, scale), np.uint8))
     return grid
@@ -46,7 +46,7 @@ def grid_png(images: np.ndarray, ncol: int | None = None, scale: int = 2) -> byt
 
 
 def save_grid(path: str | Path, images: np.ndarray, ncol: int | None = None, scale: int = 2) -> Path:
-    from .runs import atomic_write_bytes  # atomic: a half-written PNG never shows on a page
+    # atomic: a half-written PNG never shows on a page
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, grid_png(images, ncol, scale))

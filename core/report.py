@@ -7,24 +7,23 @@ from pathlib import Path
 
 import numpy as np
 
+import pandas as pd
+
 from . import runs
-
-MODEL_LABELS = {"unet": "UNet (book)", "improved_unet": "ImprovedUNet"}
-OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW"}
+from .config import run_label as recipe_label
 
 
-def ema_smooth(values: list[float], weight: float) -> np.ndarray:
-    """Exponential moving average with bias correction, like TensorBoard's smoothing slider."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values):
-        avg = weight * avg + (1 - weight) * v
-        out.append(avg / (1 - weight ** (i + 1)))
-    return np.asarray(out)
+def ema_smooth(values, weight: float) -> np.ndarray:
+    """Exponential moving average with bias correction, like TensorBoard's smoothing slider:
+    weight 0 = raw, 0.99 = very smooth. pandas' `ewm(adjust=True)` is exactly this debiased form."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0 or weight <= 0:
+        return values
+    return pd.Series(values).ewm(alpha=1 - weight, adjust=True).mean().to_numpy()
 
 
 def run_label(info: runs.RunInfo) -> str:
-    cfg = info.config
-    return f"{MODEL_LABELS[cfg.model.name]} + {OPTIMIZER_LABELS[cfg.train.optimizer]} ({info.name})"
+    return f"{recipe_label(info.config)} ({info.name})"
 
 
 def loss_curves_png(infos: list[runs.RunInfo], out: Path, x_axis: str = "elapsed_s", smoothing: float = 0.9) -> Path:

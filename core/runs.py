@@ -28,23 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
 from torch import nn
 
-from .config import ConfigError, RunConfig, check_run_name
+from .config import ConfigError, RunConfig, check_run_name, run_label
+from .device import resolve_device
+from .errors import RunError
+from .io import atomic_write_text, load_weights
+from .models import build_model
 
 DEFAULT_RUNS_DIR = Path(os.environ.get("DDPM_RUNS_DIR", "checkpoints"))
 METRIC_FIELDS = ("step", "epoch", "loss", "lr", "elapsed_s", "images_per_s")
 HEARTBEAT_STALE_S = 600.0  # a "running" run whose process went quiet this long is interrupted
 STATES = ("created", "running", "finished", "stopped", "failed", "interrupted")
+RESUMABLE_STATES = ("stopped", "interrupted", "failed")  # a finished run resumes too, given a longer limit
 
 
-class RunError(RuntimeError):
-    """A run folder is missing, damaged or unusable; the message names the run and the file."""
-
-
-# -- paths and atomic writes -------------------------------------------------------------------------
+# -- paths -------------------------------------------------------------------------
 def run_path(runs_dir: str | os.PathLike, name: str) -> Path:
     """The folder of run `name`, guaranteed to lie directly inside `runs_dir`."""
     check_run_name(name)
@@ -53,19 +52,6 @@ def run_path(runs_dir: str | os.PathLike, name: str) -> Path:
     if path.parent != root:  # defence in depth; check_run_name already forbids '/' and '..'
         raise ConfigError(f"name = {name!r} is not allowed: it leaves the runs folder {root}")
     return path
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _read_json(path: Path, run: str) -> Any:
@@ -149,90 +135,6 @@ def _process_alive(status: dict[str, Any]) -> bool:
     return True
 
 
-# -- weights and optimizer state ---------------------------------------------------------------------
-def _tensors_for_save(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        value = value.detach().to("cpu").contiguous()
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        out[key] = value.clone()  # safetensors refuses tensors that share storage
-    return out
-
-
-def save_weights(path: Path, model: nn.Module, metadata: dict[str, Any] | None = None,
-                 dtype: torch.dtype | None = None) -> None:
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
-    atomic_write_bytes(path, save(_tensors_for_save(model.state_dict(), dtype), metadata=meta))
-
-
-def read_safetensors(path: Path, run: str) -> dict[str, torch.Tensor]:
-    try:
-        return load(path.read_bytes())
-    except FileNotFoundError:
-        raise RunError(f"run {run!r}: {path.name} is missing (the run has no checkpoint yet)") from None
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise RunError(f"run {run!r}: {path.name} is damaged or truncated ({exc}); resume from an "
-                       "intact copy or delete the run") from None
-
-
-def load_weights(path: Path, model: nn.Module, run: str) -> None:
-    state = read_safetensors(path, run)
-    reference = model.state_dict()
-    try:
-        state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = " ".join(str(exc).split())[:300]  # one line, past torch's bare "Error(s) in loading" header
-        raise RunError(f"run {run!r}: {path.name} does not fit the model in config.json ({first})") from None
-
-
-def save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
-    """Optimizer state as safetensors: tensors by '<param index>.<key>', the rest as JSON metadata."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous().clone()
-            else:
-                scalars[f"{index}.{key}"] = value
-    meta = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
-    atomic_write_bytes(path, save(tensors, metadata=meta))
-
-
-def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, run: str) -> None:
-    try:
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-        tensors = read_safetensors(path, run)
-        groups = json.loads(meta["param_groups"])
-        for group in groups:  # JSON has no tuples: give Adam back the (beta1, beta2) pair it was saved with
-            if isinstance(group, dict) and isinstance(group.get("betas"), list):
-                group["betas"] = tuple(group["betas"])
-        scalars = json.loads(meta.get("scalars", "{}"))
-    except RunError:
-        raise
-    except (SafetensorError, KeyError, ValueError, OSError) as exc:
-        raise RunError(f"run {run!r}: {path.name} is damaged ({exc}); delete it to restart the "
-                       "optimizer from scratch") from None
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in list(tensors.items()) + list(scalars.items()):
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as exc:
-        raise RunError(f"run {run!r}: {path.name} does not fit this optimizer ({exc})") from None
-
-
-def weights_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
 # -- metrics -----------------------------------------------------------------------------------------
 class MetricsWriter:
     """Appends rows to metrics.csv, flushing each, so a killed run keeps every logged row."""
@@ -310,9 +212,7 @@ class RunInfo:
     def label(self) -> str:
         if self.config is None:
             return f"{self.name} (unreadable)"
-        model = {"unet": "UNet", "improved_unet": "ImprovedUNet"}[self.config.model.name]
-        opt = {"adam": "Adam", "adamw": "AdamW"}[self.config.train.optimizer]
-        return f"{self.name} · {model} + {opt}"
+        return f"{self.name} · {run_label(self.config)}"
 
 
 def read_eval(path: Path) -> list[dict[str, Any]]:
@@ -396,12 +296,8 @@ class LoadedRun:
 
 def load_model(path: Path, use_ema: bool = True, device: torch.device | str = "cpu") -> LoadedRun:
     """Rebuild a run's network from config.json and its (EMA, when present) weights, in eval mode."""
-    from .models import build_model  # late: keeps `runs` importable without building models
-
     path = Path(path)
-    if isinstance(device, str) and device in ("auto", "cpu", "cuda", "mps"):
-        from .training import resolve_device  # late: training imports this module
-        device = resolve_device(device)  # a missing GPU is a ConfigError naming the device
+    device = resolve_device(device)  # a missing GPU is a ConfigError naming the device
     config = load_config(path)
     model = build_model(config.model)
     ema_file = path / "ema.safetensors"

@@ -1,24 +1,177 @@
-"""Generate images with DDPM or DDIM, optionally recording x_t and x̂0 at every (or chosen) step.
+"""Generate images: one loop over the reverse steps of every sampler, as a generator.
 
-Seeded and batched; runs under `torch.inference_mode` with the model put in eval mode once
-(the book toggles eval()/train() at each of its 1000 steps).
+`reverse_process` yields a `ReverseStep` (t, x_t, x̂0, and the next x) at each step of each batch,
+like improved-diffusion's `p_sample_loop_progressive`. Everything else is a thin consumer of it:
+`sample` keeps the final images (and frames, when asked), a caller that wants progress counts the
+steps it receives, and a caller that wants to stop early stops iterating (`itertools.islice`).
+
+Every sampler plugs into the same loop through a `Stepper`: DDPM (the book, every t), DDIM (any
+number of steps, η) and DPM-Solver++(2M) in its ODE and SDE forms. Seeded and batched; runs under
+`torch.inference_mode` with the model put in eval mode once (the book toggles eval()/train() at
+each of its 1000 steps).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from torch import nn
 
-from .config import DEVICE_NAMES, ConfigError, SampleConfig
-from .data import to_uint8
-from .schedule import NoiseScheduler
+from .config import ConfigError, SampleConfig
+from .data import IMAGE_SHAPE, data_range, to_uint8
+from .device import resolve_device
+from .schedule import NoiseScheduler, StepOutput
 
-ProgressFn = Callable[[int, int], None]  # (steps done, steps total)
+# The network as the loop sees it: (x_t (B,1,28,28), t (B,) long) -> ε̂ (B,1,28,28). A plain
+# model fits; so does a wrapper that adds labels or guidance.
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++: below this many steps the last step is first order (Lu et al.)
 
 
+@dataclass(frozen=True)
+class ReverseStep:
+    """One reverse step of one batch: the sampler was at `t` with `x_t` and moved to `x_next`."""
+    batch_start: int           # index of the batch's first image among all N
+    index: int                 # 0-based step number within the batch
+    num_steps: int             # steps per batch
+    t: int                     # timestep in 1..T
+    x_t: torch.Tensor          # (B,1,28,28) model range, before the step
+    pred_x0: torch.Tensor      # x̂0 predicted at t (clipped where the sampler clips)
+    x_next: torch.Tensor       # after the step; after the last step, the batch's final images
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.num_steps - 1
+
+
+class Stepper:
+    """One sampler's reverse steps: the timesteps it visits and the update at each of them."""
+
+    def __init__(self, scheduler: NoiseScheduler, config: SampleConfig, clip_range: tuple[float, float] | None):
+        self.scheduler, self.config, self.clip_range = scheduler, config, clip_range
+        self.timesteps = self.make_timesteps()
+
+    def make_timesteps(self) -> list[int]:
+        steps = self.config.resolved_steps(self.scheduler.num_timesteps)
+        return self.scheduler.sampling_timesteps(steps, self.config.spacing)
+
+    def next_timestep(self, index: int) -> int:
+        return self.timesteps[index + 1] if index + 1 < len(self.timesteps) else 0
+
+    def reset(self) -> None:
+        """Forget what earlier steps left behind (a new batch starts)."""
+
+    def step(self, eps: torch.Tensor, index: int, x_t: torch.Tensor, generator: torch.Generator) -> StepOutput:
+        raise NotImplementedError
+
+
+class DDPMStepper(Stepper):
+    """The book's ancestral sampler at every t = T..1 (optionally with x̂0 clipped)."""
+
+    def make_timesteps(self) -> list[int]:
+        self.config.resolved_steps(self.scheduler.num_timesteps)  # refuses a step count below T
+        return list(range(self.scheduler.num_timesteps, 0, -1))
+
+    def step(self, eps, index, x_t, generator):
+        return self.scheduler.ddpm_step(eps, self.timesteps[index], x_t, generator=generator,
+                                        clip_range=self.clip_range)
+
+
+class DDIMStepper(Stepper):
+    def step(self, eps, index, x_t, generator):
+        return self.scheduler.ddim_step(eps, self.timesteps[index], self.next_timestep(index), x_t,
+                                        eta=self.config.eta, clip_range=self.clip_range, generator=generator)
+
+
+class DPMSolverPPStepper(Stepper):
+    """DPM-Solver++(2M): keeps the previous x̂0 for its second-order multistep update."""
+
+    def __init__(self, scheduler, config, clip_range, sde: bool):
+        super().__init__(scheduler, config, clip_range)
+        self.sde = sde
+        self.reset()
+
+    def reset(self) -> None:
+        self.previous: tuple[int, torch.Tensor] | None = None  # (t, x̂0) of the step before
+
+    def step(self, eps, index, x_t, generator):
+        t, s = self.timesteps[index], self.next_timestep(index)
+        x0 = self.scheduler.pred_x0(x_t, t, eps)
+        if self.clip_range is not None:
+            x0 = x0.clamp(*self.clip_range)
+        second_order = self.previous is not None
+        if self.config.lower_order_final and len(self.timesteps) < LOWER_ORDER_FINAL_BELOW \
+                and index == len(self.timesteps) - 2:
+            second_order = False  # the step into the last timestep, as the paper recommends for few steps
+        t_prev, x0_prev = self.previous if second_order else (None, None)
+        x_next = self.scheduler.dpm_solver_pp_step(x0, t, s, x_t, x0_prev=x0_prev, t_prev=t_prev,
+                                                   sde=self.sde, generator=generator)
+        self.previous = (t, x0)
+        return StepOutput(x_next, x0)
+
+
+def make_stepper(scheduler: NoiseScheduler, config: SampleConfig, *, pixel_range: str,
+                 clip_default: bool = False) -> Stepper:
+    """The stepper for `config.sampler`; `clip_default` is the run's own DDPM clipping default."""
+    clip_range = data_range(pixel_range) if config.resolved_clip(clip_default) else None
+    if config.sampler == "ddpm":
+        return DDPMStepper(scheduler, config, clip_range)
+    if config.sampler == "ddim":
+        return DDIMStepper(scheduler, config, clip_range)
+    if config.sampler in ("dpmpp2m", "dpmpp2m-sde"):
+        return DPMSolverPPStepper(scheduler, config, clip_range, sde=config.sampler.endswith("sde"))
+    raise ConfigError(f"sampler = {config.sampler!r} is not allowed")  # SampleConfig refuses it first
+
+
+def batch_generator(seed: int, batch_start: int) -> torch.Generator:
+    """One CPU generator per batch, seeded from (seed, batch start): the same seed gives the same
+    images on every device and whatever the batch size of the caller's other requests."""
+    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + batch_start)
+
+
+def reverse_process(model: Denoiser, scheduler: NoiseScheduler, config: SampleConfig = SampleConfig(), *,
+                    pixel_range: str = "unit", clip_default: bool = False, device: torch.device | str = "cpu",
+                    channels_last: bool = False) -> Iterator[ReverseStep]:
+    """Run the reverse process for `config.n` images in batches, yielding every step.
+
+    `model` is an nn.Module (put in eval mode for the duration, restored after) or any Denoiser.
+    channels_last is off by default: it does not pay for sampling (the bench measures it).
+    """
+    device = resolve_device(device)
+    stepper = make_stepper(scheduler, config, pixel_range=pixel_range, clip_default=clip_default)
+    timesteps = stepper.timesteps
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    module = model if isinstance(model, torch.nn.Module) else None
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, config.n, config.batch_size):
+                b = min(config.batch_size, config.n - start)
+                gen = batch_generator(config.seed, start)
+                x = torch.randn((b, *IMAGE_SHAPE), generator=gen).to(device).contiguous(memory_format=memory_format)
+                stepper.reset()
+                for index, t in enumerate(timesteps):
+                    t_batch = torch.full((b,), t, device=device, dtype=torch.long)
+                    eps = model(x, t_batch).float()
+                    out = stepper.step(eps, index, x, gen)
+                    yield ReverseStep(start, index, len(timesteps), t, x, out.pred_original_sample, out.prev_sample)
+                    x = out.prev_sample
+    finally:
+        if module is not None:
+            module.train(was_training)
+
+
+def total_steps(config: SampleConfig, scheduler: NoiseScheduler) -> int:
+    """How many `ReverseStep`s `reverse_process` yields for `config` (steps × batches)."""
+    per_batch = scheduler.num_timesteps if config.sampler == "ddpm" else config.resolved_steps(scheduler.num_timesteps)
+    return per_batch * ((config.n + config.batch_size - 1) // config.batch_size)
+
+
+# -- consumers ---------------------------------------------------------------------------------------
 @dataclass
 class SampleResult:
     images: np.ndarray                      # uint8 (N, 28, 28)
@@ -27,81 +180,41 @@ class SampleResult:
     frames_x0: np.ndarray | None = None     # uint8 (K, N, 28, 28): x̂0 predicted at that t
 
 
-def _clip_range(pixel_range: str) -> tuple[float, float]:
-    return (0.0, 1.0) if pixel_range == "unit" else (-1.0, 1.0)
-
-
-def sample(model: nn.Module, scheduler: NoiseScheduler, config: SampleConfig = SampleConfig(), *,
-           pixel_range: str = "unit", device: torch.device | str = "cpu",
-           record: str | Iterable[int] = "none", progress: ProgressFn | None = None,
-           should_stop: Callable[[], bool] | None = None, channels_last: bool = False) -> SampleResult:
-    """Run the reverse process for `config.n` images.
+def collect(steps: Iterable[ReverseStep], *, pixel_range: str, record: str | Iterable[int] = "none") -> SampleResult:
+    """Consume a reverse process: the final images, and x_t / x̂0 frames at the recorded timesteps.
 
     record: "none", "all" (every step), or an iterable of timesteps to keep (others are skipped).
-    channels_last: off by default: it does not pay for sampling (0.94-1.02x for 16-64 images, both
-    models, 2 CPU cores, measured with `python -m core bench` and a forward-only check), unlike training.
     """
-    if isinstance(device, str) and device in DEVICE_NAMES:
-        from .training import resolve_device  # late: training imports this module
-        device = resolve_device(device)  # "auto" picks one; a missing GPU is a ConfigError, not a crash
-    device = torch.device(device)
-    steps = config.resolved_steps(scheduler.num_timesteps)
-    if config.sampler == "ddpm":
-        timesteps = list(range(scheduler.num_timesteps, 0, -1))
-    else:
-        timesteps = scheduler.ddim_timesteps(steps)
-    if record == "all":
-        keep = set(timesteps)
-    elif record == "none":
-        keep = set()
-    elif isinstance(record, str):
+    if isinstance(record, str) and record not in ("none", "all"):
         raise ConfigError(f"record = {record!r} is not allowed: use 'none', 'all' or a list of timesteps")
-    else:
-        keep = {int(t) for t in record} & set(timesteps)
-
-    was_training = model.training
-    model.eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    images, xt_frames, x0_frames = [], [], []
-    total = len(timesteps) * ((config.n + config.batch_size - 1) // config.batch_size)
-    done = 0
-    try:
-        with torch.inference_mode():
-            for start in range(0, config.n, config.batch_size):
-                b = min(config.batch_size, config.n - start)
-                # One generator per batch, seeded from (seed, batch start): the same seed gives the
-                # same images whatever the batch size of the caller's other requests.
-                gen = torch.Generator(device="cpu").manual_seed(config.seed * 1_000_003 + start)
-                x = torch.randn((b, 1, 28, 28), generator=gen).to(device).contiguous(memory_format=memory_format)
-                batch_xt, batch_x0 = [], []
-                for i, t in enumerate(timesteps):
-                    t_batch = torch.full((b,), t, device=device, dtype=torch.long)
-                    eps = model(x, t_batch).float()
-                    if config.sampler == "ddpm":
-                        out = scheduler.ddpm_step(eps, t, x, generator=gen)
-                    else:
-                        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else 0
-                        out = scheduler.ddim_step(eps, t, t_prev, x, eta=config.eta,
-                                                  clip_range=_clip_range(pixel_range), generator=gen)
-                    if t in keep:
-                        batch_xt.append(to_uint8(x, pixel_range).cpu())
-                        batch_x0.append(to_uint8(out.pred_original_sample, pixel_range).cpu())
-                    x = out.prev_sample
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-                    if should_stop is not None and should_stop():
-                        raise InterruptedError("sampling was stopped")
-                images.append(to_uint8(x, pixel_range).cpu())
-                if keep:
-                    xt_frames.append(torch.stack(batch_xt, dim=0))  # (K, b, 28, 28)
-                    x0_frames.append(torch.stack(batch_x0, dim=0))
-    finally:
-        model.train(was_training)
-
-    frame_t = [t for t in timesteps if t in keep]
-    result = SampleResult(images=torch.cat(images).numpy(), frame_timesteps=frame_t)
-    if keep:
+    wanted = None if record == "all" else set() if record == "none" else {int(t) for t in record}
+    images, xt_frames, x0_frames, frame_t = [], [], [], []
+    batch_xt, batch_x0 = [], []
+    for step in steps:
+        if wanted is None or step.t in wanted:
+            batch_xt.append(to_uint8(step.x_t, pixel_range).cpu())
+            batch_x0.append(to_uint8(step.pred_x0, pixel_range).cpu())
+            if step.batch_start == 0:
+                frame_t.append(step.t)
+        if step.last:
+            images.append(to_uint8(step.x_next, pixel_range).cpu())
+            if batch_xt:
+                xt_frames.append(torch.stack(batch_xt))  # (K, b, 28, 28)
+                x0_frames.append(torch.stack(batch_x0))
+            batch_xt, batch_x0 = [], []
+    # A reverse process stopped before any batch ended has no images yet.
+    final = torch.cat(images).numpy() if images else np.zeros((0, *IMAGE_SHAPE[1:]), np.uint8)
+    result = SampleResult(images=final, frame_timesteps=frame_t)
+    if xt_frames:
         result.frames_xt = torch.cat(xt_frames, dim=1).numpy()
         result.frames_x0 = torch.cat(x0_frames, dim=1).numpy()
     return result
+
+
+def sample(model: Denoiser, scheduler: NoiseScheduler, config: SampleConfig = SampleConfig(), *,
+           pixel_range: str = "unit", clip_default: bool = False, device: torch.device | str = "cpu",
+           record: str | Iterable[int] = "none", channels_last: bool = False) -> SampleResult:
+    """The final images of `config.n` samples (and frames, see `collect`)."""
+    steps = reverse_process(model, scheduler, config, pixel_range=pixel_range, clip_default=clip_default,
+                            device=device, channels_last=channels_last)
+    return collect(steps, pixel_range=pixel_range, record=record)

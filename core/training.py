@@ -1,4 +1,4 @@
-"""The training loop (`train_run`) and a background job around it (`TrainingJob`).
+"""The trainer (model, optimizer, EMA, one step) and the training loop (`train_run`).
 
 Network, diffusion process and trainer are separate: the loop only draws batches, noises them
 with the scheduler and regresses the model's ε̂ on ε (the book's MSE). It writes everything to
@@ -12,8 +12,7 @@ import json
 import math
 import threading
 import time
-import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +23,10 @@ from torch import nn
 from . import runs
 from .config import ConfigError, RunConfig, SampleConfig
 from .data import ImageSet, load_images, to_model_range
+from .device import autocast_for, resolve_device
+from .errors import RunError
 from .export import save_grid
+from .io import atomic_write_text, load_optimizer, load_weights, save_optimizer, save_weights, weights_metadata
 from .models import build_model
 from .sampling import sample
 from .schedule import NoiseScheduler
@@ -39,26 +41,6 @@ class TrainingDiverged(RuntimeError):
 
 class StopRequested(Exception):
     """Raised inside the loop when stop() was called; the loop saves and ends cleanly."""
-
-
-# -- devices -----------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    """auto -> CUDA, then MPS, then CPU; an explicit device that is missing is a ConfigError."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device = 'cuda' is not allowed: no CUDA GPU is visible on this machine; "
-                          "use auto or cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise ConfigError("device = 'mps' is not allowed: Apple's MPS backend is not available here; "
-                          "use auto or cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device = {name!r} is not allowed: choose one of auto, cpu, cuda, mps")
-    return torch.device(name)
 
 
 # -- EMA ---------------------------------------------------------------------------------------------
@@ -119,16 +101,111 @@ ProgressFn = Callable[[Progress], None]
 
 # -- the loop ----------------------------------------------------------------------------------------
 def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    t = config.train
-    kind = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    train = config.train
+    kind = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
     # Adam's weight_decay is an L2 term inside the gradient; AdamW's is decoupled (Loshchilov &
     # Hutter 2019). The same number means different things, which is the blog's point.
-    return kind(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    return kind(model.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
 
 
-def _lr_at(step: int, config: RunConfig) -> float:
-    warmup = config.train.warmup_steps
-    return config.train.lr * min(1.0, (step + 1) / warmup) if warmup else config.train.lr
+class Trainer:
+    """Everything one optimisation step needs, built once from a run's config: the model (in its
+    memory format, optionally compiled), the optimizer, the EMA, the learning-rate schedule, the
+    float32 ᾱ table on the device and the autocast context.
+
+    The training loop and `python -m core bench` both build this and call `train_step`, so the
+    benchmark times exactly what trains.
+    """
+
+    def __init__(self, config: RunConfig, device: torch.device):
+        train = config.train
+        torch.manual_seed(train.seed)  # the same initial weights for the same seed, loop or bench
+        self.config, self.device = config, device
+        self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+        self.model = build_model(config.model).to(device).to(memory_format=self.memory_format)
+        self.optimizer = build_optimizer(self.model, config)
+        self.ema = EMA(self.model, train.ema_decay) if train.ema_decay > 0 else None
+        self.forward = torch.compile(self.model) if train.compile else self.model
+        self.scheduler = NoiseScheduler(config.schedule)
+        # float32 on the device, gathered per step; the scheduler keeps float64 for sampling
+        self.alpha_bars = self.scheduler.alpha_bars.to(device=device, dtype=torch.float32)
+        self.autocast = autocast_for(device)
+        self.step = 0  # optimisation steps taken so far
+        self.model.train()
+
+    @property
+    def sampling_model(self) -> nn.Module:
+        """The weights to sample from: the EMA where there is one."""
+        return self.ema.model if self.ema is not None else self.model
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up over `warmup_steps`, then the constant learning rate."""
+        warmup, lr = self.config.train.warmup_steps, self.config.train.lr
+        return lr * min(1.0, (step + 1) / warmup) if warmup else lr
+
+    def batch(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 28, 28) on the device -> x_0 (B, 1, 28, 28) in model range and memory format."""
+        return to_model_range(images_uint8, self.config.train.pixel_range).contiguous(memory_format=self.memory_format)
+
+    def train_step(self, x_0: torch.Tensor) -> torch.Tensor:
+        """One optimisation step on a clean batch x_0: draw t and ε, noise x_0 to x_t, regress ε̂ on ε
+        (the book's MSE), step the optimizer and the EMA. Returns the loss, 0-d and unsynced."""
+        lr = self.lr_at(self.step)
+        # t in 1..T; x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε (scheduler.add_noise, written out: its range
+        # check would sync with the device every step, and it gathers from the float64 table)
+        timesteps = torch.randint(1, len(self.alpha_bars) + 1, (len(x_0),), device=x_0.device)
+        noise = torch.randn_like(x_0)
+        alpha_bar = self.alpha_bars[timesteps - 1].view(-1, 1, 1, 1)
+        x_t = alpha_bar.sqrt() * x_0 + (1 - alpha_bar).sqrt() * noise
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast:
+            eps = self.forward(x_t, timesteps)
+        loss = F.mse_loss(eps.float(), noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.train.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, self.step)
+        return loss
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def save_checkpoint(self, run_dir: Path, epoch: int, elapsed_s: float) -> None:
+        meta = {"step": self.step, "epoch": epoch}
+        save_weights(run_dir / "model.safetensors", self.model, meta)
+        if self.ema is not None:
+            save_weights(run_dir / "ema.safetensors", self.ema.model, meta)
+        save_optimizer(run_dir / "optimizer.safetensors", self.optimizer)
+        hardware = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else \
+            f"cpu ({torch.get_num_threads()} threads)"
+        # state.json goes last: it names the step of a complete checkpoint.
+        atomic_write_text(run_dir / "state.json", json.dumps(
+            {"step": self.step, "epoch": epoch, "elapsed_s": elapsed_s,
+             "meta": {"hardware": hardware, "torch": torch.__version__}}))
+
+    def load_checkpoint(self, run_dir: Path) -> float:
+        """Restore weights, EMA, optimizer and step from the run's last checkpoint; returns the
+        training time it had used. A run that never checkpointed starts over."""
+        name = run_dir.name
+        if not (run_dir / "model.safetensors").exists():
+            return 0.0
+        load_weights(run_dir / "model.safetensors", self.model, name)
+        if self.ema is not None:
+            ema_file = run_dir / "ema.safetensors"
+            load_weights(ema_file if ema_file.exists() else run_dir / "model.safetensors", self.ema.model, name)
+        if (run_dir / "optimizer.safetensors").exists():
+            load_optimizer(run_dir / "optimizer.safetensors", self.optimizer, name)
+        self.step = int(weights_metadata(run_dir / "model.safetensors").get("step", 0))
+        try:
+            state = json.loads((run_dir / "state.json").read_text())
+            if int(state.get("step", -1)) == self.step:
+                return float(state.get("elapsed_s", 0.0))
+        except (OSError, ValueError):
+            pass
+        return 0.0
 
 
 def steps_per_epoch(n_images: int, batch_size: int) -> int:
@@ -157,35 +234,6 @@ def _divergence_message(loss: float, step: int, config: RunConfig) -> str:
     return f"loss became {loss} at step {step}: training diverged; {hint}"
 
 
-def training_step(model: nn.Module, forward: Callable, optimizer: torch.optim.Optimizer, x_0: torch.Tensor,
-                  alpha_bars: torch.Tensor, *, lr: float, grad_clip: float = 0.0, autocast=None,
-                  ema: EMA | None = None, step: int = 0) -> torch.Tensor:
-    """One optimisation step on a clean batch x_0 (B,1,28,28) in model range: draw t and ε, noise
-    x_0 to x_t, regress ε̂ on ε (the book's MSE), step the optimizer and the EMA.
-
-    `forward` is the model or its torch.compile'd wrapper; `alpha_bars` is float32 on x_0's device;
-    `step` counts the steps taken before this one. Returns the loss as a 0-d tensor, unsynced.
-    The loop and `python -m core bench` both call this, so the benchmark times the product's step.
-    """
-    timesteps = torch.randint(1, len(alpha_bars) + 1, (len(x_0),), device=x_0.device)
-    noise = torch.randn_like(x_0)
-    alpha_bar = alpha_bars[timesteps - 1].view(-1, 1, 1, 1)
-    x_t = alpha_bar.sqrt() * x_0 + (1 - alpha_bar).sqrt() * noise  # scheduler.add_noise, fused
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with autocast if autocast is not None else _nullcontext():
-        eps = forward(x_t, timesteps)
-    loss = F.mse_loss(eps.float(), noise)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    if ema is not None:
-        ema.update(model, step + 1)
-    return loss
-
-
 def train_run(run_dir: Path, *, resume: bool = False, images: ImageSet | None = None,
               data_root: str | None = None, on_progress: ProgressFn | None = None,
               stop_event: threading.Event | None = None) -> Progress:
@@ -199,7 +247,7 @@ def train_run(run_dir: Path, *, resume: bool = False, images: ImageSet | None = 
     try:
         result = _train(run_dir, config, resume, images, data_root, on_progress, stop_event, progress)
     except BaseException as exc:
-        message = str(exc) if isinstance(exc, (TrainingDiverged, ConfigError, runs.RunError)) else \
+        message = str(exc) if isinstance(exc, (TrainingDiverged, ConfigError, RunError)) else \
             f"{type(exc).__name__}: {exc}"
         progress.state, progress.error = "failed", message
         runs.write_status(run_dir, "failed", error=message, step=progress.step)
@@ -211,10 +259,9 @@ def train_run(run_dir: Path, *, resume: bool = False, images: ImageSet | None = 
 
 def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | None, data_root: str | None,
            on_progress: ProgressFn | None, stop_event: threading.Event | None, progress: Progress) -> Progress:
-    t = config.train
-    device = resolve_device(t.device)
+    train = config.train
+    device = resolve_device(train.device)
     progress.device = str(device)
-    torch.manual_seed(t.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 28x28 shapes: autotuning pays off at once
 
@@ -225,102 +272,91 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
     progress.message = "loading data"
     report()
     if images is None:
-        images = load_images(t.dataset, "train", data_root)
-    data = images.images[: t.limit_images] if t.limit_images else images.images
+        images = load_images(train.dataset, "train", data_root)
+    data = images.images[: train.limit_images] if train.limit_images else images.images
     if not torch.is_tensor(data) or data.dtype != torch.uint8 or tuple(data.shape[1:]) != (28, 28):
         # Floats in [0, 1] would be divided by 255 again and train on near-black images, silently.
         got = f"{data.dtype} {tuple(data.shape)}" if torch.is_tensor(data) else type(data).__name__
         raise ConfigError(f"images = {got} is not allowed: training expects uint8 images of shape "
                           "(N, 28, 28) with pixels 0..255 (see core.data.ImageSet)")
-    if t.batch_size > len(data):
-        raise ConfigError(f"batch_size = {t.batch_size} is not allowed: it exceeds the {len(data)} "
+    if train.batch_size > len(data):
+        raise ConfigError(f"batch_size = {train.batch_size} is not allowed: it exceeds the {len(data)} "
                           "training images; lower it")
     data = data.to(device)  # the whole dataset as one uint8 tensor on the device (47 MB for 60k)
-    per_epoch = steps_per_epoch(len(data), t.batch_size)
+    per_epoch = steps_per_epoch(len(data), train.batch_size)
     total = total_steps_for(config, len(data))
 
-    scheduler = NoiseScheduler(config.schedule)
-    model = build_model(config.model).to(device)
-    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    optimizer = build_optimizer(model, config)
-    ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
-
-    step, epoch_start, elapsed_before = 0, 0, 0.0
+    trainer = Trainer(config, device)
+    elapsed_before = 0.0
     if resume:
-        state = _load_checkpoint(run_dir, model, optimizer, ema)
-        step, elapsed_before = state["step"], state["elapsed_s"]
-        epoch_start = step // per_epoch
-        runs.truncate_metrics(run_dir, step)
-    forward = torch.compile(model) if t.compile else model
-    alpha_bars = scheduler.alpha_bars.to(device=device, dtype=torch.float32)
+        elapsed_before = trainer.load_checkpoint(run_dir)
+        runs.truncate_metrics(run_dir, trainer.step)
     metrics = runs.MetricsWriter(run_dir / "metrics.csv")
     for row in runs.read_metrics(run_dir):
         progress.steps.append(int(row["step"]))
         progress.losses.append(row["loss"])
 
-    progress.total_steps, progress.step, progress.epochs = total, step, t.epochs
+    progress.total_steps, progress.step, progress.epochs = total, trainer.step, train.epochs
     progress.state, progress.message = "running", ""
-    runs.write_status(run_dir, "running", step=step)
+    runs.write_status(run_dir, "running", step=trainer.step)
     report()
 
     start_time = time.perf_counter()
     last_checkpoint = last_heartbeat = start_time
     window_loss, window_count, window_start, window_images = 0.0, 0, start_time, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
     gen = torch.Generator(device="cpu")
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - start_time
 
     def checkpoint(epoch: int) -> None:
-        _save_checkpoint(run_dir, model, optimizer, ema, step, epoch, elapsed(), config, device)
+        trainer.save_checkpoint(run_dir, epoch, elapsed())
 
     def out_of_budget() -> bool:
-        return (total and step >= total) or (t.time_budget_s and elapsed() >= t.time_budget_s)
+        return (total and trainer.step >= total) or (train.time_budget_s and elapsed() >= train.time_budget_s)
+
+    def preview(filename: str) -> None:
+        progress.latest_grid = str(_preview_grid(run_dir, trainer, filename))
+        report()
 
     stopped = False
-    epoch = epoch_start
-    model.train()
+    epoch = trainer.step // per_epoch
     try:
         while not out_of_budget():
             # The permutation of an epoch depends only on (seed, epoch), so a resumed run
             # continues the very same epoch where the checkpoint left it.
-            gen.manual_seed(t.seed * 100_003 + epoch)
+            gen.manual_seed(train.seed * 100_003 + epoch)
             order = torch.randperm(len(data), generator=gen).to(device)
-            first = step - epoch * per_epoch if step > epoch * per_epoch else 0
+            first = max(0, trainer.step - epoch * per_epoch)
             progress.epoch = epoch + 1
             for i in range(first, per_epoch):
                 if stop_event is not None and stop_event.is_set():
                     raise StopRequested
-                idx = order[i * t.batch_size:(i + 1) * t.batch_size]
-                x_0 = to_model_range(data[idx], t.pixel_range).contiguous(memory_format=memory_format)  # (B,1,28,28)
-                lr = _lr_at(step, config)
-                loss = training_step(model, forward, optimizer, x_0, alpha_bars, lr=lr, grad_clip=t.grad_clip,
-                                     autocast=autocast, ema=ema, step=step)
-                step += 1
+                idx = order[i * train.batch_size:(i + 1) * train.batch_size]
+                loss = trainer.train_step(trainer.batch(data[idx]))
                 window_loss += loss.detach()
                 window_count += 1
                 window_images += len(idx)
 
-                if step % t.log_every == 0 or step == total:
+                if trainer.step % train.log_every == 0 or trainer.step == total:
                     mean_loss = float(window_loss / window_count)  # one device sync per log row
                     if not math.isfinite(mean_loss):
-                        raise TrainingDiverged(_divergence_message(mean_loss, step, config))
+                        raise TrainingDiverged(_divergence_message(mean_loss, trainer.step, config))
                     now = time.perf_counter()
                     ips = window_images / max(now - window_start, 1e-9)
-                    metrics.write({"step": step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr,
-                                   "elapsed_s": elapsed(), "images_per_s": ips})
-                    progress.steps.append(step)
+                    metrics.write({"step": trainer.step, "epoch": epoch + 1, "loss": mean_loss,
+                                   "lr": trainer.lr_at(trainer.step - 1), "elapsed_s": elapsed(),
+                                   "images_per_s": ips})
+                    progress.steps.append(trainer.step)
                     progress.losses.append(mean_loss)
-                    progress.step, progress.images_per_s, progress.elapsed_s = step, ips, elapsed()
-                    progress.eta_s = _eta(progress, t.time_budget_s, t.batch_size)
+                    progress.step, progress.images_per_s, progress.elapsed_s = trainer.step, ips, elapsed()
+                    progress.eta_s = _eta(progress, train.time_budget_s, train.batch_size)
                     window_loss, window_count, window_start, window_images = 0.0, 0, now, 0
                     report()
                     if now - last_heartbeat > 10:
-                        runs.write_status(run_dir, "running", step=step)
+                        runs.write_status(run_dir, "running", step=trainer.step)
                         last_heartbeat = now
-                if t.checkpoint_every_s and time.perf_counter() - last_checkpoint >= t.checkpoint_every_s:
+                if train.checkpoint_every_s and time.perf_counter() - last_checkpoint >= train.checkpoint_every_s:
                     checkpoint(epoch)
                     last_checkpoint = time.perf_counter()
                 if out_of_budget():
@@ -329,33 +365,23 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
                 epoch += 1
                 checkpoint(epoch)
                 last_checkpoint = time.perf_counter()
-                if t.sample_every_epochs and epoch % t.sample_every_epochs == 0 and not out_of_budget():
-                    progress.latest_grid = str(_preview_grid(run_dir, model, ema, scheduler, config, device,
-                                                             f"epoch_{epoch:03d}.png"))
-                    report()
+                if train.sample_every_epochs and epoch % train.sample_every_epochs == 0 and not out_of_budget():
+                    preview(f"epoch_{epoch:03d}.png")
     except StopRequested:
         stopped = True
     finally:
         metrics.close()
 
-    progress.step, progress.elapsed_s = step, elapsed()
+    progress.step, progress.elapsed_s = trainer.step, elapsed()
     progress.state, progress.message = "stopping" if stopped else "running", "saving"
     report()
     checkpoint(epoch)
-    if step > 0:
-        progress.latest_grid = str(_preview_grid(run_dir, model, ema, scheduler, config, device, "final.png"))
+    if trainer.step > 0:
+        preview("final.png")
     progress.state, progress.message, progress.eta_s = ("stopped" if stopped else "finished"), "", 0.0
-    runs.write_status(run_dir, progress.state, step=step)
+    runs.write_status(run_dir, progress.state, step=trainer.step)
     report()
     return progress
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _eta(progress: Progress, budget_s: float, batch: int) -> float | None:
@@ -367,106 +393,11 @@ def _eta(progress: Progress, budget_s: float, batch: int) -> float | None:
     return min(candidates) if candidates else None
 
 
-def _save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None,
-                     step: int, epoch: int, elapsed_s: float, config: RunConfig, device: torch.device) -> None:
-    meta = {"step": step, "epoch": epoch}
-    runs.save_weights(run_dir / "model.safetensors", model, meta)
-    if ema is not None:
-        runs.save_weights(run_dir / "ema.safetensors", ema.model, meta)
-    runs.save_optimizer(run_dir / "optimizer.safetensors", optimizer)
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({torch.get_num_threads()} threads)"
-    # state.json goes last: it names the step of a complete checkpoint.
-    runs.atomic_write_text(run_dir / "state.json", json.dumps(
-        {"step": step, "epoch": epoch, "elapsed_s": elapsed_s, "meta": {"hardware": hardware,
-                                                                         "torch": torch.__version__}}))
-
-
-def _load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     ema: EMA | None) -> dict:
-    name = run_dir.name
-    if not (run_dir / "model.safetensors").exists():
-        return {"step": 0, "elapsed_s": 0.0}  # resuming a run that never checkpointed: start over
-    runs.load_weights(run_dir / "model.safetensors", model, name)
-    if ema is not None:
-        ema_file = run_dir / "ema.safetensors"
-        runs.load_weights(ema_file if ema_file.exists() else run_dir / "model.safetensors", ema.model, name)
-    if (run_dir / "optimizer.safetensors").exists():
-        runs.load_optimizer(run_dir / "optimizer.safetensors", optimizer, name)
-    meta = runs.weights_metadata(run_dir / "model.safetensors")
-    step = int(meta.get("step", 0))
-    elapsed_s = 0.0
-    try:
-        state = json.loads((run_dir / "state.json").read_text())
-        if int(state.get("step", -1)) == step:
-            elapsed_s = float(state.get("elapsed_s", 0.0))
-    except (OSError, ValueError):
-        pass
-    return {"step": step, "elapsed_s": elapsed_s}
-
-
-def _preview_grid(run_dir: Path, model: nn.Module, ema: EMA | None, scheduler: NoiseScheduler,
-                  config: RunConfig, device: torch.device, filename: str) -> Path:
-    t = config.train
-    steps = min(t.grid_steps, scheduler.num_timesteps) if t.grid_sampler == "ddim" else 0
-    net = ema.model if ema is not None else model
-    result = sample(net, scheduler, SampleConfig(sampler=t.grid_sampler, steps=steps, n=GRID_SAMPLES,
-                                                 seed=GRID_SEED), pixel_range=t.pixel_range, device=device)
+def _preview_grid(run_dir: Path, trainer: Trainer, filename: str) -> Path:
+    """A 4x4 grid from a fixed seed with the run's preview sampler, so epochs compare tile by tile."""
+    train = trainer.config.train
+    steps = 0 if train.grid_sampler == "ddpm" else min(train.grid_steps, trainer.scheduler.num_timesteps)
+    result = sample(trainer.sampling_model, trainer.scheduler,
+                    SampleConfig(sampler=train.grid_sampler, steps=steps, n=GRID_SAMPLES, seed=GRID_SEED),
+                    pixel_range=train.pixel_range, clip_default=train.clip_denoised, device=trainer.device)
     return save_grid(run_dir / "samples" / filename, result.images, ncol=4)
-
-
-# -- the background job ------------------------------------------------------------------------------
-class TrainingJob:
-    """One training run in a background thread, with start / stop / snapshot.
-
-    The thread makes no UI calls; readers call `snapshot()` (a copy taken under a lock).
-    """
-
-    def __init__(self, run_dir: Path, *, resume: bool = False, images: ImageSet | None = None,
-                 data_root: str | None = None):
-        self.run_dir = Path(run_dir)
-        self._resume, self._images, self._data_root = resume, images, data_root
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._progress = Progress(run_name=self.run_dir.name, run_dir=str(self.run_dir))
-        self._thread: threading.Thread | None = None
-        self.traceback: str | None = None
-
-    def _update(self, progress: Progress) -> None:
-        copied = replace(progress, steps=list(progress.steps), losses=list(progress.losses))
-        with self._lock:
-            self._progress = copied
-
-    def _main(self) -> None:
-        try:
-            train_run(self.run_dir, resume=self._resume, images=self._images, data_root=self._data_root,
-                      on_progress=self._update, stop_event=self._stop)
-        except BaseException as exc:  # noqa: BLE001 - the thread must never die silently
-            self.traceback = traceback.format_exc()
-            with self._lock:
-                if self._progress.state != "failed":
-                    self._progress = replace(self._progress, state="failed", error=str(exc))
-
-    def start(self) -> "TrainingJob":
-        if self._thread is not None:
-            raise RuntimeError("this job was already started")
-        self._thread = threading.Thread(target=self._main, name=f"train-{self.run_dir.name}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def snapshot(self) -> Progress:
-        with self._lock:
-            p = self._progress
-            return replace(p, steps=list(p.steps), losses=list(p.losses))
-
-    def join(self, timeout: float | None = None) -> bool:
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return not self.alive
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()

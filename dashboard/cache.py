@@ -14,10 +14,10 @@ import torch
 from core import runs
 from core.config import SampleConfig, ScheduleConfig
 from core.data import ImageSet, load_images, to_model_range, to_uint8
-from core.diagnostics import loss_by_timestep
+from core.device import resolve_device
+from core.evaluation.diagnostics import loss_by_timestep
 from core.sampling import sample
 from core.schedule import NoiseScheduler
-from core.training import resolve_device
 
 # Sampling and scoring run on the best device here (a GPU when there is one); training picks its own.
 DEVICE = resolve_device("auto")
@@ -45,14 +45,12 @@ def dataset(name: str, split: str) -> ImageSet:
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def scheduler(timesteps: int, schedule: str, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseScheduler:
-    return NoiseScheduler(ScheduleConfig(timesteps=timesteps, schedule=schedule, beta_start=beta_start,
-                                         beta_end=beta_end))
+def scheduler(config: ScheduleConfig) -> NoiseScheduler:
+    return NoiseScheduler(config)  # ScheduleConfig is frozen, so it is its own cache key
 
 
 def scheduler_for(config) -> NoiseScheduler:
-    s = config.schedule
-    return scheduler(s.timesteps, s.schedule, s.beta_start, s.beta_end)
+    return scheduler(config.schedule)
 
 
 @st.cache_resource(show_spinner=False, max_entries=6)
@@ -73,7 +71,8 @@ def preview_samples(run_dir: str, mtime: float, seed: int, steps: int = COMPARE_
     loaded = trained_model(run_dir, mtime, True)
     sched = scheduler_for(loaded.config)
     config = SampleConfig(sampler="ddim", steps=min(steps, sched.num_timesteps), n=n, seed=seed)
-    return sample(loaded.model, sched, config, pixel_range=loaded.config.train.pixel_range, device=DEVICE).images
+    return sample(loaded.model, sched, config, pixel_range=loaded.config.train.pixel_range,
+                  clip_default=loaded.config.train.clip_denoised, device=DEVICE).images
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -96,7 +95,7 @@ def forward_example(dataset_name: str, index: int, timesteps: int, schedule: str
     All T frames at once (T·784 bytes): the t slider then only indexes, it never recomputes.
     """
     images = dataset(dataset_name, "train")
-    sched = scheduler(timesteps, schedule)
+    sched = scheduler(ScheduleConfig(timesteps=timesteps, schedule=schedule))
     x_0 = to_model_range(images.images[index:index + 1], pixel_range)            # (1, 1, 28, 28)
     noise = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(noise_seed))
     t_all = torch.arange(1, timesteps + 1)

@@ -14,7 +14,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from core.config import RunConfig
+from core.config import run_label as recipe_label
 from core.export import make_grid
+from core.report import ema_smooth as smooth
 from core.runs import RunInfo
 from core.training import steps_per_epoch
 
@@ -41,26 +43,11 @@ def upscale(image: np.ndarray, target_px: int) -> np.ndarray:
     return np.kron(image, np.ones((scale, scale), np.uint8)) if scale > 1 else image
 
 
-def smooth(values: Sequence[float], weight: float) -> np.ndarray:
-    """TensorBoard's debiased exponential moving average: weight 0 = raw, 0.99 = very smooth."""
-    values = np.asarray(values, dtype=np.float64)
-    if weight <= 0 or len(values) == 0:
-        return values
-    out = np.empty_like(values)
-    running = 0.0
-    for i, v in enumerate(values):
-        running = weight * running + (1 - weight) * v
-        out[i] = running / (1 - weight ** (i + 1))  # debias: early values are not pulled to 0
-    return out
-
-
 def run_label(info: RunInfo) -> str:
     """Model + optimizer first (what the comparison is about), then the run's name."""
     if info.config is None:
         return f"{info.name} (unreadable)"
-    model = {"unet": "UNet", "improved_unet": "ImprovedUNet"}[info.config.model.name]
-    optimizer = {"adam": "Adam", "adamw": "AdamW"}[info.config.train.optimizer]
-    return f"{model} + {optimizer} · {info.name}"
+    return f"{recipe_label(info.config)} · {info.name}"
 
 
 def epoch_position(df: pd.DataFrame, config: RunConfig | None) -> pd.Series:
@@ -195,10 +182,9 @@ def config_diff(configs: dict[str, RunConfig]) -> pd.DataFrame:
                         index=pd.Index(differing, name="setting"))
 
 
-# The headline figures of an evaluation first (core/evaluation.py's names); whatever else an entry
-# holds follows, and the per-class shares come last.
-EVAL_FIRST = ("run", "setting", "n", "fd", "fd_floor", "fd_ratio", "fd_noise", "fid", "floor", "ratio_to_floor",
-              "class_entropy", "entropy", "mean_confidence")
+# The headline figures of an evaluation first (QualityReport.to_dict's names); whatever else an
+# entry holds follows, and the per-class shares come last.
+EVAL_FIRST = ("run", "setting", "n", "fd", "fd_floor", "fd_ratio", "fd_noise", "class_entropy", "mean_confidence")
 
 
 def evals_frame(named_evals: dict[str, list[dict[str, Any]]]) -> pd.DataFrame:

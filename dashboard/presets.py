@@ -9,23 +9,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from core.config import PRESETS, ModelConfig, RunConfig, ScheduleConfig, TrainConfig, override
-
-# The smallest run that exercises the whole pipeline in seconds: for trying the UI and for tests.
-TINY = RunConfig(
-    model=ModelConfig(name="improved_unet", base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
-                      attention=False, norm="group"),
-    schedule=ScheduleConfig(timesteps=20, schedule="linear"),
-    train=TrainConfig(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=32, epochs=3, max_steps=48,
-                      limit_images=512, pixel_range="symmetric", device="cpu", log_every=2,
-                      sample_every_epochs=1, grid_steps=20, channels_last=False, checkpoint_every_s=0.0),
-)
+from core.config import PRESETS, RunConfig, override
 
 FORM_PRESETS: dict[str, RunConfig] = {
     "Book": PRESETS["book"],
     "Improved (blog)": PRESETS["improved"],
     "Quick CPU demo": PRESETS["quick"],
-    "Tiny smoke test": TINY,
+    "Tiny smoke test": PRESETS["tiny"],
 }
 DEFAULT_PRESET = "Quick CPU demo"
 PRESET_SLUGS = {"Book": "book", "Improved (blog)": "improved", "Quick CPU demo": "quick",

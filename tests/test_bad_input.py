@@ -27,7 +27,8 @@ from core.data import ImageSet
 from core.models import build_model
 from core.sampling import sample
 from core.schedule import NoiseScheduler
-from core.training import resolve_device, train_run
+from core.device import resolve_device
+from core.training import train_run
 from tests.conftest import REPO, make_tiny_images, tiny_config
 
 NO_CUDA = not torch.cuda.is_available()
@@ -55,7 +56,7 @@ API_CASES = [
      ["steps = 21", "between 1 and T = 20"]),
     ("ddim-steps-negative", lambda: SampleConfig(sampler="ddim", steps=-1), ["steps = -1", "at least 0"]),
     ("ddpm-fewer-steps", lambda: SampleConfig(sampler="ddpm", steps=5).resolved_steps(20),
-     ["steps = 5", "use the ddim sampler"]),
+     ["steps = 5", "use ddim or dpmpp2m"]),
     ("eta-negative", lambda: SampleConfig(eta=-0.1), ["eta = -0.1", "at least 0"]),
     ("eta-nan", lambda: SampleConfig(eta=math.nan), ["eta = nan", "finite number"]),
     ("n-zero", lambda: SampleConfig(n=0), ["n = 0", "at least 1"]),

@@ -12,8 +12,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core import reference
-from core.bench import BenchPlan, ProductTrainer, run_bench
+from core.bench import reference
+from core.bench.runner import BenchPlan, ProductTrainer, run_bench
 from core.cli import main
 from core.config import ModelConfig, RunConfig, SampleConfig, ScheduleConfig, TrainConfig
 from core.models import UNet, build_model

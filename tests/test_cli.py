@@ -52,7 +52,7 @@ def test_train_resume_sample_round_trip(tmp_path):
     images = np.load(tmp_path / "s.npy")
     assert images.shape == (6, 28, 28) and images.dtype == np.uint8
     frames = np.load(tmp_path / "f.npz")
-    assert frames["x_t"].shape == (5, 6, 28, 28) and list(frames["timesteps"]) == [20, 15, 10, 6, 1]
+    assert frames["x_t"].shape == (5, 6, 28, 28) and list(frames["timesteps"]) == [20, 16, 12, 8, 4]
     assert np.array_equal(frames["images"], images)
 
 

@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 from conftest import REPO, make_tiny_images, tiny_config
 from core import runs
 from core.training import train_run
+from core.evaluation.frechet import QualityReport
 from dashboard.charts import metrics_frame
 
 pytestmark = pytest.mark.integration  # the timestep buckets are scored on real FashionMNIST test images
@@ -33,9 +34,11 @@ def trained_pair(tmp_path_factory):
     train_run(adamw, images=images)
     adam = runs.create_run(runs_dir, "adam", tiny_config(optimizer="adam"))
     train_run(adam, images=images)
-    runs.append_eval(adamw, {"setting": "ddim-50", "n": 64, "fid": 123.4, "floor": 3.2,
-                             "ratio_to_floor": 38.6, "class_shares": {"Trouser": 0.5, "Bag": 0.5},
-                             "entropy": 0.3})
+    # An entry as `python -m core eval` writes it: the report's own keys, then the run's.
+    report = QualityReport(n=64, fd=123.4, fd_floor=3.2, fd_noise=150.0,
+                           class_shares={"Trouser": 0.5, "Bag": 0.5}, class_entropy=0.3, mean_confidence=0.8)
+    runs.append_eval(adamw, {"setting": "ddim-50", "sampler": "ddim", "steps": 50, "seconds": 12.5,
+                             **report.to_dict()})
     (runs_dir / "broken").mkdir()
     (runs_dir / "broken" / "config.json").write_text("[1, 2")
     return adamw, adam
@@ -97,9 +100,12 @@ def test_settings_that_differ_and_evaluations(two_runs):
     assert diff.loc["train.optimizer"].to_dict() == {"adam": "adam", "tiny": "adamw"}
     evals = at.dataframe[1].value
     row = evals.iloc[0]
-    assert row["run"] == "tiny" and row["fid"] == 123.4 and row["ratio_to_floor"] == 38.6
+    assert row["run"] == "tiny" and row["fd"] == 123.4 and row["fd_ratio"] == round(123.4 / 3.2, 4)
     assert row["class_shares.Trouser"] == 0.5
-    assert list(evals.columns[:4]) == ["run", "setting", "n", "fid"]  # headline figures first
+    # headline figures first, in this order, then the rest (seconds, ...), the class shares last
+    assert list(evals.columns[:9]) == ["run", "setting", "n", "fd", "fd_floor", "fd_ratio", "fd_noise",
+                                       "class_entropy", "mean_confidence"]
+    assert evals.columns[-1].startswith("class_shares.") and "seconds" in evals.columns[9:]
     shares = figure(at, 1)["data"]  # after the loss curves: the class shares of the evaluation
     assert [t["type"] for t in shares] == ["bar"] and list(shares[0]["x"]) == ["Trouser", "Bag"]
 

@@ -47,7 +47,7 @@ def test_widgets_and_no_run_message(tmp_path, monkeypatch):
 def test_ddim_generate_scrub_and_export(app):
     assert app.selectbox(key="rev_run").value == "tiny"
     assert app.toggle(key="rev_ema").value is True  # the tiny run has EMA weights
-    app.radio(key="rev_sampler").set_value("ddim").run()
+    app.selectbox(key="rev_sampler").set_value("ddim").run()
     app.number_input(key="rev_steps").set_value(5)
     app.number_input(key="rev_n").set_value(4)
     app.number_input(key="rev_seed").set_value(3).run()
@@ -84,7 +84,7 @@ def test_ddim_generate_scrub_and_export(app):
 
 
 def test_ddpm_runs_every_step_and_play_advances(app):
-    app.radio(key="rev_sampler").set_value("ddpm").run()
+    app.selectbox(key="rev_sampler").set_value("ddpm").run()
     assert app.number_input(key="rev_steps").proto.disabled
     app.number_input(key="rev_n").set_value(2).run()
     done = generate(app)

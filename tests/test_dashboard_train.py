@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
 from core import runs
-from dashboard.presets import TINY
+from core.config import PRESETS
 from dashboard.state import job_manager
 
 pytestmark = pytest.mark.integration  # the job trains on real FashionMNIST images
@@ -77,7 +77,7 @@ def test_tiny_run_trains_to_the_end_and_shows_curve_and_grid(runs_dir):
     assert ["final"] in [img.captions for img in at.image]
     info = runs.run_info(runs_dir / "tiny-ui")
     assert info.state == "finished" and info.step == 8
-    assert runs.load_config(runs_dir / "tiny-ui").schedule.timesteps == TINY.schedule.timesteps
+    assert runs.load_config(runs_dir / "tiny-ui").schedule.timesteps == PRESETS["tiny"].schedule.timesteps
     # The run name field offers a fresh name, so a second click does not collide.
     assert at.text_input(key="f_run_name").value != "tiny-ui"
 

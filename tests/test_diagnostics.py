@@ -1,4 +1,4 @@
-"""core.diagnostics: the ε-prediction loss per timestep bucket."""
+"""core.evaluation.diagnostics: the ε-prediction loss per timestep bucket."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ from torch import nn
 
 from core import runs
 from core.config import ConfigError, ScheduleConfig
-from core.diagnostics import loss_by_timestep, timestep_buckets
+from core.evaluation.diagnostics import loss_by_timestep, timestep_buckets
 from core.schedule import NoiseScheduler
 
 

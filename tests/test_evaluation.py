@@ -16,10 +16,10 @@ import torch
 from scipy import linalg
 from torch import nn
 
-from core import classifier as clf
+from core.evaluation import classifier as clf
 from core.cli import main
 from core.data import CLASS_NAMES, ImageSet
-from core.evaluation import (QualityEvaluator, class_statistics, frechet_metric, noise_images,
+from core.evaluation.frechet import (QualityEvaluator, class_statistics, frechet_metric, noise_images,
                              normalised_entropy, real_subset)
 from tests.conftest import make_tiny_images, tiny_config
 
@@ -155,7 +155,7 @@ def test_noise_images_follow_the_documented_definition():
 def test_bad_inputs_are_named():
     evaluator_images = torch.zeros((1, 28, 28), dtype=torch.uint8)
     with pytest.raises(clf.ConfigError, match="n = 1"):
-        from core.evaluation import _check_images
+        from core.evaluation.frechet import _check_images
         _check_images(evaluator_images, "images")
     with pytest.raises(clf.ConfigError, match="n = 500"):
         real_subset(tiny_split("train", 100, 0), 500)

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from core import runs
-from core.training import TrainingDiverged, TrainingJob, train_run
+from core import io, runs
+from core.jobs import TrainingJob
+from core.training import TrainingDiverged, train_run
 from tests.conftest import REPO, tiny_config
 
 DATA_ROOT = Path(os.environ.get("DDPM_DATA_ROOT", REPO / "data"))
@@ -112,7 +113,7 @@ def test_sigkill_mid_run_loses_only_the_work_since_the_last_checkpoint(tmp_path)
     assert step % PER_EPOCH != 0, "the checkpoint came from an epoch end, not from --checkpoint-every"
     assert runs.read_status(run)["state"] == "interrupted"
     assert {i.name: i.state for i in runs.list_runs(runs_dir)} == {"live": "interrupted"}
-    assert runs.weights_metadata(run / "model.safetensors")["step"] == str(step)
+    assert io.weights_metadata(run / "model.safetensors")["step"] == str(step)
     runs.load_model(run)
     checkpoint_elapsed = json.loads((run / "state.json").read_text())["elapsed_s"]
 
@@ -164,7 +165,7 @@ def test_exception_in_the_training_thread_marks_the_run_failed(tmp_path, tiny_im
     listed = runs.list_runs(tmp_path)
     assert [(i.name, i.state, i.error) for i in listed] == [("crash", "failed", snapshot.error)]
     # The epoch-end checkpoint written just before the fault survives and loads.
-    assert _state_step(run) == 4 and runs.weights_metadata(run / "model.safetensors")["step"] == "4"
+    assert _state_step(run) == 4 and io.weights_metadata(run / "model.safetensors")["step"] == "4"
     runs.load_model(run)
 
 

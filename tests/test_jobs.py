@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from core import runs
+from core import io, runs
 from core.config import ConfigError, SampleConfig, override
 from core.jobs import JobBusy, JobManager, SamplingJob
 from core.sampling import sample
@@ -45,7 +45,7 @@ def test_resume_continues_a_stopped_run(tmp_path, tiny_images):
 
     # A resumed run trains under its config.json: give it four more steps to go.
     config = override(runs.load_config(runs_dir / "r"), max_steps=stopped_at + 4)
-    runs.atomic_write_text(runs_dir / "r" / "config.json", config.to_json())
+    io.atomic_write_text(runs_dir / "r" / "config.json", config.to_json())
     resumed = manager.resume(runs_dir / "r", images=tiny_images)
     assert resumed.join(60)
     final = resumed.snapshot()

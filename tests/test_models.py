@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.config import PRESETS, ModelConfig
-from core.flops import flops_per_image
+from core.bench.flops import flops_per_image
 from core.models import ImprovedUNet, UNet, build_model, count_parameters
 from core.models.embedding import sinusoidal_encoding
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,14 +114,26 @@ def test_ddim_eta_one_has_the_ddpm_posterior_variance():
     assert out.prev_sample.std().item() == pytest.approx(ddpm_std, rel=0.03)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 7, 50, 1000])
-def test_ddim_timesteps_span_T_to_1(steps):
-    ts = NoiseScheduler(ScheduleConfig(timesteps=1000)).ddim_timesteps(steps)
+@pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
+@pytest.mark.parametrize("steps", [1, 2, 7, 50, 200, 1000])
+def test_sampling_timesteps_start_at_T_and_decrease(steps, spacing):
+    ts = NoiseScheduler(ScheduleConfig(timesteps=1000)).sampling_timesteps(steps, spacing)
     assert len(ts) == steps and ts[0] == 1000 and len(set(ts)) == steps
-    assert ts == sorted(ts, reverse=True) and (steps == 1 or ts[-1] == 1)
+    assert ts == sorted(ts, reverse=True) and ts[-1] >= 1
+    if steps == 1000:
+        assert ts == list(range(1000, 0, -1))
+
+
+def test_uniform_spacing_is_trailing_and_logsnr_is_denser_at_small_t():
+    s = NoiseScheduler(ScheduleConfig(timesteps=1000))
+    assert s.sampling_timesteps(10) == [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100]
+    logsnr = s.sampling_timesteps(10, "logsnr")
+    assert logsnr[-1] < 10 and logsnr[-3] < 100  # more steps at small t, where the image forms
+    gaps = np.diff(s.lambdas[torch.tensor(logsnr)].numpy())
+    assert np.allclose(gaps[:-1], gaps[0], rtol=0.25)  # even in λ, up to rounding to whole t
 
 
 @pytest.mark.parametrize("steps", [0, 1001])
-def test_ddim_timesteps_refuse_bad_counts(steps):
+def test_sampling_timesteps_refuse_bad_counts(steps):
     with pytest.raises(ConfigError, match="between 1 and T"):
-        NoiseScheduler(ScheduleConfig(timesteps=1000)).ddim_timesteps(steps)
+        NoiseScheduler(ScheduleConfig(timesteps=1000)).sampling_timesteps(steps)

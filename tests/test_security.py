@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import runs
+from core import io, runs
 from core.config import ConfigError, override
 from core.models import build_model
 from core.training import build_optimizer, train_run
@@ -107,12 +107,12 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path, optimizer):
         opt.zero_grad()
         model(x, t).square().mean().backward()
         opt.step()
-    runs.save_optimizer(tmp_path / "optimizer.safetensors", opt)
+    io.save_optimizer(tmp_path / "optimizer.safetensors", opt)
 
     twin = build_model(config.model)
     twin.load_state_dict(model.state_dict())
     twin_opt = build_optimizer(twin, config)
-    runs.load_optimizer(tmp_path / "optimizer.safetensors", twin_opt, "rt")
+    io.load_optimizer(tmp_path / "optimizer.safetensors", twin_opt, "rt")
 
     a, b = opt.state_dict(), twin_opt.state_dict()
     assert a["param_groups"] == b["param_groups"]
@@ -139,7 +139,7 @@ def test_resume_restores_the_optimizer_moments(tmp_path, tiny_images):
     again = load_file(run / "optimizer.safetensors")
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
     # ... and two more steps run on from it (a fresh optimizer would count 2, with new moments).
-    runs.atomic_write_text(run / "config.json", override(runs.load_config(run), max_steps=6).to_json())
+    io.atomic_write_text(run / "config.json", override(runs.load_config(run), max_steps=6).to_json())
     train_run(run, resume=True, images=tiny_images)
     assert int(load_file(run / "optimizer.safetensors")["0.step"]) == 6
 

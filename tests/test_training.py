@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import runs
-from core.config import ConfigError
-from core.training import TrainingDiverged, TrainingJob, train_run
+from core import io, runs
+from core.config import FORMAT_VERSION, ConfigError
+from core.jobs import TrainingJob
+from core.training import TrainingDiverged, train_run
 from tests.conftest import make_tiny_images, tiny_config
 
 
@@ -19,7 +20,7 @@ def test_run_folder_holds_the_contract(tiny_run):
     assert {"config.json", "model.safetensors", "ema.safetensors", "optimizer.safetensors", "metrics.csv",
             "state.json", "status.json", "samples"} <= names
     config = json.loads((tiny_run / "config.json").read_text())
-    assert config["format_version"] == 1 and config["model"]["name"] == "improved_unet"
+    assert config["format_version"] == FORMAT_VERSION and config["model"]["name"] == "improved_unet"
     header = (tiny_run / "metrics.csv").read_text().splitlines()[0]
     assert header == "step,epoch,loss,lr,elapsed_s,images_per_s"
     rows = runs.read_metrics(tiny_run)
@@ -48,7 +49,7 @@ def test_resume_continues_steps_and_metrics(tmp_path, tiny_images):
     train_run(run, images=tiny_images)
     optimizer_before = load_file(str(run / "optimizer.safetensors"))
     cfg = runs.load_config(run)
-    runs.atomic_write_text(run / "config.json", tiny_config(max_steps=8, epochs=0).to_json())
+    io.atomic_write_text(run / "config.json", tiny_config(max_steps=8, epochs=0).to_json())
     progress = train_run(run, resume=True, images=tiny_images)
     assert progress.step == 8
     assert [int(r["step"]) for r in runs.read_metrics(run)] == [2, 4, 6, 8]
@@ -92,7 +93,7 @@ def test_background_job_stops_and_saves(tmp_path, tiny_images):
     snap = job.snapshot()
     assert snap.state == "stopped" and snap.step >= 3
     assert runs.read_status(run)["state"] == "stopped"
-    assert runs.weights_metadata(run / "model.safetensors")["step"] == str(snap.step)
+    assert io.weights_metadata(run / "model.safetensors")["step"] == str(snap.step)
     assert snap.losses and len(snap.losses) == len(snap.steps)
 
 

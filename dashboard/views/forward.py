@@ -9,12 +9,11 @@ import random
 
 import streamlit as st
 
-from core.config import DATASET_NAMES, SCHEDULE_NAMES
+from core.config import DATASET_LABELS, DATASET_NAMES, SCHEDULE_NAMES
 from core.data import DatasetNotFoundError
 from dashboard import cache
 from dashboard.charts import schedule_figure, upscale
 
-DATASET_LABELS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
 PIXEL_RANGES = {"symmetric": "[−1, 1] (ImprovedUNet presets)", "unit": "[0, 1] (the book)"}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import streamlit as st
 
 from core import runs
-from core.config import SAMPLER_NAMES, ConfigError, SampleConfig
+from core.config import SAMPLER_LABELS, SAMPLER_NAMES, ConfigError, SampleConfig
 from core.export import frames_npz, grid_png, reverse_gif
 from core.jobs import SamplingJob
 from dashboard import cache
@@ -23,7 +23,8 @@ MAX_IMAGES = 64          # 1000 DDPM frames x 64 images x 2 (x_t, x̂0) = 100 MB
 POLL_S = 0.3
 PLAY_TICK_S = 0.15
 PLAY_TICKS = 60          # a playthrough takes about PLAY_TICKS ticks, whatever the number of frames
-SAMPLER_LABELS = {"ddpm": "DDPM (all T steps)", "ddim": "DDIM (fewer steps)"}
+SAMPLER_HELP = {"ddpm": "all T steps", "ddim": "few steps", "dpmpp2m": "few steps, 2nd order",
+                "dpmpp2m-sde": "few steps, 2nd order, stochastic"}
 
 
 # -- callbacks -------------------------------------------------------------------------------------------
@@ -40,7 +41,8 @@ def _generate(run_dir: str, params: dict) -> None:
         st.session_state["rev_feedback"] = ("error", f"Not generated: {exc}")
         return
     job = SamplingJob(loaded.model, cache.scheduler_for(loaded.config), config,
-                      pixel_range=loaded.config.train.pixel_range, record="all", device=cache.DEVICE).start()
+                      pixel_range=loaded.config.train.pixel_range, clip_default=loaded.config.train.clip_denoised,
+                      record="all", device=cache.DEVICE).start()
     meta = dict(params, run=loaded.name, used_ema=loaded.used_ema, timesteps=loaded.config.schedule.timesteps)
     st.session_state["rev_job"] = {"job": job, "meta": meta}
 
@@ -74,11 +76,13 @@ def sampler_ui(info: runs.RunInfo) -> dict:
     if st.session_state["rev_steps"] > T:
         st.session_state["rev_steps"] = T
     c1, c2, c3, c4, c5, c6 = st.columns([3, 1, 1, 1, 1, 1], vertical_alignment="bottom")
-    sampler = c1.radio("Sampler", SAMPLER_NAMES, format_func=SAMPLER_LABELS.get, horizontal=True,
-                       key="rev_sampler", persist_state="session")
+    sampler = c1.selectbox("Sampler", SAMPLER_NAMES, key="rev_sampler", persist_state="session",
+                           format_func=lambda name: f"{SAMPLER_LABELS[name]} ({SAMPLER_HELP[name]})")
+    few_steps = sampler != "ddpm"
     ddim = sampler == "ddim"
-    steps = c2.number_input(f"Steps (1 to T = {T})", min_value=1, max_value=T, key="rev_steps", disabled=not ddim,
-                            help="DDPM always runs all T steps; DDIM can skip.", persist_state="session")
+    steps = c2.number_input(f"Steps (1 to T = {T})", min_value=1, max_value=T, key="rev_steps",
+                            disabled=not few_steps, persist_state="session",
+                            help="DDPM always runs all T steps; the other samplers can skip.")
     eta = c3.slider("η", 0.0, 1.0, 0.0, 0.1, key="rev_eta", disabled=not ddim, persist_state="session",
                     help="DDIM noise: 0 deterministic, 1 like DDPM")
     seed = c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="rev_seed",
@@ -87,7 +91,7 @@ def sampler_ui(info: runs.RunInfo) -> dict:
     use_ema = c6.toggle("EMA", value=has_ema, disabled=not has_ema, key="rev_ema",
                         help="Sample with the EMA weights (usually better)" if has_ema
                         else "This run was trained without EMA")
-    return {"sampler": sampler, "steps": int(steps) if ddim else 0, "eta": float(eta) if ddim else 0.0,
+    return {"sampler": sampler, "steps": int(steps) if few_steps else 0, "eta": float(eta) if ddim else 0.0,
             "seed": int(seed), "n": int(n), "use_ema": bool(use_ema and has_ema)}
 
 

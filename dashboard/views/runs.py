@@ -11,14 +11,11 @@ import pandas as pd
 import streamlit as st
 
 from core import runs
-from core.config import ConfigError
+from core.config import MODEL_LABELS, OPTIMIZER_LABELS, ConfigError
 from core.export import run_bundle
 from core.jobs import JobBusy
 from dashboard.state import job_manager, runs_dir
 
-RESUMABLE = ("stopped", "interrupted", "failed")
-MODEL_LABELS = {"unet": "UNet", "improved_unet": "ImprovedUNet"}
-OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW"}
 
 
 def runs_table(infos: list[runs.RunInfo]) -> pd.DataFrame:
@@ -63,7 +60,7 @@ def _resume(run_dir: str) -> None:
 def actions_ui(info: runs.RunInfo) -> None:
     """Resume / download / delete for one run; delete asks first."""
     c1, c2, c3 = st.columns(3)
-    can_resume = info.readable and info.state in RESUMABLE
+    can_resume = info.readable and info.state in runs.RESUMABLE_STATES
     c1.button("Resume training", icon=":material/play_arrow:", key="runs_resume", disabled=not can_resume,
               on_click=_resume, args=(str(info.path),),
               help="Stopped, interrupted and failed runs continue from their last checkpoint")

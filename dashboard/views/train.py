@@ -12,7 +12,8 @@ import streamlit as st
 from PIL import Image
 
 from core import runs
-from core.config import DATASET_NAMES, DEVICE_NAMES, OPTIMIZER_NAMES, SCHEDULE_NAMES, ConfigError
+from core.config import (DATASET_LABELS, DATASET_NAMES, DEVICE_NAMES, MODEL_LABELS, OPTIMIZER_LABELS,
+                         OPTIMIZER_NAMES, SCHEDULE_NAMES, ConfigError)
 from core.jobs import JobBusy
 from core.training import Progress
 from dashboard.charts import format_duration, live_loss_figure, upscale
@@ -21,11 +22,8 @@ from dashboard.presets import (DEFAULT_PRESET, FORM_FIELDS, FORM_PRESETS, config
 from dashboard.state import job_manager, runs_dir
 from dashboard.widgets import STATE_ICONS
 
-MODEL_LABELS = {"unet": "UNet (the book)", "improved_unet": "ImprovedUNet (the blog)"}
-OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW"}
-DATASET_LABELS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
+MODEL_ORIGIN = {"unet": "the book", "improved_unet": "the blog"}
 POLL_S = 1.5
-RESUMABLE = ("stopped", "interrupted", "failed")
 
 manager = job_manager()
 
@@ -84,7 +82,8 @@ def train_form_ui() -> None:
         c2.selectbox("Dataset", DATASET_NAMES, format_func=DATASET_LABELS.get, key="f_dataset", **keep)
         c3.selectbox("Device", DEVICE_NAMES, key="f_device", **keep)
         c1, c2, c3, c4 = st.columns(4)
-        c1.selectbox("Model", list(MODEL_LABELS), format_func=MODEL_LABELS.get, key="f_model", **keep)
+        c1.selectbox("Model", list(MODEL_LABELS), format_func=lambda m: f"{MODEL_LABELS[m]} ({MODEL_ORIGIN[m]})",
+                     key="f_model", **keep)
         c2.number_input("Base channels", min_value=4, max_value=512, step=4, key="f_base_channels", **keep)
         c3.selectbox("Optimizer", OPTIMIZER_NAMES, format_func=OPTIMIZER_LABELS.get, key="f_optimizer", **keep)
         c4.number_input("EMA decay (0 = off)", min_value=0.0, max_value=0.99999, step=0.001, format="%g",
@@ -116,7 +115,7 @@ def feedback_ui() -> None:
 
 
 def resume_ui() -> None:
-    candidates = [i for i in runs.list_runs(runs_dir()) if i.readable and i.state in RESUMABLE]
+    candidates = [i for i in runs.list_runs(runs_dir()) if i.readable and i.state in runs.RESUMABLE_STATES]
     with st.expander(f"Resume a run ({len(candidates)} can be resumed)"):
         if not candidates:
             st.caption("Stopped, interrupted and failed runs show up here.")

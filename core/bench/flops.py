@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import PRESETS, ModelConfig
-from .models import build_model, count_parameters
+from ..config import PRESETS, ModelConfig
+from ..models import build_model, count_parameters
 
 
 def flops_per_image(model: nn.Module, train: bool, batch: int = 4) -> float:

@@ -2,12 +2,14 @@
 the real-data references.
 
     python -m core eval --run NAME_OR_DIR [--n 1000 --sampler ddim --steps 50 --eta 0 --seed 0]
+    python -m core eval --run NAME_OR_DIR --sweep-steps 5,10,20,50 --samplers ddim,dpmpp2m,dpmpp2m-sde
     python -m core eval --fit-classifier [--dataset fashion_mnist]
     python -m core eval --real [--dataset fashion_mnist --n 1000]
 
-Each prints ONE JSON line on stdout (messages and progress bars go to stderr); `--run` also stores
-the entry in the run's eval.json under a `setting` key such as "ddpm-1000" or "ddim-50", one entry
-per sampler setting. When the dataset's classifier does not exist yet (or is damaged, or from an
+Each prints ONE JSON line per evaluated setting on stdout (messages and progress bars go to stderr);
+`--run` also stores the entry in the run's eval.json under a `setting` key such as "ddpm-1000" or
+"dpmpp2m-20", one entry per sampler setting (a sweep writes one per sampler and step count, with the
+same seed and classifier, so they compare). When the dataset's classifier does not exist yet (or is damaged, or from an
 older architecture), it is fitted first, with a message: a fresh user gets a number, not a chore.
 """
 from __future__ import annotations
@@ -16,16 +18,27 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .argtypes import number, whole_number
-from .config import DATASET_NAMES, DEVICE_NAMES, SAMPLER_NAMES, ConfigError, SampleConfig
+import torch
+from tqdm import tqdm
+
+from .. import runs
+from ..argtypes import comma_list, number, whole_number
+from ..config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, SAMPLER_NAMES, SPACING_NAMES, ConfigError,
+                      SampleConfig)
+from ..data import load_images
+from ..device import resolve_device
+from ..errors import CliError, RunError
+from ..sampling import reverse_process, collect, total_steps
+from ..schedule import NoiseScheduler
+from .classifier import (ARCH_VERSION, REQUIRED_ACCURACY, Classifier, ClassifierError, FitConfig, classifier_path,
+                         fit, load_classifier, save_classifier)
+from .frechet import QualityEvaluator, real_subset
 
 DEFAULT_N = 1000
-
-
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Fréchet distance of generated samples to the test split in the 128-d features "
@@ -42,9 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-dir", help="folder of run folders (default checkpoints)")
     parser.add_argument("--n", type=whole_number, default=DEFAULT_N, help=f"number of samples (default {DEFAULT_N}); "
                         "compare only numbers taken at the same N")
-    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm", help="ddpm (the book) or ddim")
-    parser.add_argument("--steps", type=whole_number, default=0, help="reverse steps (ddim; default T)")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm",
+                        help="ddpm (the book), ddim, dpmpp2m (DPM-Solver++(2M)) or dpmpp2m-sde")
+    parser.add_argument("--steps", type=whole_number, default=0, help="reverse steps (not ddpm; default T)")
     parser.add_argument("--eta", type=number, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
+    parser.add_argument("--spacing", choices=SPACING_NAMES, default="uniform",
+                        help="timesteps of the few-step samplers: even in t, or even in log-SNR")
+    parser.add_argument("--clip", choices=CLIP_NAMES, default="auto",
+                        help="clip x̂0 to the data range (auto: the run's default for ddpm, on for the others)")
+    parser.add_argument("--sweep-steps", type=comma_list(whole_number), metavar="N,N,...",
+                        help="evaluate every sampler of --samplers at each of these step counts")
+    parser.add_argument("--samplers", type=comma_list(str), metavar="NAME,...",
+                        help=f"samplers of a --sweep-steps ({', '.join(s for s in SAMPLER_NAMES if s != 'ddpm')})")
     parser.add_argument("--seed", type=whole_number, default=0, help="seed of the samples, the floor's images and the noise")
     parser.add_argument("--batch-size", type=whole_number, default=250, help="images per forward pass")
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights even when EMA exists")
@@ -65,16 +87,12 @@ def _now() -> str:
 
 
 # -- the classifier: load, or fit when missing ---------------------------------------------------------
-def fit_and_save(dataset: str, args: argparse.Namespace, device) -> "Classifier":  # noqa: F821
-    from .classifier import REQUIRED_ACCURACY, FitConfig, classifier_path, fit, save_classifier
-    from .data import load_images
-
+def fit_and_save(dataset: str, args: argparse.Namespace, device: torch.device) -> Classifier:
     config = FitConfig() if args.fit_epochs is None else FitConfig(epochs=args.fit_epochs)
     train = load_images(dataset, "train", args.data_root)
     test = load_images(dataset, "test", args.data_root)
     bar = None
     if not args.quiet:
-        from tqdm import tqdm
         bar = tqdm(total=None, unit="step", desc=f"fit {dataset} classifier", dynamic_ncols=True, file=sys.stderr)
 
     def on_step(done: int, total: int, loss: float) -> None:
@@ -97,10 +115,8 @@ def fit_and_save(dataset: str, args: argparse.Namespace, device) -> "Classifier"
     return fitted
 
 
-def obtain_classifier(dataset: str, args: argparse.Namespace, device) -> "Classifier":  # noqa: F821
+def obtain_classifier(dataset: str, args: argparse.Namespace, device: torch.device) -> Classifier:
     """The dataset's classifier; fitted first (with a message) when it is missing or unusable."""
-    from .classifier import ClassifierError, load_classifier
-
     try:
         return load_classifier(dataset, args.classifier_dir, device=device)
     except ClassifierError as exc:  # missing, damaged or older architecture: all are fixed by a fit
@@ -114,16 +130,12 @@ def obtain_classifier(dataset: str, args: argparse.Namespace, device) -> "Classi
 def _cmd_fit(args: argparse.Namespace, device) -> dict[str, Any]:
     dataset = args.dataset or "fashion_mnist"
     fitted = fit_and_save(dataset, args, device)
-    from .classifier import ARCH_VERSION, REQUIRED_ACCURACY
     return {"dataset": dataset, "test_accuracy": round(fitted.test_accuracy, 4),
             "required_accuracy": REQUIRED_ACCURACY[dataset], "arch_version": ARCH_VERSION,
             "path": str(fitted.path), "sha256": fitted.sha256[:12], "seconds": round(fitted.fit_seconds, 1)}
 
 
-def _cmd_real(args: argparse.Namespace, device) -> dict[str, Any]:
-    from .data import load_images
-    from .evaluation import QualityEvaluator, real_subset
-
+def _cmd_real(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     dataset = args.dataset or "fashion_mnist"
     _check_n(args.n)
     started = time.perf_counter()
@@ -149,34 +161,42 @@ def _check_n(n: int) -> None:
 
 
 def _resolve_run(args: argparse.Namespace) -> Path:
-    from . import runs
     given = Path(args.run)
     if given.is_dir():
         return given
     runs_dir = Path(args.runs_dir) if args.runs_dir else runs.DEFAULT_RUNS_DIR
     if len(given.parts) > 1:  # a path, not a name: say it is missing instead of judging it as a name
-        raise runs.RunError(f"run {args.run!r}: no such run folder {given}")
+        raise RunError(f"run {args.run!r}: no such run folder {given}")
     return runs.run_path(runs_dir, args.run)
 
 
-def setting_name(sampler: str, steps: int, eta: float, raw_weights: bool) -> str:
-    """The eval.json key of a sampler setting: ddpm-1000, ddim-50, ddim-50-eta0.5, ...-raw."""
-    name = f"{sampler}-{steps}"
-    if sampler == "ddim" and eta > 0:
-        name += f"-eta{eta:g}"
-    return name + ("-raw" if raw_weights else "")
+def sample_settings(args: argparse.Namespace) -> list[SampleConfig]:
+    """The sampler settings to evaluate: one, or the grid of --samplers x --sweep-steps. Every one is
+    validated before any sampling starts."""
+    common = dict(eta=args.eta, n=args.n, seed=args.seed, batch_size=args.batch_size, spacing=args.spacing,
+                  clip=args.clip)
+    if args.sweep_steps is None:
+        if args.samplers is not None:
+            raise CliError("--samplers needs --sweep-steps (e.g. --sweep-steps 10,20,50)")
+        return [SampleConfig(sampler=args.sampler, steps=args.steps, **common)]
+    samplers = args.samplers or ["ddim", "dpmpp2m", "dpmpp2m-sde"]
+    for name in samplers:
+        if name not in SAMPLER_NAMES or name == "ddpm":
+            raise ConfigError(f"samplers = {name!r} is not allowed: a step sweep takes "
+                              + ", ".join(s for s in SAMPLER_NAMES if s != "ddpm"))
+    if not args.sweep_steps:
+        raise ConfigError("sweep_steps is empty: give step counts like 5,10,20,50")
+    return [SampleConfig(sampler=name, steps=steps, **common) for name in samplers for steps in args.sweep_steps]
 
 
-def _cmd_run(args: argparse.Namespace, device) -> dict[str, Any]:
-    from . import runs
-    from .data import load_images
-    from .evaluation import QualityEvaluator
-    from .sampling import sample
-    from .schedule import NoiseScheduler
+def setting_name(config: SampleConfig, steps: int, raw_weights: bool) -> str:
+    """The eval.json key of a sampler setting: ddpm-1000, ddim-50, dpmpp2m-sde-20-logsnr, ...-raw."""
+    return replace(config, steps=steps).setting + ("-raw" if raw_weights else "")
 
+
+def _cmd_run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     _check_n(args.n)
-    sample_config = SampleConfig(sampler=args.sampler, steps=args.steps, eta=args.eta, n=args.n,
-                                 seed=args.seed, batch_size=args.batch_size)
+    settings = sample_settings(args)
     run_dir = _resolve_run(args)
     dataset = runs.load_config(run_dir).train.dataset
     if args.dataset and args.dataset != dataset:
@@ -184,53 +204,53 @@ def _cmd_run(args: argparse.Namespace, device) -> dict[str, Any]:
                           f"{dataset!r} (leave --dataset out with --run)")
     loaded = runs.load_model(run_dir, use_ema=not args.no_ema, device=device)
     scheduler = NoiseScheduler(loaded.config.schedule)
-    steps = sample_config.resolved_steps(scheduler.num_timesteps)
-    started_at, started = _now(), time.perf_counter()
+    for config in settings:
+        config.resolved_steps(scheduler.num_timesteps)  # a step count above T fails before any work
     # Load everything the evaluation needs before the long sampling, so a missing dataset fails fast.
     classifier = obtain_classifier(dataset, args, device)
     train = load_images(dataset, "train", args.data_root)
     evaluator = QualityEvaluator(classifier, load_images(dataset, "test", args.data_root), device,
                                  batch_size=args.batch_size)
-
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=None, unit="step", desc=f"{args.sampler} {steps} steps, {args.n} images",
-                   dynamic_ncols=True, file=sys.stderr)
-
-    def on_step(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-    sample_start = time.perf_counter()
-    result = sample(loaded.model, scheduler, sample_config, pixel_range=loaded.config.train.pixel_range,
-                    device=device, progress=on_step)
-    if bar is not None:
-        bar.close()
-    sampling_s = time.perf_counter() - sample_start
-    eval_start = time.perf_counter()
-    import torch
-    report = evaluator.evaluate(torch.from_numpy(result.images), train, seed=args.seed)
-    eval_s = time.perf_counter() - eval_start
-
     raw_weights = not loaded.used_ema and (run_dir / "ema.safetensors").exists()
-    entry = {"setting": setting_name(args.sampler, steps, args.eta, raw_weights),
-             "sampler": args.sampler, "steps": steps, "eta": args.eta if args.sampler == "ddim" else None,
-             "weights": "ema" if loaded.used_ema else "raw", "seed": args.seed, **report.to_dict(),
-             "dataset": dataset, "classifier_accuracy": round(classifier.test_accuracy, 4),
-             "classifier_sha256": classifier.sha256[:12], "device": str(device),
-             "started_at": started_at, "finished_at": _now(), "seconds_sampling": round(sampling_s, 1),
-             "seconds_eval": round(eval_s, 1), "seconds": round(time.perf_counter() - started, 1)}
-    runs.append_eval(run_dir, entry)
-    return entry
+    entries = []
+    for config in settings:
+        entry = _evaluate_setting(args, config, loaded, scheduler, evaluator, train, raw_weights, device)
+        runs.append_eval(run_dir, entry)
+        print(json.dumps(entry), flush=True)
+        entries.append(entry)
+    return entries
+
+
+def _evaluate_setting(args: argparse.Namespace, config: SampleConfig, loaded: runs.LoadedRun,
+                      scheduler: NoiseScheduler, evaluator: QualityEvaluator, train, raw_weights: bool,
+                      device: torch.device) -> dict[str, Any]:
+    steps = config.resolved_steps(scheduler.num_timesteps)
+    train_config = loaded.config.train
+    started_at, started = _now(), time.perf_counter()
+    process = reverse_process(loaded.model, scheduler, config, pixel_range=train_config.pixel_range,
+                              clip_default=train_config.clip_denoised, device=device)
+    if not args.quiet:
+        process = tqdm(process, total=total_steps(config, scheduler), unit="step", dynamic_ncols=True,
+                       desc=f"{config.sampler} {steps} steps, {config.n} images", file=sys.stderr)
+    result = collect(process, pixel_range=train_config.pixel_range)
+    sampling_s = time.perf_counter() - started
+    eval_start = time.perf_counter()
+    report = evaluator.evaluate(torch.from_numpy(result.images), train, seed=config.seed)
+    classifier = evaluator.classifier
+    return {"setting": setting_name(config, steps, raw_weights),
+            "sampler": config.sampler, "steps": steps, "nfe": steps,
+            "eta": config.eta if config.sampler == "ddim" else None,
+            "spacing": config.spacing if config.sampler != "ddpm" else None,
+            "clip": config.resolved_clip(train_config.clip_denoised),
+            "weights": "ema" if loaded.used_ema else "raw", "seed": config.seed, **report.to_dict(),
+            "dataset": train_config.dataset, "classifier_accuracy": round(classifier.test_accuracy, 4),
+            "classifier_sha256": classifier.sha256[:12], "device": str(device),
+            "started_at": started_at, "finished_at": _now(), "seconds_sampling": round(sampling_s, 1),
+            "seconds_eval": round(time.perf_counter() - eval_start, 1),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def run(args: argparse.Namespace) -> int:
-    from .classifier import ClassifierError
-    from .cli import CliError
-    from .training import resolve_device
-
     modes = [name for name, on in (("--run", args.run is not None), ("--fit-classifier", args.fit_classifier),
                                    ("--real", args.real)) if on]
     if len(modes) != 1:
@@ -243,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
         elif args.real:
             out = _cmd_real(args, device)
         else:
-            out = _cmd_run(args, device)
+            _cmd_run(args, device)  # prints one line per setting as each finishes
+            return 0
     except ClassifierError as exc:  # only reachable for a classifier saved but unreadable right after
         raise CliError(str(exc)) from None
     print(json.dumps(out), flush=True)

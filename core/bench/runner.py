@@ -4,7 +4,7 @@ Everything is measured in one run, so the ratios hold even when absolute numbers
 (a shared CPU, turbo, another process): the device's dense fp32 matmul rate, training images/s
 of the book's UNet and the ImprovedUNet through the product's own `training_step`, their
 achieved GFLOP/s as a fraction of that matmul rate, DDPM-1000 and DDIM-50 sampling time through
-the product's `sample`, peak memory, and the book's original code (`core.reference`) timed
+the product's `sample`, peak memory, and the book's original code (`core/bench/reference.py`) timed
 against the product's book preset step for step, so the speed-up is a ratio. The full run also
 switches each fast path (channels_last) on and off, alternating steps, and reports the ratios.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import inspect
+import itertools
 import json
 import math
 import os
@@ -34,13 +34,16 @@ from pathlib import Path
 
 import torch
 
-from .config import DEVICE_NAMES, PRESETS, ConfigError, RunConfig, SampleConfig
-from .data import to_model_range
+from ..config import DEVICE_NAMES, PRESETS, ConfigError, RunConfig, SampleConfig
+from ..data import load_images
+from ..device import resolve_device, synchronize
+from ..models import build_model, count_parameters
+from ..models.embedding import sinusoidal_encoding
+from ..sampling import reverse_process
+from ..schedule import NoiseScheduler
+from ..training import Trainer
+from . import reference
 from .flops import flops_per_image
-from .models import build_model, count_parameters
-from .sampling import sample
-from .schedule import NoiseScheduler
-from .training import EMA, _lr_at, build_optimizer, resolve_device, training_step
 
 BENCH_VERSION = 1
 MODEL_PRESETS = {"unet": "book", "improved_unet": "improved"}  # the model each preset trains
@@ -97,9 +100,7 @@ SMOKE = BenchPlan(mode="smoke", batch_size=4, samples=2, train_warmup=1, train_s
 
 
 # -- small helpers -----------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+_sync = synchronize
 
 
 def _r(x: float | None, digits: int = 4) -> float | None:
@@ -219,7 +220,6 @@ def bench_images(n: int, data_root: str | None, synthetic: bool = False) -> tupl
     seeded random pixels; the speed of a step does not depend on the pixel values."""
     reason = "asked for"
     if not synthetic:
-        from .data import load_images
         try:
             images = load_images("fashion_mnist", "train", data_root).images
             return images, f"fashion_mnist train ({len(images)} images)"
@@ -232,36 +232,21 @@ def bench_images(n: int, data_root: str | None, synthetic: bool = False) -> tupl
 
 # -- training ----------------------------------------------------------------------------------------
 class ProductTrainer:
-    """The product's training set-up for one config, as `training._train` builds it, stepped
-    through the very `training_step` the loop calls."""
+    """The loop's `Trainer` for one config, fed batches in a seeded order as the loop feeds them:
+    the bench times the very `Trainer.train_step` that trains."""
 
     def __init__(self, config: RunConfig, device: torch.device, images: torch.Tensor, batch_size: int):
-        t = config.train
-        torch.manual_seed(t.seed)
-        self.config, self.device, self.batch_size = config, device, batch_size
-        self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-        self.model = build_model(config.model).to(device).to(memory_format=self.memory_format)
-        self.optimizer = build_optimizer(self.model, config)
-        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
-        self.forward = torch.compile(self.model) if t.compile else self.model
-        self.alpha_bars = NoiseScheduler(config.schedule).alpha_bars.to(device=device, dtype=torch.float32)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+        self.trainer = Trainer(config, device)
+        self.model, self.batch_size = self.trainer.model, batch_size
         self.data = images.to(device)
-        self.order = torch.randperm(len(images), generator=torch.Generator().manual_seed(t.seed)).to(device)
-        self.steps_done = 0
-        self.model.train()
+        gen = torch.Generator().manual_seed(config.train.seed)
+        self.order = torch.randperm(len(images), generator=gen).to(device)
 
     def step(self) -> torch.Tensor:
-        t = self.config.train
         per_epoch = max(1, len(self.data) // self.batch_size)
-        i = self.steps_done % per_epoch
+        i = self.trainer.step % per_epoch
         idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
-        x_0 = to_model_range(self.data[idx], t.pixel_range).contiguous(memory_format=self.memory_format)
-        lr = _lr_at(self.steps_done, self.config)  # warm-up included, as in the loop
-        loss = training_step(self.model, self.forward, self.optimizer, x_0, self.alpha_bars, lr=lr,
-                             grad_clip=t.grad_clip, autocast=self.autocast, ema=self.ema, step=self.steps_done)
-        self.steps_done += 1
-        return loss
+        return self.trainer.train_step(self.trainer.batch(self.data[idx]))
 
 
 def _timed_steps(step_fns: list, warmup: int, steps: int, device: torch.device) -> list[list[float]]:
@@ -322,14 +307,13 @@ def measure_training(config: RunConfig, device: torch.device, images: torch.Tens
 
 
 # -- sampling ----------------------------------------------------------------------------------------
-def sampling_channels_last_default() -> bool:
-    """What `sample()` uses when the CLI and the dashboard do not say (its keyword default)."""
-    return bool(inspect.signature(sample).parameters["channels_last"].default)
+SAMPLING_CHANNELS_LAST = False  # what `reverse_process` uses when the CLI and the dashboard do not say
 
 
 def time_sampler(model: torch.nn.Module, scheduler: NoiseScheduler, config: SampleConfig, timed_steps: int,
                  device: torch.device, pixel_range: str, channels_last: bool) -> dict:
-    """Seconds for `config` through the product's `sample`, from its first `timed_steps` reverse steps."""
+    """Seconds for `config` through the product's `reverse_process`, from its first `timed_steps`
+    reverse steps (every step costs one model call, so the rest is extrapolated)."""
     total = config.resolved_steps(scheduler.num_timesteps)
     timed = min(timed_steps, total)
     model.eval()
@@ -338,17 +322,12 @@ def time_sampler(model: torch.nn.Module, scheduler: NoiseScheduler, config: Samp
         x = torch.zeros(config.n, 1, 28, 28, device=device).contiguous(memory_format=memory_format)
         model(x, torch.full((config.n,), scheduler.num_timesteps, device=device, dtype=torch.long))
     _sync(device)
-    done = [0]
-
-    def on_step(steps_done: int, _total: int) -> None:
-        done[0] = steps_done
-
     start = time.perf_counter()
-    try:
-        sample(model, scheduler, config, pixel_range=pixel_range, device=device, progress=on_step,
-               should_stop=lambda: timed < total and done[0] >= timed, channels_last=channels_last)
-    except InterruptedError:
-        pass  # stopped after the timed prefix
+    steps = reverse_process(model, scheduler, config, pixel_range=pixel_range, device=device,
+                            channels_last=channels_last)
+    for _ in itertools.islice(steps, timed):
+        pass
+    steps.close()
     _sync(device)
     elapsed = time.perf_counter() - start
     return {"steps": total, "timed_steps": timed, "extrapolated": timed < total,
@@ -407,10 +386,9 @@ def scheduler_step_overhead(device: torch.device, n: int, repeats: int = 200) ->
 # -- the book's code -----------------------------------------------------------------------------------
 def measure_reference(config: RunConfig, device: torch.device, images: torch.Tensor, plan: BenchPlan,
                       peak_gflops: float, sample_channels_last: bool) -> dict:
-    """The book's step-9 code (core.reference) against the product's book preset, interleaved so
+    """The book's step-9 code (core/bench/reference.py) against the product's book preset, interleaved so
     that both see the same load: training steps alternate (the book's DataLoader step, then the
     product's step), and DDPM sampling alternates blocks of reverse steps of the two samplers."""
-    from . import reference
     torch.manual_seed(0)
     book_model = reference.UNet().to(device)
     train_flop = flops_per_image(reference.UNet(), train=True, batch=1)
@@ -469,8 +447,6 @@ def measure_reference(config: RunConfig, device: torch.device, images: torch.Ten
 
 def time_encoding_us(batch: int, device: torch.device, repeats: int = 20) -> dict:
     """The book's per-sample Python loop against the product's broadcast, for one batch."""
-    from . import reference
-    from .models.embedding import sinusoidal_encoding
     t = torch.randint(1, 1001, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
     out = {}
     for name, fn in (("book_loop_us", lambda: reference.pos_encoding(t, 100)),
@@ -519,7 +495,7 @@ def run_bench(plan: BenchPlan = FULL, device: str = "auto", *, channels_last: bo
         torch.backends.cudnn.benchmark = True  # as the training loop sets it
     say = (lambda message: log(f"{time.perf_counter() - began:6.1f} s  {message}")) if log else (lambda message: None)
     memory = PeakMemory(dev)
-    sample_cl = sampling_channels_last_default() if channels_last is None else channels_last
+    sample_cl = SAMPLING_CHANNELS_LAST if channels_last is None else channels_last
 
     def preset_config(model_name: str) -> RunConfig:
         config = PRESETS[MODEL_PRESETS[model_name]]

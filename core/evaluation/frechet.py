@@ -33,9 +33,10 @@ from safetensors.torch import load, save
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from ..config import ConfigError
+from ..data import ImageSet, to_uint8
+from ..io import atomic_write_bytes
 from .classifier import Classifier, FeatureExtractor, read_metadata
-from .config import ConfigError
-from .data import ImageSet, to_uint8
 
 NOISE_PIXEL_RANGE = "symmetric"   # the noise ceiling's x_T is shown as if the model range were [-1, 1]
 MIN_IMAGES = 2                    # a covariance needs two samples; compare numbers at N >= 1000
@@ -166,18 +167,25 @@ class QualityEvaluator:
             if any(read_metadata(blob).get(k) != v for k, v in self._cache_key().items()):
                 return False  # another classifier or test split: recompute and overwrite
             state = load(blob)
-            self.metric.real_features_sum = state["feature_sum"].to(self.device, torch.float64)
-            self.metric.real_features_cov_sum = state["feature_outer_sum"].to(self.device, torch.float64)
-            self.metric.real_features_num_samples = state["count"].to(self.device, torch.long).reshape(())
-        except (OSError, ValueError, KeyError, SafetensorError):
+            # Read and check all three first; assign only when every one is there and fits, so a
+            # damaged cache can never leave half of the metric's state overwritten.
+            feature_sum = state["feature_sum"].to(self.device, torch.float64)
+            outer_sum = state["feature_outer_sum"].to(self.device, torch.float64)
+            count = state["count"].to(self.device, torch.long).reshape(())
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
             return False  # a damaged cache is only a slower evaluation
+        dim = self.metric.real_features_sum.shape
+        if feature_sum.shape != dim or outer_sum.shape != self.metric.real_features_cov_sum.shape \
+                or int(count) < 2 or not bool(torch.isfinite(feature_sum).all() and torch.isfinite(outer_sum).all()):
+            return False
+        self.metric.real_features_sum, self.metric.real_features_cov_sum = feature_sum, outer_sum
+        self.metric.real_features_num_samples = count
         return True
 
     def _save_cached_stats(self) -> None:
         path = self.cache_path
         if path is None or not self.classifier.sha256:
             return
-        from .runs import atomic_write_bytes
         tensors = {"feature_sum": self.metric.real_features_sum.cpu().clone(),
                    "feature_outer_sum": self.metric.real_features_cov_sum.cpu().clone(),
                    "count": self.metric.real_features_num_samples.cpu().reshape(1).clone()}

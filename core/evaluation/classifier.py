@@ -36,8 +36,9 @@ from safetensors.torch import load, save
 from torch import nn
 from torch.nn import functional as F
 
-from .config import DATASET_NAMES, ConfigError
-from .data import CLASS_NAMES, ImageSet
+from ..config import DATASET_NAMES, ConfigError
+from ..data import CLASS_NAMES, ImageSet
+from ..io import atomic_write_bytes
 
 ARCH_VERSION = 1          # bump when the network changes: older files are then refitted
 FEATURE_DIM = 128
@@ -235,7 +236,6 @@ def classifier_path(dataset: str, directory: str | os.PathLike | None = None) ->
 
 def save_classifier(classifier: Classifier, path: Path) -> Classifier:
     """Write the weights atomically with their metadata; returns the classifier with path and sha256."""
-    from .runs import atomic_write_bytes  # the same crash-safe write as run folders
 
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in classifier.model.state_dict().items()}
     metadata = {

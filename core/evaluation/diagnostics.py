@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError
-from .data import to_model_range
-from .schedule import NoiseScheduler
+from ..config import ConfigError
+from ..data import to_model_range
+from ..schedule import NoiseScheduler
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,52 @@
+"""Which device to run on: `auto` picks CUDA, then Apple's MPS, then the CPU.
+
+A small module of its own because sampling, training, evaluation, the bench, the CLI and the
+dashboard all need it, and it needs nothing of theirs.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .config import DEVICE_NAMES, ConfigError
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return backend is not None and backend.is_available()
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """auto -> CUDA, then MPS, then CPU; an explicit device that is missing is a ConfigError."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in DEVICE_NAMES:
+        raise ConfigError(f"device = {name!r} is not allowed: choose one of {', '.join(DEVICE_NAMES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = 'cuda' is not allowed: no CUDA GPU is visible on this machine; "
+                          "use auto or cpu")
+    if name == "mps" and not _mps_available():
+        raise ConfigError("device = 'mps' is not allowed: Apple's MPS backend is not available here; "
+                          "use auto or cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (tensor cores, no loss scaling needed); nothing elsewhere, where
+    CPU autocast is slower for these small convolutions."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer or a memory reading sees it done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
