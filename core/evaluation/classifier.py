@@ -2,9 +2,16 @@
 
 No Inception weights exist offline, so the Fréchet distance is taken in the features of this
 network instead, trained by the project on the same dataset (DESIGN.md, "Measuring sample
-quality"). One classifier per dataset lives in a cache folder that git ignores:
+quality"). Scores are only comparable when taken with the same classifier, so the FashionMNIST
+classifier is shipped in the repository and is the default everywhere; fitting your own stays
+possible. Where a dataset's classifier is looked for:
 
-    $DDPM_CLASSIFIER_DIR/<dataset>.safetensors     (default data/classifiers/)
+    --classifier-dir DIR, else $DDPM_CLASSIFIER_DIR   (your own, when given)
+    classifiers/<dataset>.safetensors                 (shipped with the repository)
+    data/classifiers/<dataset>.safetensors            (fitted here, git-ignored)
+
+`--fit-classifier` never overwrites the shipped file: it writes into the folder given, else into
+data/classifiers/.
 
 Its safetensors metadata holds the dataset, the test accuracy and the architecture version, so a
 file written by an older architecture is recognised and refitted instead of loaded into the wrong
@@ -45,6 +52,7 @@ FEATURE_DIM = 128
 NUM_CLASSES = 10
 ENV_CLASSIFIER_DIR = "DDPM_CLASSIFIER_DIR"
 DEFAULT_CLASSIFIER_DIR = Path("data") / "classifiers"
+SHIPPED_CLASSIFIER_DIR = Path(__file__).resolve().parents[2] / "classifiers"
 # What `fit` must reach on the test split (DESIGN.md); a fit below it is still saved, with a warning.
 REQUIRED_ACCURACY = {"fashion_mnist": 0.91, "mnist": 0.99}
 
@@ -223,14 +231,27 @@ def fit(train: ImageSet, test: ImageSet, config: FitConfig = FitConfig(), device
 
 # -- files -------------------------------------------------------------------------------------------
 def classifier_dir(directory: str | os.PathLike | None = None) -> Path:
+    """Where a fitted classifier is written: the folder given, else $DDPM_CLASSIFIER_DIR, else data/classifiers."""
     if directory:
         return Path(directory)
     return Path(os.environ.get(ENV_CLASSIFIER_DIR) or DEFAULT_CLASSIFIER_DIR)
 
 
 def classifier_path(dataset: str, directory: str | os.PathLike | None = None) -> Path:
+    """The classifier to score `dataset` with: the one in the folder given (or $DDPM_CLASSIFIER_DIR),
+    else the shipped one, else the one fitted here."""
     if dataset not in DATASET_NAMES:
         raise ConfigError(f"dataset = {dataset!r} is not allowed: choose one of {', '.join(DATASET_NAMES)}")
+    name = f"{dataset}.safetensors"
+    if directory or os.environ.get(ENV_CLASSIFIER_DIR):
+        return classifier_dir(directory) / name
+    shipped = SHIPPED_CLASSIFIER_DIR / name
+    return shipped if shipped.is_file() else DEFAULT_CLASSIFIER_DIR / name
+
+
+def fit_path(dataset: str, directory: str | os.PathLike | None = None) -> Path:
+    """Where `--fit-classifier` writes: never over the shipped classifier."""
+    classifier_path(dataset, directory)  # checks the dataset name
     return classifier_dir(directory) / f"{dataset}.safetensors"
 
 

@@ -35,7 +35,7 @@ from ..errors import CliError, RunError
 from ..sampling import reverse_process, collect, total_steps
 from ..schedule import NoiseScheduler
 from .classifier import (ARCH_VERSION, REQUIRED_ACCURACY, Classifier, ClassifierError, FitConfig, classifier_path,
-                         fit, load_classifier, save_classifier)
+                         fit, fit_path, load_classifier, save_classifier)
 from .frechet import QualityEvaluator, real_subset
 
 DEFAULT_N = 1000
@@ -105,13 +105,16 @@ def fit_and_save(dataset: str, args: argparse.Namespace, device: torch.device) -
     fitted = fit(train, test, config, device=device, progress=on_step)
     if bar is not None:
         bar.close()
-    path = classifier_path(dataset, args.classifier_dir)
+    path = fit_path(dataset, args.classifier_dir)
     save_classifier(fitted, path)
     required = REQUIRED_ACCURACY[dataset]
     _log(f"classifier for {dataset}: test accuracy {fitted.test_accuracy:.2%} after {fitted.fit_seconds:.0f} s "
          f"-> {path}")
     if fitted.test_accuracy < required:
         _log(f"warning: below the {required:.0%} this project asks for; refit with more --fit-epochs")
+    if classifier_path(dataset, args.classifier_dir) != path:
+        _log(f"note: the shipped classifier stays the default, so scores compare across machines; "
+             f"score with this one by passing --classifier-dir {path.parent}")
     return fitted
 
 
