@@ -18,7 +18,7 @@ from tqdm import tqdm
 from . import bench, export, io, report, runs
 from .argtypes import number, whole_number
 from .bench.flops import model_costs
-from .config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, MODEL_NAMES, OPTIMIZER_NAMES, PIXEL_RANGES, PRESETS,
+from .config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES, PIXEL_RANGES, PRESETS,
                      SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES, ConfigError, SampleConfig, override, preset)
 from .data import DatasetNotFoundError, load_images
 from .device import resolve_device
@@ -29,11 +29,12 @@ from .schedule import NoiseScheduler
 from .training import TrainingDiverged, train_run
 
 EXIT_USAGE = 2
+CONDITIONAL_CLASSES = 10  # both datasets have ten classes
 # What a resumed run cannot change: it would no longer match its weights, optimizer state or curve.
 RESUME_FIXED_FLAGS = ("model", "base_channels", "channel_mults", "num_res_blocks", "attention", "norm",
                       "optimizer", "dataset", "batch_size", "lr", "weight_decay", "warmup_steps", "timesteps",
                       "schedule", "pixel_range", "ema_decay", "grad_clip", "limit_images", "seed", "compile",
-                      "channels_last")
+                      "channels_last", "conditional", "label_dropout", "label_dropout_mode")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", choices=sorted(PRESETS), default="book",
                     help="book: step 9 exactly (UNet, Adam 1e-3, batch 128, 10 epochs, T=1000); improved: "
                     "ImprovedUNet + AdamW, EMA; quick: a small ImprovedUNet for ~5 minutes on a CPU; "
-                    "tiny: the whole pipeline in about a minute (T=20, 48 steps)")
+                    "tiny: the whole pipeline in about a minute (T=20, 48 steps); book-cond / book-cfg: step 10 "
+                    "(conditional UNet; with per-batch label dropout 0.1 for guidance); improved-cfg: the "
+                    "ImprovedUNet with labels and classifier-free guidance")
     tr.add_argument("--model", choices=MODEL_NAMES, help="network: the book's unet or improved_unet")
     tr.add_argument("--base-channels", type=whole_number, help="width of the first level (book: 64)")
     tr.add_argument("--channel-mults", type=whole_number, nargs="+",
@@ -80,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", choices=DEVICE_NAMES, help="auto picks CUDA, then MPS, then CPU")
     tr.add_argument("--compile", choices=("on", "off"), help="torch.compile the model (measure first)")
     tr.add_argument("--channels-last", choices=("on", "off"), help="channels_last memory format")
+    tr.add_argument("--conditional", action="store_const", const=True, default=None,
+                    help="class-conditional network (step 10): a label embedding for the 10 classes")
+    tr.add_argument("--label-dropout", type=number, metavar="P",
+                    help="conditional: share of labels dropped for classifier-free guidance (default 0.1; "
+                    "0 = conditional only)")
+    tr.add_argument("--label-dropout-mode", choices=LABEL_DROPOUT_MODES,
+                    help="conditional: drop labels per sample (default) or the whole batch at once (the book)")
     tr.add_argument("--runs-dir", default=None, help="folder of run folders (default checkpoints)")
     tr.add_argument("--name", help="run name (A-Z a-z 0-9 . _ -); default: preset-model-optimizer-time")
     tr.add_argument("--resume", action="store_true", help="continue the run --name from its last checkpoint")
@@ -142,7 +152,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, timesteps=args.timesteps, schedule=args.schedule,
         pixel_range=args.pixel_range, ema_decay=args.ema_decay, grad_clip=args.grad_clip,
         limit_images=args.limit_images, checkpoint_every_s=args.checkpoint_every, seed=args.seed,
-        device=args.device, compile=flags(args.compile), channels_last=flags(args.channels_last))
+        device=args.device, compile=flags(args.compile), channels_last=flags(args.channels_last),
+        num_classes=CONDITIONAL_CLASSES if args.conditional else None, label_dropout=args.label_dropout,
+        label_dropout_mode=args.label_dropout_mode)
+    if not config.model.conditional and (args.label_dropout is not None or args.label_dropout_mode is not None):
+        raise CliError("--label-dropout and --label-dropout-mode need a conditional run: add --conditional "
+                       "(or use --preset improved-cfg, book-cfg)")
     runs_dir = Path(args.runs_dir) if args.runs_dir else runs.DEFAULT_RUNS_DIR
     if args.resume:
         if not args.name:

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 # 2: the linear schedule scales with T (`scale_to_timesteps`); format-1 files keep the unscaled one.
-FORMAT_VERSION = 2
+# 3: class-conditional runs (`model.num_classes`, `train.label_dropout*`); formats 1 and 2 read as
+#    unconditional runs. An older reader refuses the new fields, so a format-3 folder says so first.
+FORMAT_VERSION = 3
 
 MODEL_NAMES = ("unet", "improved_unet")
 NORM_NAMES = ("group", "batch")
@@ -27,6 +29,10 @@ SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp2m", "dpmpp2m-sde")
 SPACING_NAMES = ("uniform", "logsnr")   # sampler timesteps: even in t, or even in log-SNR λ
 CLIP_NAMES = ("auto", "on", "off")       # x̂0 clipping: auto = the run's default for DDPM, on for the rest
 PIXEL_RANGES = ("unit", "symmetric")  # [0, 1] as in the book, or [-1, 1]
+# Classifier-free guidance drops labels while training: per sample (the default, every batch mixes
+# both tasks) or, as the book's step 10 does, the whole batch at once.
+LABEL_DROPOUT_MODES = ("sample", "batch")
+MAX_CLASSES = 1000
 
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
 MAX_SAMPLES = 10_000  # more than this is almost surely a typo, and would take hours on a CPU
@@ -98,6 +104,11 @@ class ModelConfig:
     time_embed_dim: int = 100          # the book's sinusoidal encoding size D
     in_channels: int = 1
     out_channels: int = 1
+    num_classes: int = 0               # 0 = unconditional (step 9); 10 = a label embedding (step 10)
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.channel_mults, (list, tuple)):
@@ -123,6 +134,9 @@ class ModelConfig:
         for name in ("in_channels", "out_channels"):
             if getattr(self, name) != 1:
                 _fail(name, getattr(self, name), "only 1-channel (grayscale) 28x28 images are supported")
+        _check_int("num_classes", self.num_classes, 0, MAX_CLASSES)
+        if self.num_classes == 1:
+            _fail("num_classes", self.num_classes, "use 0 (unconditional) or the number of classes, e.g. 10")
         if self.name == "improved_unet" and self.norm == "group" and self.base_channels % 4:
             _fail("base_channels", self.base_channels, "GroupNorm needs a multiple of 4")
 
@@ -181,6 +195,10 @@ class TrainConfig:
     # (`python -m core bench`) measures both, the README quotes the figures.
     channels_last: bool = True
     compile: bool = False
+    # Conditional runs only: the share of labels dropped for classifier-free guidance (the book: 0.1,
+    # per batch); 0 trains a purely conditional model (the book's UNetCond).
+    label_dropout: float = 0.1
+    label_dropout_mode: str = "sample"
 
     def __post_init__(self) -> None:
         if not isinstance(self.betas, (list, tuple)):
@@ -216,6 +234,11 @@ class TrainConfig:
         _check_int("sample_every_epochs", self.sample_every_epochs, 0)
         _check_choice("grid_sampler", self.grid_sampler, SAMPLER_NAMES)
         _check_int("grid_steps", self.grid_steps, 1)
+        _check_float("label_dropout", self.label_dropout, 0.0)
+        if self.label_dropout >= 1.0:
+            _fail("label_dropout", self.label_dropout, "it must be at least 0 and below 1 (1 would never "
+                  "show the network a label)")
+        _check_choice("label_dropout_mode", self.label_dropout_mode, LABEL_DROPOUT_MODES)
         for flag in ("channels_last", "compile", "clip_denoised"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "it must be true or false")
@@ -316,6 +339,7 @@ class RunConfig:
             if name == "schedule" and version == 1 and isinstance(section, dict):
                 # Format 1 trained on the unscaled linear schedule: the run keeps it.
                 section = {"scale_to_timesteps": False, **section}
+            _check_fields_of_format(section, name, version)
             parts[name] = _dataclass_from_dict(kind, section, name)
         # Read as the current format: the fields it lacked now hold the values that reproduce it.
         return cls(**parts)
@@ -337,6 +361,26 @@ REQUIRED_FIELDS = {
     "schedule": ("timesteps", "schedule", "beta_start", "beta_end"),
     "train": ("dataset", "pixel_range", "optimizer"),
 }
+
+
+# Fields a format introduced: an older file that holds one was not written by this project (or was
+# edited by hand), and a newer file must hold the ones that shape its weights.
+FIELDS_SINCE = {("model", "num_classes"): 3, ("train", "label_dropout"): 3, ("train", "label_dropout_mode"): 3}
+REQUIRED_SINCE = {("model", "num_classes"): 3}
+
+
+def _check_fields_of_format(data: Any, section: str, version: int) -> None:
+    if not isinstance(data, dict):
+        return  # _dataclass_from_dict says so
+    early = sorted(name for (sec, name), since in FIELDS_SINCE.items() if sec == section and version < since
+                   and name in data)
+    if early:
+        raise ConfigError(f"config section {section!r} has fields that format {version} does not know: "
+                          f"{', '.join(early)} (a format-3 run with an edited format_version?)")
+    missing = sorted(name for (sec, name), since in REQUIRED_SINCE.items() if sec == section and version >= since
+                     and name not in data)
+    if missing:
+        raise ConfigError(f"config section {section!r} misses the fields: {', '.join(missing)}")
 
 
 def _dataclass_from_dict(kind: type, data: Any, section: str) -> Any:
@@ -385,6 +429,29 @@ PRESETS: dict[str, RunConfig] = {
         train=TrainConfig(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=128, epochs=0,
                           time_budget_s=300.0, pixel_range="symmetric", ema_decay=0.995, grad_clip=1.0,
                           warmup_steps=100),
+    ),
+    # Step 10's two scripts: UNetCond trained with labels always, then the same network with the
+    # whole batch's labels dropped 10 % of the time for classifier-free guidance.
+    "book-cond": RunConfig(
+        model=ModelConfig(name="unet", base_channels=64, num_classes=10),
+        schedule=ScheduleConfig(timesteps=1000, schedule="linear"),
+        train=TrainConfig(optimizer="adam", lr=1e-3, batch_size=128, epochs=10, pixel_range="unit",
+                          label_dropout=0.0, label_dropout_mode="batch"),
+    ),
+    "book-cfg": RunConfig(
+        model=ModelConfig(name="unet", base_channels=64, num_classes=10),
+        schedule=ScheduleConfig(timesteps=1000, schedule="linear"),
+        train=TrainConfig(optimizer="adam", lr=1e-3, batch_size=128, epochs=10, pixel_range="unit",
+                          label_dropout=0.1, label_dropout_mode="batch"),
+    ),
+    # The blog's network with a label embedding and a learned "no label" token, per-sample dropout.
+    "improved-cfg": RunConfig(
+        model=ModelConfig(name="improved_unet", base_channels=32, channel_mults=(1, 2, 2),
+                          num_res_blocks=1, attention=True, norm="group", num_classes=10),
+        schedule=ScheduleConfig(timesteps=1000, schedule="linear"),
+        train=TrainConfig(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=128, epochs=10,
+                          pixel_range="symmetric", ema_decay=0.999, grad_clip=1.0, warmup_steps=200,
+                          label_dropout=0.1, label_dropout_mode="sample"),
     ),
     "tiny": RunConfig(
         model=ModelConfig(name="improved_unet", base_channels=8, channel_mults=(1, 2), num_res_blocks=1,

@@ -21,6 +21,7 @@ import torch
 from .config import ConfigError, SampleConfig
 from .data import IMAGE_SHAPE, data_range, to_uint8
 from .device import resolve_device
+from .guidance import guided
 from .schedule import NoiseScheduler, StepOutput
 
 # The network as the loop sees it: (x_t (B,1,28,28), t (B,) long) -> ε̂ (B,1,28,28). A plain
@@ -133,12 +134,17 @@ def batch_generator(seed: int, batch_start: int) -> torch.Generator:
 
 def reverse_process(model: Denoiser, scheduler: NoiseScheduler, config: SampleConfig = SampleConfig(), *,
                     pixel_range: str = "unit", clip_default: bool = False, device: torch.device | str = "cpu",
-                    channels_last: bool = False) -> Iterator[ReverseStep]:
+                    channels_last: bool = False, labels: torch.Tensor | None = None,
+                    guidance: float = 1.0) -> Iterator[ReverseStep]:
     """Run the reverse process for `config.n` images in batches, yielding every step.
 
     `model` is an nn.Module (put in eval mode for the duration, restored after) or any Denoiser.
     channels_last is off by default: it does not pay for sampling (the bench measures it).
+    `labels` (n,) makes it class-conditional: each batch samples a conditional network guided
+    towards its slice of the labels at scale `guidance` (core.guidance); None is unconditional.
     """
+    if labels is not None and len(labels) != config.n:
+        raise ConfigError(f"labels = {len(labels)} labels is not allowed: give one per sample (n = {config.n})")
     device = resolve_device(device)
     stepper = make_stepper(scheduler, config, pixel_range=pixel_range, clip_default=clip_default)
     timesteps = stepper.timesteps
@@ -154,9 +160,10 @@ def reverse_process(model: Denoiser, scheduler: NoiseScheduler, config: SampleCo
                 gen = batch_generator(config.seed, start)
                 x = torch.randn((b, *IMAGE_SHAPE), generator=gen).to(device).contiguous(memory_format=memory_format)
                 stepper.reset()
+                denoise = model if labels is None else guided(model, labels[start:start + b].to(device), guidance)
                 for index, t in enumerate(timesteps):
                     t_batch = torch.full((b,), t, device=device, dtype=torch.long)
-                    eps = model(x, t_batch).float()
+                    eps = denoise(x, t_batch).float()
                     out = stepper.step(eps, index, x, gen)
                     yield ReverseStep(start, index, len(timesteps), t, x, out.pred_original_sample, out.prev_sample)
                     x = out.prev_sample
@@ -213,8 +220,9 @@ def collect(steps: Iterable[ReverseStep], *, pixel_range: str, record: str | Ite
 
 def sample(model: Denoiser, scheduler: NoiseScheduler, config: SampleConfig = SampleConfig(), *,
            pixel_range: str = "unit", clip_default: bool = False, device: torch.device | str = "cpu",
-           record: str | Iterable[int] = "none", channels_last: bool = False) -> SampleResult:
-    """The final images of `config.n` samples (and frames, see `collect`)."""
+           record: str | Iterable[int] = "none", channels_last: bool = False,
+           labels: torch.Tensor | None = None, guidance: float = 1.0) -> SampleResult:
+    """The final images of `config.n` samples (and frames, see `collect`); labels: see reverse_process."""
     steps = reverse_process(model, scheduler, config, pixel_range=pixel_range, clip_default=clip_default,
-                            device=device, channels_last=channels_last)
+                            device=device, channels_last=channels_last, labels=labels, guidance=guidance)
     return collect(steps, pixel_range=pixel_range, record=record)

@@ -27,12 +27,14 @@ from .device import autocast_for, resolve_device
 from .errors import RunError
 from .export import save_grid
 from .io import atomic_write_text, load_optimizer, load_weights, save_optimizer, save_weights, weights_metadata
-from .models import build_model
+from .guidance import even_labels
+from .models import NO_LABEL, build_model
 from .sampling import sample
 from .schedule import NoiseScheduler
 
 GRID_SAMPLES = 16
 GRID_SEED = 1234
+PREVIEW_GUIDANCE = 3.0  # the book's γ; a run trained without label dropout previews at γ = 1
 
 
 class TrainingDiverged(RuntimeError):
@@ -147,9 +149,26 @@ class Trainer:
         """uint8 (B, 28, 28) on the device -> x_0 (B, 1, 28, 28) in model range and memory format."""
         return to_model_range(images_uint8, self.config.train.pixel_range).contiguous(memory_format=self.memory_format)
 
-    def train_step(self, x_0: torch.Tensor) -> torch.Tensor:
+    def drop_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """Classifier-free guidance's label dropout, so one network also learns ε̂(x_t, t, ∅).
+
+        "batch" (the book's step 10): the whole batch trains without labels with probability p.
+        "sample": each label is replaced by NO_LABEL with probability p, so every batch trains both
+        tasks. For the book's UNet NO_LABEL adds no embedding, exactly what `labels=None` does for
+        that sample; the ImprovedUNet maps it to its learned null token.
+        """
+        p = self.config.train.label_dropout
+        if labels is None or not self.config.model.conditional or p == 0:
+            return labels
+        if self.config.train.label_dropout_mode == "batch":
+            return None if torch.rand(()) < p else labels
+        dropped = torch.rand(labels.shape, device=labels.device) < p
+        return torch.where(dropped, NO_LABEL, labels)
+
+    def train_step(self, x_0: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """One optimisation step on a clean batch x_0: draw t and ε, noise x_0 to x_t, regress ε̂ on ε
-        (the book's MSE), step the optimizer and the EMA. Returns the loss, 0-d and unsynced."""
+        (the book's MSE), step the optimizer and the EMA. Returns the loss, 0-d and unsynced.
+        A conditional run passes the batch's labels (B,); they are dropped as `drop_labels` says."""
         lr = self.lr_at(self.step)
         # t in 1..T; x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε (scheduler.add_noise, written out: its range
         # check would sync with the device every step, and it gathers from the float64 table)
@@ -160,7 +179,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with self.autocast:
-            eps = self.forward(x_t, timesteps)
+            if self.config.model.conditional:
+                eps = self.forward(x_t, timesteps, self.drop_labels(labels))
+            else:  # the unconditional call stays the step-9 one, draw for draw
+                eps = self.forward(x_t, timesteps)
         loss = F.mse_loss(eps.float(), noise)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -283,6 +305,7 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
         raise ConfigError(f"batch_size = {train.batch_size} is not allowed: it exceeds the {len(data)} "
                           "training images; lower it")
     data = data.to(device)  # the whole dataset as one uint8 tensor on the device (47 MB for 60k)
+    labels = _training_labels(images, len(data), config).to(device) if config.model.conditional else None
     per_epoch = steps_per_epoch(len(data), train.batch_size)
     total = total_steps_for(config, len(data))
 
@@ -333,7 +356,7 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
                 if stop_event is not None and stop_event.is_set():
                     raise StopRequested
                 idx = order[i * train.batch_size:(i + 1) * train.batch_size]
-                loss = trainer.train_step(trainer.batch(data[idx]))
+                loss = trainer.train_step(trainer.batch(data[idx]), None if labels is None else labels[idx])
                 window_loss += loss.detach()
                 window_count += 1
                 window_images += len(idx)
@@ -384,6 +407,19 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
     return progress
 
 
+def _training_labels(images: ImageSet, n: int, config: RunConfig) -> torch.Tensor:
+    """The class labels of the n training images in use, checked against the network's classes."""
+    labels = images.labels[:n] if images.labels is not None else None
+    if not torch.is_tensor(labels) or labels.shape != (n,) or labels.dtype not in (torch.int64, torch.int32):
+        raise ConfigError("labels is not allowed: a conditional run needs one integer label per training image "
+                          "(core.data.ImageSet.labels)")
+    k = config.model.num_classes
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise ConfigError(f"num_classes = {k} is not allowed: the training labels run from {int(labels.min())} "
+                          f"to {int(labels.max())}")
+    return labels.long()
+
+
 def _eta(progress: Progress, budget_s: float, batch: int) -> float | None:
     candidates = []
     if progress.total_steps and progress.images_per_s > 0:
@@ -397,7 +433,11 @@ def _preview_grid(run_dir: Path, trainer: Trainer, filename: str) -> Path:
     """A 4x4 grid from a fixed seed with the run's preview sampler, so epochs compare tile by tile."""
     train = trainer.config.train
     steps = 0 if train.grid_sampler == "ddpm" else min(train.grid_steps, trainer.scheduler.num_timesteps)
+    # A conditional run previews classes 0, 1, 2, ... in reading order, guided as the book samples.
+    conditional = trainer.config.model.conditional
     result = sample(trainer.sampling_model, trainer.scheduler,
                     SampleConfig(sampler=train.grid_sampler, steps=steps, n=GRID_SAMPLES, seed=GRID_SEED),
-                    pixel_range=train.pixel_range, clip_default=train.clip_denoised, device=trainer.device)
+                    pixel_range=train.pixel_range, clip_default=train.clip_denoised, device=trainer.device,
+                    labels=even_labels(GRID_SAMPLES, trainer.config.model.num_classes) if conditional else None,
+                    guidance=PREVIEW_GUIDANCE if conditional and train.label_dropout > 0 else 1.0)
     return save_grid(run_dir / "samples" / filename, result.images, ncol=4)

@@ -1,4 +1,5 @@
-"""Sinusoidal timestep encoding (Vaswani et al. 2017), as the book writes it, vectorised.
+"""Sinusoidal timestep encoding (Vaswani et al. 2017), as the book writes it, vectorised; and the
+"no label" convention of the conditional networks.
 
 The book loops over the batch in Python and builds one vector per sample:
     div_term = exp(arange(D) / D * ln 10000)
@@ -11,6 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
+
+# A label of -1 means "no label" for one sample: the unconditional branch of classifier-free
+# guidance, mixed per sample into one batch with labelled samples. `labels=None` means it for all.
+NO_LABEL = -1
 
 
 def sinusoidal_encoding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:

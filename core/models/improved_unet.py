@@ -8,6 +8,10 @@
   training and sampling), BatchNorm selectable as in the blog.
 - Multi-scale: one level per channel multiplier (28, 14, 7), skip connections at every block,
   optional self-attention at the lowest resolution.
+- Conditional (`num_classes > 0`): a label embedding is added to the output of the shared time MLP
+  (as guided-diffusion does), so every block sees it through its time projection. Row `num_classes`
+  is a learned "no label" token: the unconditional branch of classifier-free guidance is a label of
+  its own rather than a zero vector, so it can learn what "any class" looks like.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .embedding import sinusoidal_encoding
+from .embedding import NO_LABEL, sinusoidal_encoding
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -68,7 +72,7 @@ class SelfAttention(nn.Module):
 class ImprovedUNet(nn.Module):
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 32,
                  channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
-                 attention: bool = True, norm: str = "group", dropout: float = 0.0):
+                 attention: bool = True, norm: str = "group", dropout: float = 0.0, num_classes: int = 0):
         super().__init__()
         self.base_channels = base_channels
         time_dim = base_channels * 4
@@ -109,9 +113,20 @@ class ImprovedUNet(nn.Module):
                                                nn.Conv2d(ch, ch, 3, padding=1)))
         self.out_norm = make_norm(norm, ch)
         self.out_conv = nn.Conv2d(ch, out_channels, 3, padding=1)
+        self.num_classes = num_classes
+        if num_classes:  # created last: unconditional models keep their state_dict keys and init
+            self.label_emb = nn.Embedding(num_classes + 1, time_dim)  # row num_classes = "no label"
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def label_embedding(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """(B,) labels in 0..K-1 or NO_LABEL (None: all NO_LABEL) -> (B, 4C), NO_LABEL -> the null token."""
+        if labels is None:
+            labels = torch.full((batch,), NO_LABEL, dtype=torch.long, device=device)
+        return self.label_emb(torch.where(labels == NO_LABEL, self.num_classes, labels))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         temb = self.time_mlp(sinusoidal_encoding(timesteps, self.base_channels))  # (B, 4C)
+        if self.num_classes:
+            temb = temb + self.label_embedding(labels, len(x), x.device)         # label (or null) token
         h = self.in_conv(x)                                                      # (B, C, 28, 28)
         skips = [h]
         for blocks, down in zip(self.down, self.downsample):
