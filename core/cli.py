@@ -9,21 +9,26 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from . import bench, export, io, report, runs
 from .argtypes import number, whole_number
 from .bench.flops import model_costs
 from .config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES, PIXEL_RANGES, PRESETS,
-                     SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES, ConfigError, SampleConfig, override, preset)
+                     RunConfig, SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES, ConfigError, SampleConfig, override,
+                     preset)
 from .data import DatasetNotFoundError, load_images
 from .device import resolve_device
 from .errors import CliError, RunError
 from .evaluation import cli as evaluation_cli
+from .guidance import (Conditioning, check_conditional, check_guidance, class_index, default_guidance,
+                       describe_labels, even_labels, per_class_labels)
 from .sampling import collect, reverse_process, total_steps
 from .schedule import NoiseScheduler
 from .training import TrainingDiverged, train_run
@@ -116,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--out", help="PNG grid to write (default <run>/samples/sample_<sampler>.png)")
     sa.add_argument("--npy", help="write the final images as uint8 (N, 28, 28) .npy")
     sa.add_argument("--frames", help="write x_t and predicted x0 of every step as .npz")
+    sa.add_argument("--class", dest="classes", nargs="+", metavar="K|NAME",
+                    help="conditional runs: the class(es) to draw, e.g. 7 or Sneaker (default: all, in turn)")
+    sa.add_argument("--guidance", type=number, metavar="GAMMA",
+                    help="conditional runs: classifier-free guidance γ (0 unconditional, 1 conditional, "
+                    "> 1 guided; default 3 as the book, 1 for a run trained without label dropout)")
+    sa.add_argument("--per-class", type=whole_number, metavar="N",
+                    help="conditional runs: a grid with one row of N images per class (replaces --n)")
     sa.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("eval", help="measure sample quality (Fréchet distance in a classifier's features)")
@@ -222,6 +234,26 @@ class _ProgressBar:
         self._tqdm.close()
 
 
+def conditioning(args: argparse.Namespace, config: RunConfig, run_name: str) -> Conditioning:
+    """What --class, --guidance and --per-class ask of this run, checked before any sampling."""
+    asked = [flag for flag, value in (("--class", args.classes), ("--guidance", args.guidance),
+                                      ("--per-class", args.per_class)) if value is not None]
+    if not config.model.conditional:
+        if asked:
+            check_conditional(config, run_name, what=asked[0])
+        return Conditioning(None, 1.0, args.n, None)
+    guidance = check_guidance(args.guidance if args.guidance is not None else default_guidance(config))
+    classes = [class_index(c, config.train.dataset) for c in args.classes] if args.classes else None
+    if args.per_class is not None:
+        if args.per_class < 1:
+            raise CliError(f"--per-class = {args.per_class} is not allowed: it must be at least 1")
+        labels = per_class_labels(classes or range(config.model.num_classes), args.per_class)
+        return Conditioning(labels, guidance, len(labels), args.per_class)
+    labels = torch.tensor(classes)[even_labels(args.n, len(classes))] if classes else \
+        even_labels(args.n, config.model.num_classes)
+    return Conditioning(labels, guidance, args.n, None)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     sample_config = SampleConfig(sampler=args.sampler, steps=args.steps, eta=args.eta, n=args.n,
                                  seed=args.seed, batch_size=args.batch_size, spacing=args.spacing, clip=args.clip)
@@ -232,17 +264,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
                            "does not exist")
     device = resolve_device(args.device)
     loaded = runs.load_model(Path(args.run), use_ema=not args.no_ema, device=device)
+    cond = conditioning(args, loaded.config, loaded.name)
+    sample_config = replace(sample_config, n=cond.n)
     scheduler = NoiseScheduler(loaded.config.schedule)
     steps = sample_config.resolved_steps(scheduler.num_timesteps)
     train_config = loaded.config.train
     process = reverse_process(loaded.model, scheduler, sample_config, pixel_range=train_config.pixel_range,
-                              clip_default=train_config.clip_denoised, device=device)
+                              clip_default=train_config.clip_denoised, device=device, labels=cond.labels,
+                              guidance=cond.guidance)
     if not args.quiet:
         process = tqdm(process, total=total_steps(sample_config, scheduler), unit="step",
                        desc=f"{args.sampler} {steps} steps", dynamic_ncols=True)
     result = collect(process, pixel_range=train_config.pixel_range, record="all" if args.frames else "none")
     out = Path(args.out) if args.out else loaded.path / "samples" / f"sample_{args.sampler}.png"
-    export.save_grid(out, result.images)
+    export.save_grid(out, result.images, ncol=cond.ncol)
     written = [str(out)]
     if args.npy:
         np.save(args.npy, result.images)
@@ -251,8 +286,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         Path(args.frames).write_bytes(export.frames_npz(result.images, result.frame_timesteps,
                                                         result.frames_xt, result.frames_x0))
         written.append(args.frames)
+    guidance = "" if cond.labels is None else f", {describe_labels(cond.labels, train_config.dataset)}, " \
+        f"guidance {cond.guidance:g}"
     print(f"{len(result.images)} samples ({args.sampler}, {steps} steps, "
-          f"{'EMA' if loaded.used_ema else 'raw'} weights) -> {', '.join(written)}")
+          f"{'EMA' if loaded.used_ema else 'raw'} weights{guidance}) -> {', '.join(written)}")
     return 0
 
 

@@ -18,6 +18,7 @@ of a grid with one row per class and of an evaluation spread evenly over the cla
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -66,6 +67,11 @@ def guided(model: nn.Module | Callable, labels: torch.Tensor, scale: float) -> D
     return denoise
 
 
+def guided_nfe(scale: float) -> int:
+    """Network evaluations per image and step: two for guidance proper, one for γ = 0 or 1."""
+    return 1 if scale in (0.0, 1.0) else 2
+
+
 # -- what a user asks for ------------------------------------------------------------------------------
 def class_names(dataset: str) -> tuple[str, ...]:
     return CLASS_NAMES[dataset]
@@ -92,6 +98,28 @@ def check_conditional(config: RunConfig, run_name: str, what: str = "class") -> 
     if not config.model.conditional:
         raise ConfigError(f"{what} is not allowed for run {run_name!r}: it is unconditional (num_classes = 0); "
                           "train a conditional run (--conditional or --preset improved-cfg) to pick classes")
+
+
+def default_guidance(config: RunConfig) -> float:
+    """The book's γ = 3 for a run trained with label dropout; γ = 1 for one that never learned ∅."""
+    return BOOK_GUIDANCE if config.train.label_dropout > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What to sample from a conditional run: one label per image (None: unconditional run), γ,
+    the number of images, and the grid's columns (one row per class) when there is one."""
+    labels: torch.Tensor | None
+    guidance: float
+    n: int
+    ncol: int | None
+
+
+def describe_labels(labels: torch.Tensor, dataset: str) -> str:
+    """'class Sneaker' or '10 classes' for messages and captions."""
+    present = sorted(set(labels.tolist()))
+    names = class_names(dataset)
+    return f"class {names[present[0]]}" if len(present) == 1 else f"{len(present)} classes"
 
 
 def per_class_labels(classes: Sequence[int], per_class: int) -> torch.Tensor:

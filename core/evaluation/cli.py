@@ -3,13 +3,16 @@ the real-data references.
 
     python -m core eval --run NAME_OR_DIR [--n 1000 --sampler ddim --steps 50 --eta 0 --seed 0]
     python -m core eval --run NAME_OR_DIR --sweep-steps 5,10,20,50 --samplers ddim,dpmpp2m,dpmpp2m-sde
+    python -m core eval --run NAME_OR_DIR --guidance-sweep 0,1,3,5 [--class Sneaker]   (conditional runs)
     python -m core eval --fit-classifier [--dataset fashion_mnist]
     python -m core eval --real [--dataset fashion_mnist --n 1000]
 
 Each prints ONE JSON line per evaluated setting on stdout (messages and progress bars go to stderr);
 `--run` also stores the entry in the run's eval.json under a `setting` key such as "ddpm-1000" or
 "dpmpp2m-20", one entry per sampler setting (a sweep writes one per sampler and step count, with the
-same seed and classifier, so they compare). When the dataset's classifier does not exist yet (or is damaged, or from an
+same seed and classifier, so they compare). A conditional run samples N/10 images of each class (or
+of the --class given) at each guidance scale γ; its entries, keyed like "dpmpp2m-20-g3", add the
+conditional accuracy and per-class accuracy and Fréchet distance. When the dataset's classifier does not exist yet (or is damaged, or from an
 older architecture), it is fitted first, with a message: a fresh user gets a number, not a chore.
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ..config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, SAMPLER_NAMES, SP
 from ..data import load_images
 from ..device import resolve_device
 from ..errors import CliError, RunError
+from ..guidance import check_conditional, check_guidance, class_index, default_guidance, even_labels, guided_nfe
 from ..sampling import reverse_process, collect, total_steps
 from ..schedule import NoiseScheduler
 from .classifier import (ARCH_VERSION, REQUIRED_ACCURACY, Classifier, ClassifierError, FitConfig, classifier_path,
@@ -67,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate every sampler of --samplers at each of these step counts")
     parser.add_argument("--samplers", type=comma_list(str), metavar="NAME,...",
                         help=f"samplers of a --sweep-steps ({', '.join(s for s in SAMPLER_NAMES if s != 'ddpm')})")
+    parser.add_argument("--class", dest="classes", nargs="+", metavar="K|NAME",
+                        help="conditional runs: evaluate these classes only (default: all, N/10 each)")
+    parser.add_argument("--guidance", type=number, metavar="GAMMA",
+                        help="conditional runs: classifier-free guidance γ (default 3, the book's)")
+    parser.add_argument("--guidance-sweep", type=comma_list(number), metavar="G,G,...",
+                        help="conditional runs: one entry per γ, e.g. 0,1,2,3,5,8 (the fidelity-diversity trade-off)")
     parser.add_argument("--seed", type=whole_number, default=0, help="seed of the samples, the floor's images and the noise")
     parser.add_argument("--batch-size", type=whole_number, default=250, help="images per forward pass")
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights even when EMA exists")
@@ -206,6 +216,7 @@ def _cmd_run(args: argparse.Namespace, device: torch.device) -> list[dict[str, A
         raise ConfigError(f"dataset = {args.dataset!r} is not allowed: run {run_dir.name!r} was trained on "
                           f"{dataset!r} (leave --dataset out with --run)")
     loaded = runs.load_model(run_dir, use_ema=not args.no_ema, device=device)
+    guidances, labels = conditioning(args, loaded)
     scheduler = NoiseScheduler(loaded.config.schedule)
     for config in settings:
         config.resolved_steps(scheduler.num_timesteps)  # a step count above T fails before any work
@@ -217,31 +228,60 @@ def _cmd_run(args: argparse.Namespace, device: torch.device) -> list[dict[str, A
     raw_weights = not loaded.used_ema and (run_dir / "ema.safetensors").exists()
     entries = []
     for config in settings:
-        entry = _evaluate_setting(args, config, loaded, scheduler, evaluator, train, raw_weights, device)
-        runs.append_eval(run_dir, entry)
-        print(json.dumps(entry), flush=True)
-        entries.append(entry)
+        for guidance in guidances:
+            entry = _evaluate_setting(args, config, loaded, scheduler, evaluator, train, raw_weights, device,
+                                      labels, guidance)
+            runs.append_eval(run_dir, entry)
+            print(json.dumps(entry), flush=True)
+            entries.append(entry)
     return entries
+
+
+def conditioning(args: argparse.Namespace, loaded: runs.LoadedRun) -> tuple[list[float], torch.Tensor | None]:
+    """The guidance scales to evaluate and the labels of the N samples (None: unconditional run)."""
+    config = loaded.config
+    asked = [flag for flag, value in (("--class", args.classes), ("--guidance", args.guidance),
+                                      ("--guidance-sweep", args.guidance_sweep)) if value is not None]
+    if not config.model.conditional:
+        if asked:
+            check_conditional(config, loaded.name, what=asked[0])
+        return [1.0], None
+    if args.guidance is not None and args.guidance_sweep is not None:
+        raise CliError("give --guidance or --guidance-sweep, not both")
+    guidances = [check_guidance(g) for g in (args.guidance_sweep or [
+        args.guidance if args.guidance is not None else default_guidance(config)])]
+    classes = [class_index(c, config.train.dataset) for c in args.classes] if args.classes else \
+        list(range(config.model.num_classes))
+    return guidances, torch.tensor(classes)[even_labels(args.n, len(classes))]
 
 
 def _evaluate_setting(args: argparse.Namespace, config: SampleConfig, loaded: runs.LoadedRun,
                       scheduler: NoiseScheduler, evaluator: QualityEvaluator, train, raw_weights: bool,
-                      device: torch.device) -> dict[str, Any]:
+                      device: torch.device, labels: torch.Tensor | None = None,
+                      guidance: float = 1.0) -> dict[str, Any]:
     steps = config.resolved_steps(scheduler.num_timesteps)
     train_config = loaded.config.train
     started_at, started = _now(), time.perf_counter()
     process = reverse_process(loaded.model, scheduler, config, pixel_range=train_config.pixel_range,
-                              clip_default=train_config.clip_denoised, device=device)
+                              clip_default=train_config.clip_denoised, device=device, labels=labels,
+                              guidance=guidance)
     if not args.quiet:
         process = tqdm(process, total=total_steps(config, scheduler), unit="step", dynamic_ncols=True,
-                       desc=f"{config.sampler} {steps} steps, {config.n} images", file=sys.stderr)
+                       desc=f"{config.sampler} {steps} steps, {config.n} images"
+                       + (f", guidance {guidance:g}" if labels is not None else ""), file=sys.stderr)
     result = collect(process, pixel_range=train_config.pixel_range)
     sampling_s = time.perf_counter() - started
     eval_start = time.perf_counter()
-    report = evaluator.evaluate(torch.from_numpy(result.images), train, seed=config.seed)
+    images = torch.from_numpy(result.images)
+    report = evaluator.evaluate(images, train, seed=config.seed)
+    conditional = {}
+    if labels is not None:  # keys only conditional runs have: unconditional entries stay as they were
+        conditional = {"guidance": guidance, **evaluator.conditional(images, labels).to_dict()}
     classifier = evaluator.classifier
-    return {"setting": setting_name(config, steps, raw_weights),
-            "sampler": config.sampler, "steps": steps, "nfe": steps,
+    setting = setting_name(config, steps, raw_weights) + (f"-g{guidance:g}" if labels is not None else "")
+    return {"setting": setting,
+            "sampler": config.sampler, "steps": steps,
+            "nfe": steps if labels is None else steps * guided_nfe(guidance), **conditional,
             "eta": config.eta if config.sampler == "ddim" else None,
             "spacing": config.spacing if config.sampler != "ddpm" else None,
             "clip": config.resolved_clip(train_config.clip_denoised),

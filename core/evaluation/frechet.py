@@ -14,6 +14,11 @@ histogram of the samples), their normalised entropy H / ln 10 (1: every class eq
 class only) and the mean top-class softmax confidence say whether the samples cover all classes and
 look like *some* class at all.
 
+For a class-conditional run the samples come with the labels they were asked for; the report then
+adds the conditional accuracy (the share the classifier assigns to the requested class), the same
+per class, and a Fréchet distance per class against that class's test images (about N/10 samples
+each, so per-class figures are biased upwards and only compare at the same N).
+
 The distance itself is torchmetrics' FrechetInceptionDistance with our classifier as its `feature`
 module: it accumulates feature sums and cross-products in float64 and takes the trace of the
 matrix square root from the eigenvalues of Σ_real·Σ_fake. The test-split statistics are the same
@@ -142,6 +147,8 @@ class QualityEvaluator:
         self.batch_size = batch_size
         self.classifier.model.to(self.device).eval()
         self.metric = frechet_metric(FeatureExtractor(classifier.model)).to(self.device)
+        self.test = test  # kept for the per-class statistics of conditional runs
+        self._test_features: torch.Tensor | None = None
         self.test_sha256 = hashlib.sha256(test.images.numpy().tobytes()).hexdigest()
         self.stats_from_cache = self._load_cached_stats()
         if not self.stats_from_cache:
@@ -218,6 +225,38 @@ class QualityEvaluator:
     def class_statistics(self, images: torch.Tensor) -> dict[str, Any]:
         return class_statistics(self.logits(images), self.classifier.class_names)
 
+    # Class-conditional samples: features per image, the test split's features, the report.
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 128) classifier features of uint8 (N, 28, 28) images, on the CPU."""
+        return torch.cat([self.classifier.model.features(images[s:s + self.batch_size].to(self.device)).float().cpu()
+                          for s in range(0, len(images), self.batch_size)])
+
+    def test_features(self) -> torch.Tensor:
+        """The test split's features, computed once per evaluator (10k images: seconds)."""
+        if self._test_features is None:
+            self._test_features = self.features(self.test.images)
+        return self._test_features
+
+    def conditional(self, images: torch.Tensor, labels: torch.Tensor) -> "ConditionalReport":
+        """Samples drawn for `labels`: the share classified as asked, per class, and per-class distances."""
+        images = _check_images(torch.as_tensor(images), "images")
+        labels = torch.as_tensor(labels).long().cpu()
+        if labels.shape != (len(images),):
+            raise ConfigError(f"labels = {tuple(labels.shape)} is not allowed: give one label per image "
+                              f"({len(images)})")
+        names = self.classifier.class_names
+        predicted = self.logits(images).argmax(dim=1)
+        fake, real = self.features(images), self.test_features()
+        accuracy, distance, counts = {}, {}, {}
+        for k in sorted(set(labels.tolist())):
+            mine = labels == k
+            counts[names[k]] = int(mine.sum())
+            accuracy[names[k]] = float((predicted[mine] == k).double().mean())
+            if counts[names[k]] >= MIN_IMAGES:  # a covariance needs two samples
+                distance[names[k]] = frechet_distance_of_features(real[self.test.labels == k], fake[mine])
+        return ConditionalReport(float((predicted == labels).double().mean()), accuracy, distance, counts)
+
     def floor(self, train: ImageSet, n: int, seed: int = 0) -> float:
         if train.dataset != self.classifier.dataset:
             raise ConfigError(f"dataset = {train.dataset!r} is not allowed: the classifier was fitted on "
@@ -233,3 +272,34 @@ class QualityEvaluator:
         n = int(images.shape[0])
         return QualityReport(n=n, fd=self.frechet_distance(images), fd_floor=self.floor(train, n, seed),
                              fd_noise=self.noise_ceiling(n, seed), **self.class_statistics(images))
+
+
+# -- class-conditional samples ----------------------------------------------------------------------------
+def frechet_distance_of_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """||μ_r − μ_f||² + tr Σ_r + tr Σ_f − 2 tr sqrt(Σ_r Σ_f), in float64, from (N, D) features.
+
+    tr sqrt(Σ_r Σ_f) is the sum of the square roots of the eigenvalues of Σ_r Σ_f (real and >= 0 up to
+    round-off, as the product of two PSD matrices), the way torchmetrics computes it.
+    """
+    real, fake = real.double(), fake.double()
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    cov_r, cov_f = torch.cov(real.T), torch.cov(fake.T)
+    root_trace = torch.linalg.eigvals(cov_r @ cov_f).real.clamp(min=0).sqrt().sum()
+    value = (mu_r - mu_f).square().sum() + cov_r.trace() + cov_f.trace() - 2 * root_trace
+    return max(float(value), 0.0)
+
+
+@dataclass
+class ConditionalReport:
+    """How well samples drawn for given classes show those classes."""
+    conditional_accuracy: float
+    per_class_accuracy: dict[str, float]
+    per_class_fd: dict[str, float]
+    per_class_n: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"conditional_accuracy": round(self.conditional_accuracy, 4),
+                "per_class_accuracy": {k: round(v, 4) for k, v in self.per_class_accuracy.items()},
+                "per_class_fd": {k: round(v, 4) for k, v in self.per_class_fd.items()},
+                "per_class_n": self.per_class_n}
+
