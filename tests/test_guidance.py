@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from core import runs
+from core.bench.runner import SMOKE, measure_guidance
 from core.cli import main
 from core.config import FORMAT_VERSION, PRESETS, ConfigError, ModelConfig, RunConfig, SampleConfig, TrainConfig
 from core.data import CLASS_NAMES
@@ -355,3 +356,10 @@ def test_eval_guidance_sweep_stores_one_entry_per_scale(cond_run, tmp_path, caps
         assert sum(entry["per_class_n"].values()) == 20 and len(entry["per_class_fd"]) == 10
     stored = [e["setting"] for e in runs.read_eval(cond_run)]
     assert stored[-3:] == ["ddim-3-g0", "ddim-3-g1", "ddim-3-g3"]
+
+
+def test_bench_times_guided_against_unguided_steps():
+    entry = measure_guidance(torch.device("cpu"), SMOKE, channels_last=False)
+    assert entry["preset"] == "improved-cfg" and entry["guidance"] == 3.0
+    assert entry["guided_step_s"] > 0 and entry["unguided_step_s"] > 0
+    assert entry["guided_over_unguided"] == pytest.approx(entry["guided_step_s"] / entry["unguided_step_s"], rel=0.01)

@@ -36,6 +36,7 @@ import torch
 
 from ..config import DEVICE_NAMES, PRESETS, ConfigError, RunConfig, SampleConfig
 from ..data import load_images
+from ..guidance import even_labels
 from ..device import resolve_device, synchronize
 from ..models import build_model, count_parameters
 from ..models.embedding import sinusoidal_encoding
@@ -53,7 +54,10 @@ TARGETS = {  # from the project's issue; reported as booleans, never asserted in
     "ddim50_over_ddpm1000": 1 / 15,
     "cpu_train_peak_rss_mb": 2048,
     "gpu_speedup_vs_reference": 10.0,
+    "guided_over_unguided_step": 2.0,   # classifier-free guidance: both halves in one batched pass
 }
+GUIDANCE_PRESET = "improved-cfg"        # the conditional network whose guided step is timed
+BENCH_GUIDANCE = 3.0                    # the book's γ
 
 
 @dataclass(frozen=True)
@@ -361,6 +365,42 @@ def measure_sampling(config: RunConfig, device: torch.device, plan: BenchPlan, c
             "ddim_over_ddpm": _r(ddim["seconds"] / ddpm["seconds"])}
 
 
+def measure_guidance(device: torch.device, plan: BenchPlan, channels_last: bool) -> dict:
+    """Seconds per DDIM step of the improved-cfg network for `plan.samples` images: unguided (γ = 1,
+    one pass over B) against guided (γ = 3, one pass over [x; x], 2B). Alternating rounds, best of
+    each: guidance should cost at most twice the unguided step, less where a pass of B leaves the
+    device idle."""
+    config = PRESETS[GUIDANCE_PRESET]
+    torch.manual_seed(0)
+    model = build_model(config.model).to(device).eval()
+    scheduler = NoiseScheduler(config.schedule)
+    n = plan.samples
+    timed = min(plan.ddim_timed_steps, plan.ddim_steps, scheduler.num_timesteps)
+    sample_config = SampleConfig(sampler="ddim", steps=min(plan.ddim_steps, scheduler.num_timesteps), n=n, batch_size=n)
+    labels = even_labels(n, config.model.num_classes)
+
+    def seconds_per_step(guidance: float) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        steps = reverse_process(model, scheduler, sample_config, pixel_range=config.train.pixel_range, device=device,
+                                channels_last=channels_last, labels=labels, guidance=guidance)
+        for _ in itertools.islice(steps, timed):
+            pass
+        steps.close()
+        _sync(device)
+        return (time.perf_counter() - start) / timed
+
+    seconds_per_step(1.0), seconds_per_step(BENCH_GUIDANCE)  # warm-up at both batch sizes
+    unguided, guided_s = [], []
+    for _ in range(plan.sampling_rounds):
+        unguided.append(seconds_per_step(1.0))
+        guided_s.append(seconds_per_step(BENCH_GUIDANCE))
+    return {"preset": GUIDANCE_PRESET, "sampler": "ddim", "n": n, "timed_steps": timed, "guidance": BENCH_GUIDANCE,
+            "rounds": plan.sampling_rounds, "statistic": "best round",
+            "unguided_step_s": _r(min(unguided), 5), "guided_step_s": _r(min(guided_s), 5),
+            "guided_over_unguided": _r(min(guided_s) / min(unguided), 3)}
+
+
 def scheduler_step_overhead(device: torch.device, n: int, repeats: int = 200) -> dict:
     """Microseconds of one DDPM and one DDIM scheduler step alone (no model): the per-step Python
     and small-kernel cost every reverse step pays on top of the network."""
@@ -539,6 +579,8 @@ def run_bench(plan: BenchPlan = FULL, device: str = "auto", *, channels_last: bo
         say(f"sampling {name}")
         result["sampling"][name] = measure_sampling(config, dev, plan, sample_cl)
     result["scheduler_step_overhead"] = scheduler_step_overhead(dev, plan.samples)
+    say("guided against unguided sampling")
+    result["guidance"] = measure_guidance(dev, plan, sample_cl)
 
     if reference:
         say("the book's reference code, interleaved with the product's")
@@ -593,6 +635,9 @@ def _targets(result: dict, dev: torch.device) -> dict:
         "cpu_train_peak_rss_target_mb": TARGETS["cpu_train_peak_rss_mb"] if cpu else None,
         "cpu_train_peak_rss_met": peak_train_mb < TARGETS["cpu_train_peak_rss_mb"] if cpu else None,
         "gpu_speedup_vs_reference": None, "gpu_speedup_target": None, "gpu_speedup_met": None,
+        "guided_over_unguided_step": result["guidance"]["guided_over_unguided"],
+        "guided_over_unguided_target": TARGETS["guided_over_unguided_step"],
+        "guided_over_unguided_met": result["guidance"]["guided_over_unguided"] <= TARGETS["guided_over_unguided_step"],
     }
     if dev.type == "cuda" and ref is not None:
         out.update(gpu_speedup_vs_reference=ref["train_speedup"],
