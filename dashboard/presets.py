@@ -16,10 +16,14 @@ FORM_PRESETS: dict[str, RunConfig] = {
     "Improved (blog)": PRESETS["improved"],
     "Quick CPU demo": PRESETS["quick"],
     "Tiny smoke test": PRESETS["tiny"],
+    "Improved + guidance (step 10)": PRESETS["improved-cfg"],
+    "Book conditional (step 10)": PRESETS["book-cond"],
+    "Book + guidance (step 10)": PRESETS["book-cfg"],
 }
 DEFAULT_PRESET = "Quick CPU demo"
 PRESET_SLUGS = {"Book": "book", "Improved (blog)": "improved", "Quick CPU demo": "quick",
-                "Tiny smoke test": "tiny"}
+                "Tiny smoke test": "tiny", "Improved + guidance (step 10)": "improved-cfg",
+                "Book conditional (step 10)": "book-cond", "Book + guidance (step 10)": "book-cfg"}
 
 # Form field -> (config section, config field). The widget key is "f_" + the form field.
 FORM_FIELDS: dict[str, tuple[str, str]] = {
@@ -39,6 +43,9 @@ FORM_FIELDS: dict[str, tuple[str, str]] = {
     "seed": ("train", "seed"),
     "device": ("train", "device"),
     "ema_decay": ("train", "ema_decay"),
+    "num_classes": ("model", "num_classes"),              # step 10: 0 = unconditional, 10 = labels
+    "label_dropout": ("train", "label_dropout"),
+    "label_dropout_mode": ("train", "label_dropout_mode"),
 }
 
 

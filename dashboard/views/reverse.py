@@ -9,12 +9,13 @@ import math
 from pathlib import Path
 
 import streamlit as st
+import torch
 
 from core import runs
 from core.config import SAMPLER_LABELS, SAMPLER_NAMES, ConfigError, SampleConfig
 from core.export import frames_npz, grid_png, reverse_gif
 from core.jobs import SamplingJob
-from dashboard import cache
+from dashboard import cache, guidance
 from dashboard.charts import scaled_grid
 from dashboard.state import runs_dir
 from dashboard.widgets import run_picker_ui, sampleable
@@ -40,10 +41,12 @@ def _generate(run_dir: str, params: dict) -> None:
     except (ConfigError, runs.RunError) as exc:
         st.session_state["rev_feedback"] = ("error", f"Not generated: {exc}")
         return
+    labels = torch.tensor(params["labels"]) if params.get("labels") else None  # conditional runs (step 10)
     job = SamplingJob(loaded.model, cache.scheduler_for(loaded.config), config,
                       pixel_range=loaded.config.train.pixel_range, clip_default=loaded.config.train.clip_denoised,
-                      record="all", device=cache.DEVICE).start()
-    meta = dict(params, run=loaded.name, used_ema=loaded.used_ema, timesteps=loaded.config.schedule.timesteps)
+                      record="all", device=cache.DEVICE, labels=labels, guidance=params.get("guidance", 1.0)).start()
+    meta = dict(params, run=loaded.name, used_ema=loaded.used_ema, timesteps=loaded.config.schedule.timesteps,
+                dataset=loaded.config.train.dataset)
     st.session_state["rev_job"] = {"job": job, "meta": meta}
 
 
@@ -127,13 +130,13 @@ def _describe(meta: dict) -> str:
     extra = f", η = {meta['eta']:g}" if meta["sampler"] == "ddim" else ""
     weights = "EMA" if meta["used_ema"] else "raw"
     return (f"{meta['run']} · {meta['sampler'].upper()} {steps} steps{extra} · seed {meta['seed']} · "
-            f"{weights} weights")
+            f"{weights} weights{guidance.describe(meta, meta.get('dataset'))}")
 
 
 def player(result, meta: dict) -> None:
     """A frame slider over every recorded step (plus the final images), with play / pause."""
     last = len(result.frame_timesteps)  # frames 0..last-1 are recorded steps, frame `last` the result
-    ncol = math.ceil(math.sqrt(meta["n"]))
+    ncol = meta.get("ncol") or math.ceil(math.sqrt(meta["n"]))  # a per-class grid: one row per class
     playing = st.session_state.get("rev_playing", False)
 
     @st.fragment(run_every=PLAY_TICK_S if playing else None)
@@ -171,7 +174,7 @@ def player(result, meta: dict) -> None:
 
 
 def exports_ui(result, meta: dict) -> None:
-    ncol = math.ceil(math.sqrt(meta["n"]))
+    ncol = meta.get("ncol") or math.ceil(math.sqrt(meta["n"]))
     stem = f"{meta['run']}-{meta['sampler']}{meta['steps'] or meta['timesteps']}-seed{meta['seed']}"
     c1, c2, c3 = st.columns(3)
     c1.download_button("Final grid (PNG)", data=grid_png(result.images, ncol=ncol, scale=4), file_name=f"{stem}.png",
@@ -198,11 +201,13 @@ if not candidates:
 
 info = run_picker_ui(candidates, key="rev_run", help="Runs with saved weights")
 params = sampler_ui(info)
+params.update(guidance.conditional_ui(info, params["n"]))  # class, γ and row-per-class grid: step 10 runs only
 st.button("Generate", icon=":material/auto_awesome:", type="primary", on_click=_generate, args=(str(info.path), params),
           key="rev_generate", help="Runs in the background; the page stays usable.")
 _collect_finished()
 feedback_ui()
 generation_panel()
+guidance.explorer_ui(info, params)
 
 done = st.session_state.get("rev_result")
 if done is not None:

@@ -12,8 +12,8 @@ import streamlit as st
 from PIL import Image
 
 from core import runs
-from core.config import (DATASET_LABELS, DATASET_NAMES, DEVICE_NAMES, MODEL_LABELS, OPTIMIZER_LABELS,
-                         OPTIMIZER_NAMES, SCHEDULE_NAMES, ConfigError)
+from core.config import (DATASET_LABELS, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_LABELS,
+                         OPTIMIZER_LABELS, OPTIMIZER_NAMES, SCHEDULE_NAMES, ConfigError)
 from core.jobs import JobBusy
 from core.training import Progress
 from dashboard.charts import format_duration, live_loss_figure, upscale
@@ -103,7 +103,21 @@ def train_form_ui() -> None:
         c1, c2, _, _ = st.columns(4)
         c1.number_input("Timesteps T", min_value=2, max_value=10_000, step=10, key="f_timesteps", **keep)
         c2.selectbox("Noise schedule", SCHEDULE_NAMES, key="f_schedule", **keep)
+        conditional_fields_ui(keep)
         st.form_submit_button("Train", icon=":material/rocket_launch:", type="primary", on_click=_start_training)
+
+
+def conditional_fields_ui(keep: dict) -> None:
+    """Step 10's options: class labels, and the label dropout that classifier-free guidance needs."""
+    c1, c2, c3, _ = st.columns(4)
+    c1.selectbox("Class labels", (0, 10), key="f_num_classes", **keep,
+                 format_func=lambda k: "none (unconditional)" if k == 0 else f"{k} classes (step 10)",
+                 help="A label embedding lets you ask for a class when sampling (step 10 of the book).")
+    c2.number_input("Label dropout", min_value=0.0, max_value=0.99, step=0.05, format="%g", key="f_label_dropout",
+                    help="Share of labels dropped while training, so the same network also learns the "
+                         "unconditional ε̂ that guidance needs (book: 0.1; 0 = no guidance).", **keep)
+    c3.selectbox("Dropout per", LABEL_DROPOUT_MODES, key="f_label_dropout_mode", **keep,
+                 format_func={"sample": "sample", "batch": "batch (the book)"}.get)
 
 
 def feedback_ui() -> None:

@@ -1,0 +1,105 @@
+"""Reverse page, conditional runs (step 10): a class picker, a guidance slider, a grid with one row
+per class, and a guidance explorer that draws the same seeds at several γ side by side.
+
+`conditional_ui` only draws widgets and returns plain values; `guided_grids` (cached) does the work
+through `core.sampling.sample`. Nothing here is drawn for an unconditional run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+import torch
+
+from core import runs
+from core.config import ConfigError, SampleConfig
+from core.sampling import sample
+from core.guidance import check_guidance, class_names, default_guidance, per_class_labels
+from dashboard import cache
+from dashboard.charts import scaled_grid
+
+ALL_CLASSES = -1                      # the class picker's "one row per class" entry
+MAX_PER_CLASS = 6                     # 10 rows x 6 = 60 images: under the page's 64-image ceiling
+EXPLORER_SCALES = (0.0, 1.0, 3.0, 7.0)
+EXPLORER_CHOICES = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0)
+EXPLORER_PER_CLASS = 2                # images per class in the explorer's grids when all classes are shown
+GUIDANCE_HELP = ("Classifier-free guidance γ: 0 ignores the label (unconditional), 1 is the plain conditional "
+                 "model, above 1 pushes further towards the class: sharper, more typical, less varied. "
+                 "The book uses 3.")
+
+
+def conditional_ui(info: runs.RunInfo, n: int) -> dict:
+    """The class and guidance for a conditional run, as {'labels', 'guidance', 'n', 'ncol'}; {} otherwise.
+
+    `n` is the page's image count, used when a single class is picked.
+    """
+    config = info.config
+    if config is None or not config.model.conditional:
+        return {}
+    names = class_names(config.train.dataset)
+    c1, c2, c3 = st.columns([2, 2, 1], vertical_alignment="bottom")
+    picked = c1.selectbox("Class", [ALL_CLASSES, *range(len(names))], key="rev_class", persist_state="session",
+                          format_func=lambda k: "All classes (one row per class)" if k == ALL_CLASSES
+                          else f"{k} · {names[k]}")
+    guidance = c2.slider("Guidance γ", 0.0, 10.0, float(default_guidance(config)), 0.5, key="rev_guidance",
+                         persist_state="session", help=GUIDANCE_HELP)
+    per_class = c3.number_input("Images per class", min_value=1, max_value=MAX_PER_CLASS, value=4,
+                                key="rev_per_class", disabled=picked != ALL_CLASSES, persist_state="session")
+    if picked == ALL_CLASSES:
+        labels = per_class_labels(range(len(names)), int(per_class)).tolist()
+        return {"labels": labels, "guidance": float(guidance), "n": len(labels), "ncol": int(per_class)}
+    return {"labels": [int(picked)] * n, "guidance": float(guidance), "n": n, "ncol": None}
+
+
+def describe(meta: dict, dataset: str | None) -> str:
+    """' · class Sneaker · γ = 3' for the result's caption ('' for unconditional runs)."""
+    if not meta.get("labels"):
+        return ""
+    present = sorted(set(meta["labels"]))
+    what = f"class {class_names(dataset)[present[0]]}" if len(present) == 1 and dataset else \
+        f"{len(present)} classes, one row each"
+    return f" · {what} · γ = {meta['guidance']:g}"
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def guided_grids(run_dir: str, mtime: float, use_ema: bool, sampler: str, steps: int, seed: int,
+                 labels: tuple[int, ...], scales: tuple[float, ...]) -> list[np.ndarray]:
+    """uint8 (n, 28, 28) samples per γ, all from the same seed: only the guidance differs."""
+    del mtime  # only part of the cache key
+    loaded = cache.load_run_model(Path(run_dir), use_ema=use_ema)
+    sched = cache.scheduler_for(loaded.config)
+    config = SampleConfig(sampler=sampler, steps=steps, n=len(labels), seed=seed)
+    train = loaded.config.train
+    return [sample(loaded.model, sched, config, pixel_range=train.pixel_range, clip_default=train.clip_denoised,
+                   device=cache.DEVICE, labels=torch.tensor(labels), guidance=g).images for g in scales]
+
+
+def explorer_ui(info: runs.RunInfo, params: dict) -> None:
+    """The same seeds at several γ side by side: fidelity rises with γ, diversity falls."""
+    if not params.get("labels"):
+        return
+    with st.expander("Guidance explorer: the same seeds at several γ", expanded=False):
+        scales = st.multiselect("Guidance scales γ", EXPLORER_CHOICES, default=list(EXPLORER_SCALES),
+                                key="rev_explore_scales", format_func=lambda g: f"{g:g}")
+        labels = params["labels"]
+        if params.get("ncol"):  # all classes: a shorter grid, so four of them fit side by side
+            labels = per_class_labels(sorted(set(labels)), EXPLORER_PER_CLASS).tolist()
+        ncol = EXPLORER_PER_CLASS if params.get("ncol") else int(np.ceil(np.sqrt(len(labels))))
+        if not st.button("Compare guidance scales", icon=":material/compare:", key="rev_explore"):
+            st.caption(f"Samples {len(labels)} images per γ with the sampler, steps and seed above.")
+            return
+        try:
+            for g in scales:
+                check_guidance(g)
+            config = SampleConfig(sampler=params["sampler"], steps=params["steps"], n=len(labels), seed=params["seed"])
+            config.resolved_steps(info.config.schedule.timesteps)
+        except ConfigError as exc:
+            st.error(f"Not generated: {exc}")
+            return
+        with st.spinner(f"Sampling {len(labels)} images at {len(scales)} guidance scales..."):
+            grids = guided_grids(str(info.path), cache.weights_mtime(info.path, params["use_ema"]),
+                                 params["use_ema"], params["sampler"], params["steps"], params["seed"],
+                                 tuple(labels), tuple(sorted(scales)))
+        for column, g, images in zip(st.columns(max(1, len(scales))), sorted(scales), grids):
+            column.image(scaled_grid(images, ncol=ncol, target_px=220), caption=f"γ = {g:g}")

@@ -1,0 +1,121 @@
+"""Dashboard, step 10: the Reverse page's class picker, guidance slider, per-class grid and guidance
+explorer on a tiny conditional run; nothing of it on an unconditional run; the Train form's
+conditional options."""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import REPO, make_tiny_images, tiny_config
+from core import runs
+from core.training import train_run
+from dashboard.state import job_manager
+
+APP = str(REPO / "dashboard" / "app.py")
+
+
+@pytest.fixture
+def cond_app(tmp_path, monkeypatch) -> AppTest:
+    config = tiny_config(ema_decay=0.9)
+    config = replace(config, model=replace(config.model, num_classes=10))
+    run_dir = runs.create_run(tmp_path / "runs", "cond", config)
+    train_run(run_dir, images=make_tiny_images())
+    monkeypatch.setenv("DDPM_RUNS_DIR", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/reverse.py").run()
+    assert not at.exception
+    at.selectbox(key="rev_sampler").set_value("ddim").run()
+    at.number_input(key="rev_steps").set_value(3).run()
+    return at
+
+
+def generate(at: AppTest, timeout: float = 60.0) -> dict:
+    at.button(key="rev_generate").click().run()
+    deadline = time.monotonic() + timeout
+    while "rev_result" not in at.session_state:
+        assert time.monotonic() < deadline, "generation did not finish in time"
+        assert not at.error, at.error[0].value
+        time.sleep(0.1)
+        at.run()
+    assert not at.exception
+    return at.session_state["rev_result"]
+
+
+def test_pick_sneaker_at_guidance_3(cond_app):
+    at = cond_app
+    assert at.slider(key="rev_guidance").value == 3.0  # the book's γ for a run trained with label dropout
+    at.selectbox(key="rev_class").set_value(7)
+    at.number_input(key="rev_n").set_value(4).run()
+    done = generate(at)
+    assert done["meta"]["labels"] == [7] * 4 and done["meta"]["guidance"] == 3.0
+    assert done["result"].images.shape == (4, 28, 28)
+    assert any("class Sneaker · γ = 3" in m.value for m in at.markdown)
+
+
+def test_one_row_per_class(cond_app):
+    at = cond_app
+    at.number_input(key="rev_per_class").set_value(2).run()
+    done = generate(at)
+    meta = done["meta"]
+    assert meta["n"] == 20 and meta["ncol"] == 2 and meta["labels"] == sorted(meta["labels"])
+    assert done["result"].images.shape == (20, 28, 28)
+
+
+def test_guidance_explorer_shows_the_same_seeds_at_four_scales(cond_app):
+    at = cond_app
+    at.selectbox(key="rev_class").set_value(7).run()
+    at.button(key="rev_explore").click().run()
+    assert not at.exception and not at.error
+    captions = [img.captions[0] for img in at.image if img.captions and img.captions[0].startswith("γ")]
+    assert captions == ["γ = 0", "γ = 1", "γ = 3", "γ = 7"]
+
+
+def test_unconditional_runs_have_no_class_picker(tiny_run, monkeypatch):
+    monkeypatch.setenv("DDPM_RUNS_DIR", str(tiny_run.parent))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/reverse.py").run()
+    assert not at.exception
+    assert not [w for w in at.selectbox if w.key == "rev_class"]
+    assert not [w for w in at.slider if w.key == "rev_guidance"]
+
+
+def test_train_form_has_the_conditional_options(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_RUNS_DIR", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/train.py").run()
+    at.selectbox(key="train_preset").set_value("Improved + guidance (step 10)").run()
+    assert at.selectbox(key="f_num_classes").value == 10
+    assert at.number_input(key="f_label_dropout").value == 0.1
+    assert at.selectbox(key="f_label_dropout_mode").value == "sample"
+    assert at.text_input(key="f_run_name").value.startswith("improved-cfg-improved_unet-adamw-")
+    at.selectbox(key="train_preset").set_value("Book + guidance (step 10)").run()
+    assert at.selectbox(key="f_label_dropout_mode").value == "batch"
+    at.selectbox(key="train_preset").set_value("Tiny smoke test").run()
+    assert at.selectbox(key="f_num_classes").value == 0
+    assert job_manager().job is None or not job_manager().job.alive
+
+
+@pytest.mark.integration  # trains on real FashionMNIST images
+def test_train_improved_cfg_from_the_form_with_tiny_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_RUNS_DIR", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/train.py").run()
+    at.selectbox(key="train_preset").set_value("Improved + guidance (step 10)").run()
+    at.text_input(key="f_run_name").set_value("cfg-ui")
+    for name, value in (("base_channels", 8), ("batch_size", 16), ("max_steps", 3), ("limit_images", 256),
+                        ("timesteps", 20)):
+        at.number_input(key=f"f_{name}").set_value(value)
+    at.selectbox(key="f_device").set_value("cpu")
+    at.form_submit_button[0].click().run()
+    assert "Started run **cfg-ui**" in at.success[0].value
+    job = job_manager().job
+    try:
+        assert job.join(120), "the training job did not end in time"
+    finally:
+        job_manager().stop()
+    config = runs.load_config(tmp_path / "runs" / "cfg-ui")
+    assert config.model.num_classes == 10 and config.train.label_dropout == 0.1
+    assert runs.run_info(tmp_path / "runs" / "cfg-ui").state == "finished"
