@@ -1,6 +1,9 @@
 """Reverse page, conditional runs (step 10): a class picker, a guidance slider, a grid with one row
 per class, and a guidance explorer that draws the same seeds at several γ side by side.
 
+Also the Compare page's fidelity–diversity chart: conditional accuracy against Fréchet distance
+across γ, from `python -m core eval --guidance-sweep`.
+
 `conditional_ui` only draws widgets and returns plain values; `guided_grids` (cached) does the work
 through `core.sampling.sample`. Nothing here is drawn for an unconditional run.
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import plotly.graph_objects as go
 import streamlit as st
 import torch
 
@@ -103,3 +107,36 @@ def explorer_ui(info: runs.RunInfo, params: dict) -> None:
                                  tuple(labels), tuple(sorted(scales)))
         for column, g, images in zip(st.columns(max(1, len(scales))), sorted(scales), grids):
             column.image(scaled_grid(images, ncol=ncol, target_px=220), caption=f"γ = {g:g}")
+
+
+def tradeoff_figure(named_evals: dict[str, list[dict]]) -> go.Figure | None:
+    """Conditional accuracy against Fréchet distance, one line per run and sampler setting, a point per
+    γ: guidance buys accuracy (fidelity) and, past some γ, pays in distance (diversity). None if no
+    evaluation has a guidance scale."""
+    series: dict[str, list[dict]] = {}
+    for name, entries in named_evals.items():
+        for entry in entries:
+            if isinstance(entry, dict) and "guidance" in entry and "conditional_accuracy" in entry and "fd" in entry:
+                base = str(entry.get("setting", "")).rsplit("-g", 1)[0]
+                series.setdefault(f"{name} · {base}", []).append(entry)
+    if not series:
+        return None
+    fig = go.Figure()
+    for label, entries in series.items():
+        entries = sorted(entries, key=lambda e: e["guidance"])
+        fig.add_trace(go.Scatter(x=[e["fd"] for e in entries], y=[e["conditional_accuracy"] for e in entries],
+                                 mode="lines+markers+text", text=[f"γ={e['guidance']:g}" for e in entries],
+                                 textposition="top center", name=label))
+    fig.update_layout(height=360, margin=dict(l=10, r=10, t=10, b=10), xaxis_title="Fréchet distance (lower is better)",
+                      yaxis_title="conditional accuracy", legend=dict(orientation="h", y=-0.3))
+    return fig
+
+
+def tradeoff_ui(named_evals: dict[str, list[dict]]) -> None:
+    """The Compare page's chart of the guidance sweep, when a chosen run has one."""
+    figure = tradeoff_figure(named_evals)
+    if figure is not None:
+        st.caption("Guidance sweep of conditional runs: each point one γ. Accuracy (the share of samples the "
+                   "classifier puts in the requested class) rises with γ; the Fréchet distance falls while the "
+                   "samples get more typical, then rises as they lose variety.")
+        st.plotly_chart(figure, key="cmp_guidance_chart")

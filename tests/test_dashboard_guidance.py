@@ -3,6 +3,7 @@ explorer on a tiny conditional run; nothing of it on an unconditional run; the T
 conditional options."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 
@@ -12,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 from conftest import REPO, make_tiny_images, tiny_config
 from core import runs
 from core.training import train_run
+from dashboard.guidance import tradeoff_figure
 from dashboard.state import job_manager
 
 APP = str(REPO / "dashboard" / "app.py")
@@ -119,3 +121,23 @@ def test_train_improved_cfg_from_the_form_with_tiny_settings(tmp_path, monkeypat
     config = runs.load_config(tmp_path / "runs" / "cfg-ui")
     assert config.model.num_classes == 10 and config.train.label_dropout == 0.1
     assert runs.run_info(tmp_path / "runs" / "cfg-ui").state == "finished"
+
+
+def test_tradeoff_figure_plots_accuracy_against_distance_per_guidance():
+    entries = [{"setting": f"dpmpp2m-20-g{g}", "guidance": float(g), "fd": fd, "conditional_accuracy": acc}
+               for g, fd, acc in ((3, 4.0, 0.95), (0, 5.0, 0.5), (1, 4.5, 0.8))]
+    fig = tradeoff_figure({"cfg": entries + [{"setting": "ddim-50", "fd": 3.0}], "plain": [{"setting": "x", "fd": 1}]})
+    assert len(fig.data) == 1 and fig.data[0].name == "cfg · dpmpp2m-20"
+    assert list(fig.data[0].x) == [5.0, 4.5, 4.0] and list(fig.data[0].text) == ["γ=0", "γ=1", "γ=3"]
+    assert tradeoff_figure({"plain": [{"setting": "ddim-50", "fd": 3.0}]}) is None
+
+
+def test_compare_page_shows_the_guidance_sweep(tiny_run, monkeypatch):
+    entries = [{"setting": f"dpmpp2m-20-g{g}", "sampler": "dpmpp2m", "n": 1000, "guidance": float(g), "fd": fd,
+                "conditional_accuracy": acc} for g, fd, acc in ((0, 5.0, 0.5), (3, 4.0, 0.95))]
+    (tiny_run / "eval.json").write_text(json.dumps(entries))
+    monkeypatch.setenv("DDPM_RUNS_DIR", str(tiny_run.parent))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/compare.py").run()
+    assert not at.exception
+    assert any("Guidance sweep" in c.value for c in at.caption)

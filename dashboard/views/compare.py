@@ -8,7 +8,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core import runs
-from dashboard import cache
+from dashboard import cache, guidance
 from dashboard.charts import (X_AXES, bucket_figure, class_shares_figure, config_diff, evals_frame, loss_figure,
                               metrics_frame, run_label)
 from dashboard.state import runs_dir
@@ -84,6 +84,7 @@ if evals:
         st.caption("Which classes the samples look like, by the classifier: an even spread is what the "
                    "dataset has; a tall bar is a model that favours one kind of garment.")
         st.plotly_chart(shares, key="cmp_shares_chart")
+    guidance.tradeoff_ui(evals)  # conditional runs: accuracy against distance across γ (step 10)
 else:
     st.caption("None of the chosen runs has been evaluated yet (`python -m core eval --run NAME`).")
 
