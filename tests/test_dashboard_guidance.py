@@ -8,10 +8,12 @@ import time
 from dataclasses import replace
 
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, make_tiny_images, tiny_config
 from core import runs
+from core.evaluation import classifier as clf
 from core.training import train_run
 from dashboard.guidance import tradeoff_figure
 from dashboard.state import job_manager
@@ -141,3 +143,20 @@ def test_compare_page_shows_the_guidance_sweep(tiny_run, monkeypatch):
     at.switch_page("views/compare.py").run()
     assert not at.exception
     assert any("Guidance sweep" in c.value for c in at.caption)
+
+
+def test_a_row_of_sneakers_from_the_shipped_run(monkeypatch):
+    """The issue's journey on the shipped run: pick Sneaker and γ = 3, get sneakers (by the shipped classifier)."""
+    monkeypatch.setenv("DDPM_RUNS_DIR", str(REPO / "checkpoints"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/reverse.py").run()
+    at.selectbox(key="rev_run").set_value("demo-improved-cfg").run()
+    at.selectbox(key="rev_sampler").set_value("dpmpp2m").run()
+    at.number_input(key="rev_steps").set_value(20)
+    at.number_input(key="rev_n").set_value(8)
+    at.selectbox(key="rev_class").set_value(7)
+    at.slider(key="rev_guidance").set_value(3.0).run()
+    images = generate(at)["result"].images
+    classifier = clf.load_classifier("fashion_mnist")
+    predicted = classifier.model.eval()(torch.from_numpy(images)).argmax(1)
+    assert (predicted == 7).float().mean() >= 0.75, predicted.tolist()
