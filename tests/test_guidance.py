@@ -363,3 +363,15 @@ def test_bench_times_guided_against_unguided_steps():
     assert entry["preset"] == "improved-cfg" and entry["guidance"] == 3.0
     assert entry["guided_step_s"] > 0 and entry["unguided_step_s"] > 0
     assert entry["guided_over_unguided"] == pytest.approx(entry["guided_step_s"] / entry["unguided_step_s"], rel=0.01)
+
+
+def test_book_cfg_trains_with_per_batch_dropout(tmp_path):
+    config = replace(PRESETS["book-cfg"], model=replace(PRESETS["book-cfg"].model, base_channels=8),
+                     schedule=ScheduleConfig(timesteps=20),
+                     train=replace(tiny_config().train, optimizer="adam", label_dropout=0.5, label_dropout_mode="batch",
+                                   pixel_range="unit", max_steps=4, batch_size=16))
+    run_dir = runs.create_run(tmp_path, "book-cfg", config)
+    train_run(run_dir, images=make_tiny_images())
+    loaded = runs.load_model(run_dir)
+    assert isinstance(loaded.model, UNet) and loaded.model.label_emb.weight.shape == (10, 100)
+    assert runs.run_info(run_dir).step == 4
