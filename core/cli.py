@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="results page of runs: loss curves PNG, grids side by side, eval table")
     rp.add_argument("--runs", nargs="+", required=True, help="run folders to compare")
-    rp.add_argument("--out", default="docs", help="folder for loss_curves.png, sample_grids.png, results_table.md")
+    rp.add_argument("--out", default="docs", help="folder for loss_curves.png, sample_grids.png, results_table.md "
+                    "and, once runs have step sweeps, steps_quality.png and sweep_table.md")
     rp.add_argument("--grid", default="final.png", help="which samples/*.png of each run to show")
 
     da = sub.add_parser("data", help="make a dataset available (Debian package, ./data, or download)")
@@ -298,6 +299,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     written.append(report.grids_side_by_side_png(grids, out / "sample_grids.png"))
     (out / "results_table.md").write_text(report.eval_table(infos) + "\n", encoding="utf-8")
     written.append(out / "results_table.md")
+    curve = report.steps_quality_png(infos, out / "steps_quality.png")
+    if curve is not None:  # only once some run has few-step evaluations
+        (out / "sweep_table.md").write_text(report.sweep_table(infos) + "\n", encoding="utf-8")
+        written += [curve, out / "sweep_table.md"]
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

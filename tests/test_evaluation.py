@@ -16,7 +16,10 @@ import torch
 from scipy import linalg
 from torch import nn
 
+from safetensors.torch import load, save
+
 from core.evaluation import classifier as clf
+from core.evaluation.classifier import read_metadata
 from core.cli import main
 from core.data import CLASS_NAMES, ImageSet
 from core.evaluation.frechet import (QualityEvaluator, class_statistics, frechet_metric, noise_images,
@@ -205,6 +208,24 @@ def test_test_statistics_are_cached_per_classifier(tmp_path, tiny_classifier):
     assert second.frechet_distance(fake) == pytest.approx(first.frechet_distance(fake), rel=1e-9)
     other_test = tiny_split("test", 200, 6)  # another test split must not reuse the statistics
     assert not QualityEvaluator(tiny_classifier, other_test).stats_from_cache
+
+
+@pytest.mark.parametrize("missing", ["feature_sum", "feature_outer_sum", "count"])
+def test_a_cache_missing_a_key_is_recomputed_not_half_loaded(tmp_path, tiny_classifier, missing):
+    """A cache that lacks one state must leave the metric untouched, so the statistics are computed
+    once from the test split, never added on top of half-loaded ones (which doubled them)."""
+    clf.save_classifier(tiny_classifier, clf.classifier_path("fashion_mnist", tmp_path))
+    test = tiny_split("test", 200, 5)
+    first = QualityEvaluator(tiny_classifier, test)
+    fake = noise_images(50, seed=2)
+    expected = first.frechet_distance(fake)
+    blob = first.cache_path.read_bytes()
+    tensors = {k: v for k, v in load(blob).items() if k != missing}
+    first.cache_path.write_bytes(save(tensors, metadata=read_metadata(blob)))
+    again = QualityEvaluator(clf.load_classifier("fashion_mnist", tmp_path), test)
+    assert not again.stats_from_cache
+    assert int(again.metric.real_features_num_samples) == 200
+    assert again.frechet_distance(fake) == pytest.approx(expected, rel=1e-9)
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------
