@@ -101,12 +101,17 @@ def frames_npz(images: np.ndarray, frame_timesteps: list[int], frames_xt: np.nda
     return buf.getvalue()
 
 
-def run_bundle(run_dir: str | Path) -> bytes:
-    """A zip of a run: config, metrics, weights, evaluation and sample grids (no optimizer state)."""
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def run_bundle(run_dir: str | Path, include_optimizer: bool = False) -> bytes:
+    """A zip of a run: config, metrics, weights, evaluation and sample grids; with `include_optimizer`
+    also the optimizer state, so a stopped run can be resumed where it is unpacked."""
     run_dir = Path(run_dir)
     buf = io.BytesIO()
+    names = BUNDLE_FILES + ((OPTIMIZER_FILE,) if include_optimizer else ())
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name in BUNDLE_FILES:
+        for name in names:
             if (run_dir / name).is_file():
                 zf.write(run_dir / name, f"{run_dir.name}/{name}")
         for png in sorted((run_dir / "samples").glob("*.png")):
