@@ -311,3 +311,20 @@ def steps_quality_figure(runs_entries: dict[str, list[dict[str, Any]]], colours:
                       legend=dict(orientation="h", y=-0.25))
     fig.update_xaxes(**LOG_AXIS)
     return fig
+
+
+ETA_WINDOW_S = 60.0
+
+
+def smoothed_eta(history: list[tuple[float, int]], total_steps: int, time_left_s: float | None) -> float | None:
+    """Seconds left from the pace over the last minute of (elapsed_s, step) readings, not the last
+    few steps (which jump with every load burst); bounded by a time budget's remainder."""
+    candidates = [] if time_left_s is None else [max(0.0, time_left_s)]
+    if total_steps and len(history) >= 2:
+        now_s, now_step = history[-1]
+        then_s, then_step = next(((s, k) for s, k in history if now_s - s <= ETA_WINDOW_S), history[0])
+        if (then_s, then_step) == history[-1]:
+            then_s, then_step = history[-2]
+        if now_s > then_s and now_step > then_step:
+            candidates.append((total_steps - now_step) * (now_s - then_s) / (now_step - then_step))
+    return min(candidates) if candidates else None

@@ -32,3 +32,10 @@ def job_manager() -> JobManager:
 def evaluation_manager() -> EvaluationManager:
     """One evaluation at a time per server process, seen by every page and tab."""
     return EvaluationManager()
+
+
+@st.cache_resource
+def form_memory() -> dict:
+    """The Train form's last preset and values in this server process: a reload or a second tab
+    starts from them instead of the default preset."""
+    return {}
