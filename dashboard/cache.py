@@ -94,13 +94,13 @@ def timestep_losses(run_dir: str, mtime: float, buckets: int = 10, n_images: int
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def forward_example(dataset_name: str, index: int, timesteps: int, schedule: str, pixel_range: str,
-                    noise_seed: int) -> dict[str, np.ndarray]:
+                    noise_seed: int, scale_to_timesteps: bool = True) -> dict[str, np.ndarray]:
     """x_0, ε and x_t for every t in 1..T (uint8) of one dataset image, and ᾱ_t.
 
     All T frames at once (T·784 bytes): the t slider then only indexes, it never recomputes.
     """
     images = dataset(dataset_name, "train")
-    sched = scheduler(ScheduleConfig(timesteps=timesteps, schedule=schedule))
+    sched = scheduler(ScheduleConfig(timesteps=timesteps, schedule=schedule, scale_to_timesteps=scale_to_timesteps))
     x_0 = to_model_range(images.images[index:index + 1], pixel_range)            # (1, 1, 28, 28)
     noise = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(noise_seed))
     t_all = torch.arange(1, timesteps + 1)

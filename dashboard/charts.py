@@ -20,6 +20,8 @@ from core.report import ema_smooth as smooth
 from core.runs import RunInfo
 from core.training import steps_per_epoch
 
+from .presets import UNUSED_MODEL_FIELDS
+
 TRAIN_SPLIT_SIZE = 60_000  # FashionMNIST and MNIST both have 60k training images
 
 # A qualitative palette with enough contrast on white; one colour per run.
@@ -209,6 +211,8 @@ def config_diff(configs: dict[str, RunConfig]) -> pd.DataFrame:
     for name, config in configs.items():
         row: dict[str, Any] = {}
         _flatten("", {k: v for k, v in config.to_dict().items() if k != "format_version"}, row)
+        for unused in UNUSED_MODEL_FIELDS.get(config.model.name, ()):
+            row[f"model.{unused}"] = "not used"  # e.g. attention of the book's UNet
         flat[name] = {k: _display(v) for k, v in row.items()}
     fields = sorted({k for row in flat.values() for k in row})
     differing = [f for f in fields if len({row.get(f, "—") for row in flat.values()}) > 1]

@@ -229,3 +229,11 @@ def test_same_seed_samples_offer_every_sampler(two_runs):
     assert not at.exception and len(at.image) == 2
     assert any("DDIM, 5 steps" in c.value for c in at.caption)
     assert [img.proto.imgs[0].url for img in at.image] != first
+
+
+def test_settings_show_only_fields_a_model_uses():
+    from core.config import PRESETS
+    from dashboard.charts import config_diff
+
+    diff = config_diff({"book": PRESETS["book"], "improved": PRESETS["improved"]})
+    assert diff.loc["model.attention"].to_dict() == {"book": "not used", "improved": "True"}
