@@ -270,14 +270,18 @@ def format_duration(seconds: float | None) -> str:
 def quality_groups(named_evals: dict[str, list[dict[str, Any]]]) -> dict[tuple[Any, Any], dict[str, list[dict]]]:
     """Eval entries that may share one chart: the same sample count N and the same classifier.
 
-    {(n, classifier_sha256): {run: [entries with an fd]}}, the group with the most entries first."""
+    {(n, classifier_sha256): {run: [entries with an fd]}}, the group of the latest evaluation first."""
     groups: dict[tuple[Any, Any], dict[str, list[dict]]] = {}
     for run, entries in named_evals.items():
         for entry in entries:
             if isinstance(entry, dict) and isinstance(entry.get("fd"), (int, float)) and entry.get("sampler"):
                 key = (entry.get("n"), entry.get("classifier_sha256"))
                 groups.setdefault(key, {}).setdefault(run, []).append(entry)
-    return dict(sorted(groups.items(), key=lambda item: -sum(len(v) for v in item[1].values())))
+    def latest(item) -> str:
+        return max(str(e.get("finished_at") or "") for entries in item[1].values() for e in entries)
+
+    return dict(sorted(groups.items(), key=lambda item: (latest(item), sum(len(v) for v in item[1].values())),
+                       reverse=True))
 
 
 def _nfe(entry: dict[str, Any]) -> float | None:
@@ -312,7 +316,7 @@ def steps_quality_figure(runs_entries: dict[str, list[dict[str, Any]]], colours:
                                      line=dict(color=colours[run], dash="dash", width=1)))
     fig.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10),
                       xaxis_title="network evaluations per image (NFE)", yaxis_title="Fréchet distance (lower is better)",
-                      legend=dict(orientation="h", y=-0.25))
+                      legend=dict(orientation="h", y=-0.25), showlegend=True)
     fig.update_xaxes(**LOG_AXIS)
     return fig
 

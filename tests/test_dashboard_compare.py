@@ -104,7 +104,9 @@ def test_settings_that_differ_and_evaluations(two_runs):
     assert "train.optimizer" in diff.index and "train.ema_decay" in diff.index
     assert "schedule.timesteps" not in diff.index and "model.name" not in diff.index
     assert diff.loc["train.optimizer"].to_dict() == {"adam": "adam", "tiny": "adamw"}
-    evals = at.dataframe[1].value
+    headline = at.dataframe[1].value  # the figures people compare, narrow enough to fit the page
+    assert list(headline.columns) == ["run", "setting", "n", "fd", "fd_floor", "fd_ratio", "class_entropy", "seconds"]
+    evals = at.dataframe[2].value  # every field, in the expander
     row = evals.iloc[0]
     assert row["run"] == "tiny" and row["fd"] == 123.4 and row["fd_ratio"] == round(123.4 / 3.2, 4)
     assert row["class_shares.Trouser"] == 0.5
@@ -210,6 +212,8 @@ def test_steps_versus_quality_groups_by_n_and_classifier():
              "r2": [entry("dpmpp2m", 20, 4.0, sha="other")]}
     groups = quality_groups(evals)
     assert list(groups)[0] == (64, "abc") and set(groups) == {(64, "abc"), (1000, "abc"), (64, "other")}
+    evals["r2"][0]["finished_at"] = "2026-01-01T00:00:00"  # the latest evaluation's group comes first
+    assert list(quality_groups(evals))[0] == (64, "other")
     fig = steps_quality_figure(groups[(64, "abc")]).to_dict()
     lines = {t["name"]: t for t in fig["data"]}
     assert list(lines["r1 · DPM-Solver++(2M)"]["x"]) == [10, 20] and list(lines["r1 · DPM-Solver++(2M)"]["y"]) == [9, 7]

@@ -41,7 +41,7 @@ def test_table_lists_every_run_and_damage_never_breaks_the_page(runs_dir):
     assert set(table.index) == {"tiny", "broken", "empty"}
     tiny = table.loc["tiny"]
     assert (tiny["status"], tiny["model"], tiny["optimizer"], tiny["dataset"], tiny["steps"]) == \
-        ("finished", "ImprovedUNet", "AdamW", "fashion_mnist", 6)
+        ("finished", "ImprovedUNet", "AdamW", "FashionMNIST", 6)
     assert tiny["last loss"] == pytest.approx(runs.run_info(runs_dir / "tiny").last_loss)
     # what an ML user looks for: network size and cost, training time, the pixel range
     assert 0.01 < tiny["params (M)"] < 1 and tiny["GFLOP/image"] > 0 and tiny["pixels"] == "[-1, 1]"

@@ -110,10 +110,14 @@ st.subheader("Evaluations")
 if evals:
     st.caption("From each run's eval.json (the Evaluate action below, or `python -m core eval`); compare numbers "
                "taken with the same classifier and the same sample count.")
-    st.dataframe(evals_frame(evals), hide_index=True, key="cmp_evals", width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="%.4g")
-                                for c in ("fd", "fd_floor", "fd_ratio", "fd_noise", "class_entropy",
-                                          "mean_confidence")})
+    every = evals_frame(evals)
+    headline = [c for c in ("run", "setting", "n", "fd", "fd_floor", "fd_ratio", "class_entropy", "weights",
+                            "seconds") if c in every.columns]
+    numbers = {c: st.column_config.NumberColumn(format="%.4g")
+               for c in ("fd", "fd_floor", "fd_ratio", "fd_noise", "class_entropy", "mean_confidence")}
+    st.dataframe(every[headline], hide_index=True, key="cmp_evals", width="stretch", column_config=numbers)
+    with st.expander("Every field of the evaluations"):
+        st.dataframe(every, hide_index=True, key="cmp_evals_all", width="stretch", column_config=numbers)
     groups = quality_groups(evals)
     if groups:
         st.markdown("**Steps versus quality**")

@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from core import runs
-from core.config import MODEL_LABELS, OPTIMIZER_LABELS, PIXEL_RANGE_LABELS, ConfigError
+from core.config import DATASET_LABELS, MODEL_LABELS, OPTIMIZER_LABELS, PIXEL_RANGE_LABELS, ConfigError
 from core.export import run_bundle
 from core.jobs import JobBusy
 from dashboard import cache
@@ -36,7 +36,7 @@ def runs_table(infos: list[runs.RunInfo]) -> pd.DataFrame:
             "status": info.state,
             "model": MODEL_LABELS.get(c.model.name, c.model.name) if c else "—",
             "optimizer": OPTIMIZER_LABELS.get(c.train.optimizer, c.train.optimizer) if c else "—",
-            "dataset": c.train.dataset if c else "—",
+            "dataset": DATASET_LABELS.get(c.train.dataset, c.train.dataset) if c else "—",
             "pixels": PIXEL_RANGE_LABELS.get(c.train.pixel_range, "—") if c else "—",
             "T": c.schedule.timesteps if c else None,
             "params (M)": cost["params"] / 1e6 if cost else None,
@@ -49,6 +49,7 @@ def runs_table(infos: list[runs.RunInfo]) -> pd.DataFrame:
         })
     table = pd.DataFrame(rows)
     return table.astype({"T": "Int64", "steps": "Int64"}) if rows else table
+
 
 
 def _delete(name: str) -> None:
@@ -110,10 +111,15 @@ if not infos:
     st.stop()
 
 table = runs_table(infos)
+if not table["error"].any():
+    table = table.drop(columns="error")  # no empty column pushing the others off the right edge
 st.dataframe(table, hide_index=True, key="runs_table", width="stretch",
-             column_config={"last loss": st.column_config.NumberColumn(format="%.4f"),
-                            "params (M)": st.column_config.NumberColumn(format="%.2f"),
-                            "GFLOP/image": st.column_config.NumberColumn(format="%.2f", help="one forward pass"),
+             column_config={"last loss": st.column_config.NumberColumn(format="%.4f", width="small"),
+                            "params (M)": st.column_config.NumberColumn(format="%.2f", width="small"),
+                            "GFLOP/image": st.column_config.NumberColumn(format="%.2f", help="one forward pass",
+                                                                         width="small"),
+                            "T": st.column_config.NumberColumn(width="small"),
+                            "steps": st.column_config.NumberColumn(width="small"),
                             "error": st.column_config.TextColumn(width="medium")})
 if table["pixels"].nunique() > 1:
     st.caption(":material/info: **last loss** compares only between runs of the same pixel range and schedule: "
