@@ -336,3 +336,20 @@ def smoothed_eta(history: list[tuple[float, int]], total_steps: int, time_left_s
         if now_s > then_s and now_step > then_step:
             candidates.append((total_steps - now_step) * (now_s - then_s) / (now_step - then_step))
     return min(candidates) if candidates else None
+
+
+SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def plain_number(value: float, digits: int = 2) -> str:
+    """Numbers people read: 0.25, 1,000, 5.6 × 10⁻¹¹ (never 5.6e-11 or "1e + 04")."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    if 1e-3 <= abs(value) < 1:
+        return f"{value:.{digits}g}"
+    if 1 <= abs(value) < 1e7:
+        decimals = max(0, 3 - int(math.log10(abs(value))))
+        text = f"{value:,.{decimals}f}"
+        return text.rstrip("0").rstrip(".") if decimals else text
+    mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
+    return f"{float(mantissa):g} × 10{str(int(exponent)).translate(SUPERSCRIPT)}"

@@ -81,3 +81,10 @@ def test_formula_stays_readable_at_T(app):
     latex = _latex(app)
     assert len(app.latex) == 2 and "SNR}(1000)" in latex
     assert "e-" not in latex and "e+" not in latex and r"\times 10^{" in latex  # 4e-05 as 4 × 10^{-5}
+
+
+def test_plain_numbers():
+    from dashboard.charts import plain_number
+
+    assert plain_number(5.6e-11) == "5.6 × 10⁻¹¹" and plain_number(4.036e-05) == "4 × 10⁻⁵"
+    assert plain_number(0.25) == "0.25" and plain_number(10_000) == "10,000"

@@ -12,7 +12,7 @@ import streamlit as st
 from core.config import DATASET_LABELS, DATASET_NAMES, SCHEDULE_NAMES
 from core.data import DatasetNotFoundError
 from dashboard import cache
-from dashboard.charts import schedule_figure, upscale
+from dashboard.charts import plain_number, schedule_figure, upscale
 
 PIXEL_RANGES = {"symmetric": "[−1, 1] (ImprovedUNet presets)", "unit": "[0, 1] (the book)"}
 GREY_MAPPING = {"symmetric": "Grey levels: −1 is black, 0 mid-grey, +1 white; values outside [−1, 1] are clipped.",
@@ -104,11 +104,12 @@ st.latex(rf"\bar\alpha_{{{t}}} = \prod_{{s=1}}^{{{t}}} (1-\beta_s) = {latex_numb
 st.caption(GREY_MAPPING[pixel_range])
 alpha_bar_T = float(example["alpha_bars"][-1])
 if alpha_bar_T > NOISE_ENOUGH:
-    st.warning(f"ᾱ_T = {alpha_bar_T:.3g} at T = {T}: x_T still holds {math.sqrt(alpha_bar_T):.2g} of x₀, so "
+    st.warning(f"ᾱ_T = {plain_number(alpha_bar_T)} at T = {T}: x_T still holds {plain_number(math.sqrt(alpha_bar_T))} "
+               "of x₀, so "
                "sampling from pure noise starts somewhere the model never trained. Scale the betas with T, "
                "raise T, or use the cosine schedule.", icon=":material/warning:")
 else:
-    st.caption(f"ᾱ_T = {alpha_bar_T:.2g} at T = {T}: x_T is pure noise, as sampling assumes.")
+    st.caption(f"ᾱ_T = {plain_number(alpha_bar_T)} at T = {T}: x_T is pure noise, as sampling assumes.")
 
 st.plotly_chart(schedule_figure(example["alpha_bars"], t, schedule), key="fw_schedule_chart")
 

@@ -18,7 +18,7 @@ from core.config import (DATASET_LABELS, DATASET_NAMES, DEVICE_NAMES, MODEL_LABE
 from core.jobs import JobBusy
 from core.training import Progress
 from dashboard import cache
-from dashboard.charts import format_duration, live_loss_figure, smoothed_eta, upscale
+from dashboard.charts import format_duration, live_loss_figure, plain_number, smoothed_eta, upscale
 from dashboard.presets import (DEFAULT_PRESET, FORM_FIELDS, FORM_PRESETS, TINY_TAKES, UNUSED_MODEL_FIELDS,
                                config_from_form, default_run_name, form_values)
 from dashboard.state import form_memory, job_manager, runs_dir
@@ -108,11 +108,11 @@ def schedule_note_ui(preset: str) -> None:
         return  # the Train click reports it next to the form
     alpha_bar_T = float(cache.scheduler(config.schedule).alpha_bars[-1])
     if alpha_bar_T > NOISE_ENOUGH:
-        st.warning(f"ᾱ_T = {alpha_bar_T:.2g}: at t = T some of x₀ is still there (√ᾱ_T = "
-                   f"{alpha_bar_T ** 0.5:.2g}), so sampling starts from noise the model never saw. Raise T "
+        st.warning(f"ᾱ_T = {plain_number(alpha_bar_T)}: at t = T some of x₀ is still there (√ᾱ_T = "
+                   f"{plain_number(alpha_bar_T ** 0.5)}), so sampling starts from noise the model never saw. Raise T "
                    "or use the linear schedule.", icon=":material/warning:")
     else:
-        st.caption(f"ᾱ_T = {alpha_bar_T:.2g}: x_T is pure noise, as sampling assumes.")
+        st.caption(f"ᾱ_T = {plain_number(alpha_bar_T)}: x_T is pure noise, as sampling assumes.")
 
 
 def train_form_ui(preset: str) -> None:
