@@ -143,13 +143,23 @@ def test_a_failed_run_shows_its_error_and_the_app_keeps_working(runs_dir):
     assert table.loc[table["run"] == "no-gpu", "status"].item() == "failed"
 
 
-def test_the_run_name_follows_model_and_optimizer_until_the_user_types_one(runs_dir):
+def test_the_run_name_follows_model_and_optimizer_until_the_user_types_one(runs_dir, monkeypatch):
+    from dashboard import presets
+
+    fixed = presets.default_run_name  # one clock second for the whole test: names differ only by the form
+    monkeypatch.setattr(presets, "default_run_name", lambda p, m, o, now=None: fixed(p, m, o, now=1.7e9))
     at = train_page()
     assert at.text_input(key="f_run_name").value.startswith("quick-improved_unet-adamw-")
     at.selectbox(key="f_optimizer").set_value("adam").run()
     assert at.text_input(key="f_run_name").value.startswith("quick-improved_unet-adam-")
     at.selectbox(key="f_model").set_value("unet").run()
     assert at.text_input(key="f_run_name").value.startswith("quick-unet-adam-")
+    at.selectbox(key="train_preset").set_value("Tiny smoke test").run()
+    offered = at.text_input(key="f_run_name").value
+    (runs_dir / offered).mkdir(parents=True)  # a run of that name exists (started within the same second)
+    at.selectbox(key="f_optimizer").set_value("adam").run()
+    at.selectbox(key="f_optimizer").set_value("adamw").run()
+    assert at.text_input(key="f_run_name").value == offered + "-2"
     at.text_input(key="f_run_name").set_value("my-own").run()
     at.selectbox(key="f_optimizer").set_value("adamw").run()
     assert at.text_input(key="f_run_name").value == "my-own"

@@ -35,7 +35,11 @@ manager = job_manager()
 # -- callbacks (run before the page script, so they may set widget values) ---------------------------
 def _fresh_name(preset: str) -> None:
     """A new default name from the form's model and optimizer; remembered so edits can be told apart."""
-    name = default_run_name(preset, st.session_state["f_model"], st.session_state["f_optimizer"])
+    base = default_run_name(preset, st.session_state["f_model"], st.session_state["f_optimizer"])
+    name, k = base, 1
+    while (runs_dir() / name).exists():  # started within the same second: never offer a taken name
+        k += 1
+        name = f"{base}-{k}"
     st.session_state["f_run_name"] = st.session_state["f_auto_name"] = name
 
 
