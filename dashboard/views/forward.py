@@ -46,7 +46,7 @@ def source_ui() -> tuple[str, str, int, str, bool]:
                                     key="fw_T", persist_state="session"))
     pixel_range = c4.radio("Pixel range", list(PIXEL_RANGES), format_func=PIXEL_RANGES.get, key="fw_range",
                            persist_state="session")
-    scale = c5.toggle("Scale betas with T", value=True, key="fw_scale", persist_state="session",
+    scale = c5.toggle("β × 1000/T", value=True, key="fw_scale", persist_state="session",
                       help="The book's linear betas (1e-4 to 0.02) are for T = 1000; scaled by 1000/T, x_T is "
                            "noise for any T (improved-diffusion). Off: the book's betas at any T.")
     return dataset, schedule, timesteps, pixel_range, scale
