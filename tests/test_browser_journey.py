@@ -131,7 +131,16 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             expect(page.get_by_text(re.compile(r"ᾱ_T = .*pure noise"))).to_be_visible()
             tiny_name = name_box.input_value()
             shot(page, "03-tiny-preset")
+            # A second tab opened now starts from the last choice, and sees the run start without a reload.
+            other = browser.new_page(viewport={"width": 1400, "height": 1000})
+            other.set_default_timeout(30_000)
+            other.goto(f"{server}/train")
+            expect(other.get_by_role("textbox", name="Run name")).to_have_value(re.compile(r"^tiny-"))
+            expect(other.get_by_label("Timesteps T")).to_have_value("20")
             page.get_by_role("button", name=re.compile(r"Train$")).click()
+            expect(other.get_by_text(re.compile(r"Run " + re.escape(tiny_name)))).to_be_visible(timeout=30_000)
+            other.screenshot(path=str(ARTIFACTS / "journey-04b-second-tab.png"))
+            other.close()
 
             # 3. Wait for the run to finish and its loss curve and sample grid to show.
             # (about 30 s on an idle 2-core machine; the cap leaves room for a busy CI runner)

@@ -128,6 +128,12 @@ def sampler_ui(info: runs.RunInfo) -> dict:
             "seed": int(seed), "n": int(n), "use_ema": bool(use_ema and has_ema)}
 
 
+def estimate_seconds(info: runs.RunInfo, params: dict) -> float:
+    """Network evaluations × images × the cost of one, measured on this machine (cached per run)."""
+    steps = params["steps"] or info.config.schedule.timesteps
+    return steps * params["n"] * cache.run_call_seconds(info.path, params["use_ema"]) * 1.1
+
+
 def feedback_ui() -> None:
     feedback = st.session_state.pop("rev_feedback", None)
     if feedback:
@@ -238,8 +244,10 @@ if not candidates:
 
 info = run_picker_ui(candidates, key="rev_run", help="Runs with saved weights")
 params = sampler_ui(info)
-st.button("Generate", icon=":material/auto_awesome:", type="primary", on_click=_generate, args=(str(info.path), params),
+c1, c2 = st.columns([1, 5], vertical_alignment="center")
+c1.button("Generate", icon=":material/auto_awesome:", type="primary", on_click=_generate, args=(str(info.path), params),
           key="rev_generate", help="Runs in the background; the page stays usable.")
+c2.caption(f"About {format_duration(max(1.0, estimate_seconds(info, params)))} here.")
 _collect_finished()
 feedback_ui()
 generation_panel()
