@@ -358,6 +358,7 @@ class EvaluationJob(BackgroundJob):
                     self._done += 1
                 if self.stop_requested:
                     return
+            self._set_phase("scoring")  # features of the samples, the floor and the noise ceiling
         finally:
             steps.close()
 
