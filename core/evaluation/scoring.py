@@ -16,7 +16,7 @@ from ..config import SampleConfig
 from ..data import ImageSet, load_images
 from ..sampling import ReverseStep, collect, reverse_process, total_steps
 from ..schedule import NoiseScheduler
-from .classifier import Classifier, ClassifierError, FitConfig, classifier_path, fit, load_classifier, save_classifier
+from .classifier import Classifier, ClassifierError, FitConfig, classifier_dir, fit, load_classifier, save_classifier
 from .frechet import QualityEvaluator
 
 # wrap(process, total, description) -> the same steps (a progress bar, a counter, a cancel check)
@@ -43,7 +43,9 @@ def load_or_fit_classifier(dataset: str, directory: str | Path | None = None, de
         pass
     fitted = fit(load_images(dataset, "train", data_root), load_images(dataset, "test", data_root),
                  fit_config or FitConfig(), device=device, progress=progress)
-    return save_classifier(fitted, classifier_path(dataset, directory)), True
+    # Written into the folder given (else $DDPM_CLASSIFIER_DIR, else data/classifiers): never over a
+    # classifier shipped with the repository.
+    return save_classifier(fitted, classifier_dir(directory) / f"{dataset}.safetensors"), True
 
 
 def score_setting(config: SampleConfig, loaded: runs.LoadedRun, scheduler: NoiseScheduler,
