@@ -38,11 +38,6 @@ DATASET_LABELS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
 SAMPLER_LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)",
                   "dpmpp2m-sde": "DPM-Solver++(2M) SDE"}
 PIXEL_RANGE_LABELS = {"unit": "[0, 1]", "symmetric": "[-1, 1]"}
-# The few-step setting the dashboard offers first (Reverse, Compare's samples, evaluation); one place to
-# change it once the lead's measurements settle (issue 9).
-DEFAULT_FEW_STEP_SAMPLER = "dpmpp2m"
-DEFAULT_FEW_STEPS = 20
-
 # The few-step setting used wherever a cheap sample is wanted (per-epoch previews, the dashboard's
 # defaults). Chosen from the step sweep on the improved demo run (docs/results.md): at 20 steps the
 # stochastic DPM-Solver++(2M) scores far closer to DDPM-1000 than the ODE solvers at any step count.

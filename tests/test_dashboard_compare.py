@@ -12,6 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, make_tiny_images, tiny_config
+from core.config import DEFAULT_FEW_STEP_SAMPLER
 from core import runs
 from core.training import train_run
 from core.evaluation.frechet import QualityReport
@@ -225,7 +226,7 @@ def test_steps_versus_quality_groups_by_n_and_classifier():
 
 def test_same_seed_samples_offer_every_sampler(two_runs):
     at = compare_page()
-    assert at.selectbox(key="cmp_samples_sampler").value == "dpmpp2m"
+    assert at.selectbox(key="cmp_samples_sampler").value == DEFAULT_FEW_STEP_SAMPLER
     assert at.number_input(key="cmp_samples_steps").value == 20
     first = [img.proto.imgs[0].url for img in at.image]
     at.selectbox(key="cmp_samples_sampler").set_value("ddim")

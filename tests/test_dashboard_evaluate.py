@@ -9,6 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
+from core.config import DEFAULT_FEW_STEP_SAMPLER
 from core import runs
 from core.config import SampleConfig
 from core.data import load_images
@@ -77,7 +78,7 @@ def test_evaluate_from_the_runs_page_then_see_it_on_compare(tiny_run, classifier
     at = AppTest.from_file(APP, default_timeout=120).run()
     at.switch_page("views/runs.py").run()
     assert not at.exception
-    assert at.selectbox(key="runs_eval_sampler").value == "dpmpp2m"
+    assert at.selectbox(key="runs_eval_sampler").value == DEFAULT_FEW_STEP_SAMPLER
     assert at.number_input(key="runs_eval_steps").value == 20  # T = 20: the default fits
     assert any(c.value.startswith("Estimated time here: about") for c in at.caption)
     at.number_input(key="runs_eval_steps").set_value(5)

@@ -9,6 +9,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
+from core.config import DEFAULT_FEW_STEP_SAMPLER
 from core import runs
 from core.config import PRESETS
 from dashboard.state import form_memory, job_manager
@@ -187,7 +188,7 @@ def test_alpha_bar_T_is_shown_and_warned_about(runs_dir):
 def test_advanced_settings_show_only_what_the_model_uses(runs_dir):
     at = train_page()
     assert at.toggle(key="f_attention").value is False  # quick: ImprovedUNet without attention
-    assert at.selectbox(key="f_grid_sampler").value == "dpmpp2m"  # previews: the best few-step sampler
+    assert at.selectbox(key="f_grid_sampler").value == DEFAULT_FEW_STEP_SAMPLER  # previews: the best few-step sampler
     at.selectbox(key="train_preset").set_value("Book").run()
     assert "f_attention" not in [t.key for t in at.toggle]  # the book's UNet has no attention to set
     assert at.selectbox(key="f_pixel_range").value == "unit"
