@@ -179,7 +179,7 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             frame_slider = page.locator('[data-testid="stSlider"]').filter(has_text="Frame").get_by_role("slider")
             expect(frame_slider).to_be_visible(timeout=60_000)
             expect(page.get_by_text(re.compile(r"Frame 0 of 10: t = 20"))).to_be_visible()
-            expect(page.get_by_text(re.compile(re.escape(tiny_name) + r" · DPM-Solver\+\+\(2M\) 10 steps"))) \
+            expect(page.get_by_text(re.compile(re.escape(tiny_name) + r" · DPM-Solver\+\+\(2M\)( SDE)? 10 steps"))) \
                 .to_be_visible()
             shot(page, "06-generated")
 
