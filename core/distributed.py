@@ -11,6 +11,7 @@ so the training loop, the dashboard's jobs and the bench run the same code eithe
 from __future__ import annotations
 
 import os
+import re
 import signal
 from dataclasses import dataclass
 from datetime import timedelta
@@ -186,7 +187,8 @@ def peer_failure_message(exc: BaseException) -> str:
     """One line for the user: which rank, what happened, what to do."""
     if isinstance(exc, PeerFailure):
         return str(exc)
-    first = " ".join(str(exc).split())[:200]
+    # gloo prefixes its messages with a source location; the reason follows it
+    first = " ".join(re.sub(r"\[[^\]]*\.cc:\d+\]", "", str(exc)).split())[:160]
     return (f"{current_world()}: another rank stopped or the network failed ({first}); the run is interrupted: "
             "resume it with --resume")
 
