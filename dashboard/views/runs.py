@@ -30,6 +30,7 @@ def runs_table(infos: list[runs.RunInfo]) -> pd.DataFrame:
             "dataset": c.train.dataset if c else "—",
             "T": c.schedule.timesteps if c else None,
             "steps": info.step if c else None,
+            "processes": info.meta.get("world_size", 1) if c else None,  # torchrun's world size
             "last loss": info.last_loss,
             "updated": time.strftime("%Y-%m-%d %H:%M", time.localtime(info.updated_at)) if info.updated_at else "",
             "error": info.error or "",
