@@ -249,3 +249,15 @@ def test_bad_input_under_torchrun_is_one_line_exit_2_on_every_rank_nothing_writt
     assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
     assert _rank_exit_codes(done.stderr).count(2) == 2, done.stderr[-2000:]
     assert not runs_dir.exists() or not any(runs_dir.iterdir())
+
+
+@pytest.mark.slow
+def test_bench_ddp_reports_the_scaling_of_two_processes_against_one():
+    done = _core("bench", "--ddp", "2", "--smoke", "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-2000:]
+    ddp = json.loads(done.stdout)["ddp"]
+    assert ddp["processes"] == 2 and ddp["backend"] == "gloo" and ddp["global_batch_size"] == 2 * ddp[
+        "batch_size_per_process"]
+    one, two = ddp["one_process"]["images_per_s"], ddp["n_processes"]["images_per_s"]
+    assert one > 0 and two > 0
+    assert ddp["scaling_efficiency"] == pytest.approx(two / (2 * one), rel=0.01)
