@@ -127,6 +127,13 @@ def _rank_exit_codes(text: str) -> list[int]:
     return [int(code) for code in re.findall(r"^\s+exitcode\s+:\s+(-?\d+)", text, re.M)]
 
 
+def _refused_on_every_rank(text: str) -> bool:
+    """Both ranks ended with exit 2; except that torchrun stops the workers still running as soon as
+    one has exited, so a rank a few milliseconds behind may show SIGTERM (-15) instead."""
+    codes = _rank_exit_codes(text)
+    return len(codes) == 2 and 2 in codes and set(codes) <= {2, -signal.SIGTERM}
+
+
 def _errors(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error: ")]
 
@@ -205,7 +212,7 @@ def test_killing_one_rank_ends_the_job_on_every_rank_and_the_run_resumes(tmp_pat
         assert second.returncode != 0
         assert [e for e in _errors(second.stderr)] == \
             [e for e in _errors(second.stderr) if "is still training" in e] and len(_errors(second.stderr)) == 1
-        assert _rank_exit_codes(second.stderr).count(2) == 2, second.stderr[-2000:]
+        assert _refused_on_every_rank(second.stderr), second.stderr[-2000:]
         assert (run / "config.json").read_bytes() == config_before
 
         rank0 = runs.read_status(run)["pid"]
@@ -247,7 +254,7 @@ def test_bad_input_under_torchrun_is_one_line_exit_2_on_every_rank_nothing_writt
     assert done.returncode != 0
     errors = _errors(done.stderr)
     assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
-    assert _rank_exit_codes(done.stderr).count(2) == 2, done.stderr[-2000:]
+    assert _refused_on_every_rank(done.stderr), done.stderr[-2000:]
     assert not runs_dir.exists() or not any(runs_dir.iterdir())
 
 
