@@ -318,10 +318,11 @@ def train_run(run_dir: Path, *, resume: bool = False, images: ImageSet | None = 
     """
     run_dir = Path(run_dir)
     world = current_world()
+    config = runs.load_config(run_dir) if world.is_main else None  # a missing folder: no status to write
+    config = RunConfig.from_json(broadcast_object(config.to_json() if config else None, world)) \
+        if world.distributed else config
     progress = Progress(run_name=run_dir.name, run_dir=str(run_dir))
     try:
-        config = runs.load_config(run_dir) if world.is_main else None
-        config = RunConfig.from_json(broadcast_object(config.to_json() if config else None, world))
         result = _train(run_dir, config, resume, images, data_root, on_progress, stop_event, progress, world)
     except BaseException as exc:
         peer_failed = is_peer_failure(exc)
