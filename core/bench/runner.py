@@ -663,6 +663,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="where FashionMNIST lies (else synthetic pixels are used)")
     parser.add_argument("--synthetic-data", action="store_true", help="random pixels instead of FashionMNIST")
     parser.add_argument("--verbose", action="store_true", help="say on stderr what is being measured")
+    parser.add_argument("--ddp", type=_at_least_one, default=None, metavar="N",
+                        help="instead: data-parallel scaling of training, N processes against one (gloo on CPU, "
+                        "NCCL on N GPUs)")
+    parser.add_argument("--ddp-model", choices=sorted(MODEL_PRESETS), default="unet",
+                        help="the network --ddp trains (default the book's unet)")
 
 
 def run(args: argparse.Namespace) -> int:

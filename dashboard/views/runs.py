@@ -43,6 +43,7 @@ def runs_table(infos: list[runs.RunInfo]) -> pd.DataFrame:
             "GFLOP/image": cost["forward_gflop"] if cost else None,
             "steps": info.step if c else None,
             "training time": format_duration(training_seconds(info)) if c else "—",
+            "processes": info.meta.get("world_size", 1) if c else None,  # torchrun's world size
             "last loss": info.last_loss,
             "updated": time.strftime("%Y-%m-%d %H:%M", time.localtime(info.updated_at)) if info.updated_at else "",
             "error": info.error or "",
