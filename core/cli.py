@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -17,21 +18,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import bench, export, io, report, runs
+from . import bench, distributed, export, io, report, runs
 from .argtypes import number, whole_number
 from .bench.flops import model_costs
-from .config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES, PIXEL_RANGES, PRESETS,
-                     RunConfig, SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES, ConfigError, SampleConfig, override,
+from .config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES,
+                     PIXEL_RANGES, PRESETS, SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES, ConfigError, RunConfig,
+                     SampleConfig, override,
                      preset)
 from .data import DatasetNotFoundError, load_images
 from .device import resolve_device
+from .distributed import BACKEND_NAMES, DEFAULT_TIMEOUT_S, TIMEOUT_ENV, check_backend, launched_world, timeout_seconds
 from .errors import CliError, RunError
 from .evaluation import cli as evaluation_cli
 from .guidance import (Conditioning, check_conditional, check_guidance, class_index, default_guidance,
                        describe_labels, even_labels, per_class_labels)
 from .sampling import collect, reverse_process, total_steps
 from .schedule import NoiseScheduler
-from .training import TrainingDiverged, train_run
+from .training import TrainingDiverged, check_data_fits, train_run
 
 EXIT_USAGE = 2
 CONDITIONAL_CLASSES = 10  # both datasets have ten classes
@@ -100,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run --name from its last checkpoint")
     tr.add_argument("--data-root", help="folder holding FashionMNIST/raw or MNIST/raw (env DDPM_DATA_ROOT)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--dist-backend", choices=BACKEND_NAMES, default="auto",
+                    help="under torchrun: auto (nccl for CUDA, gloo for CPU), nccl or gloo")
+    tr.add_argument("--dist-timeout", type=number, metavar="SECONDS", default=None,
+                    help=f"under torchrun: how long a rank waits for the others before the job fails "
+                    f"(default ${TIMEOUT_ENV} or {DEFAULT_TIMEOUT_S:g})")
 
     sa = sub.add_parser("sample", help="generate images from a run",
                         description="Generate images with DDPM (every step), or DDIM or DPM-Solver++(2M) (ODE "
@@ -138,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="results page of runs: loss curves PNG, grids side by side, eval table")
     rp.add_argument("--runs", nargs="+", required=True, help="run folders to compare")
-    rp.add_argument("--out", default="docs", help="folder for loss_curves.png, sample_grids.png, results_table.md")
+    rp.add_argument("--out", default="docs", help="folder for loss_curves.png, sample_grids.png, results_table.md "
+                    "and, once runs have step sweeps, steps_quality.png and sweep_table.md")
     rp.add_argument("--grid", default="final.png", help="which samples/*.png of each run to show")
 
     da = sub.add_parser("data", help="make a dataset available (Debian package, ./data, or download)")
@@ -154,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- commands ----------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train one run, as one process or as every rank of a torchrun job (`torchrun --nproc-per-node N
+    -m core train ...`): then --batch-size is per process, rank 0 alone decides, writes and prints,
+    and the other ranks follow its decisions, so a refused run is refused on every rank."""
     flags = lambda v: None if v is None else v == "on"  # noqa: E731
     config = override(
         preset(args.preset), model=args.model, base_channels=args.base_channels,
@@ -170,13 +182,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not config.model.conditional and (args.label_dropout is not None or args.label_dropout_mode is not None):
         raise CliError("--label-dropout and --label-dropout-mode need a conditional run: add --conditional "
                        "(or use --preset improved-cfg, book-cfg)")
+    world = launched_world()
+    # Refused before any process group exists: every rank sees the same flags and says the same.
+    check_backend(args.dist_backend, args.device or ("auto" if args.resume else config.train.device))
+    timeout_s = timeout_seconds(args.dist_timeout)
+    if not world.distributed:
+        return _train_command(args, config, world)
+    distributed.init_process_group(world, args.dist_backend, timeout_s)
+    try:
+        return _train_command(args, config, world)
+    except Exception as exc:
+        if distributed.is_peer_failure(exc):  # named while the group is open: after it, it is a plain error
+            raise distributed.PeerFailure(distributed.peer_failure_message(exc)) from None
+        raise
+    finally:
+        distributed.shutdown()
+
+
+def _train_command(args: argparse.Namespace, config: RunConfig, world: distributed.World) -> int:
     runs_dir = Path(args.runs_dir) if args.runs_dir else runs.DEFAULT_RUNS_DIR
-    if args.resume:
+
+    def plan() -> tuple[str, str, bool]:
+        """Rank 0: which folder, with which config, and whether config.json must be (re)written."""
+        if not args.resume:
+            name = args.name or \
+                f"{args.preset}-{config.model.name}-{config.train.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
+            run_dir = runs.run_path(runs_dir, name)
+            if run_dir.exists():
+                raise ConfigError(f"name = {name!r} is not allowed: a run of that name exists in {run_dir.parent}; "
+                                  "pick another name, or resume it with --resume")
+            return str(run_dir), config.to_json(), True
         if not args.name:
             raise CliError("--resume needs --name of the run to continue")
         run_dir = runs.run_path(runs_dir, args.name)
         # The run's own config wins, except how long to train and where: a resumed run may be
-        # given more epochs, steps or time, or be moved to another device.
+        # given more epochs, steps or time, or be moved to another device or world size.
         fixed = [f"--{k.replace('_', '-')}" for k in RESUME_FIXED_FLAGS if getattr(args, k) is not None]
         if fixed:  # silently ignoring them would train something other than what was asked for
             raise CliError(f"{', '.join(fixed)} cannot change on --resume: the run's config.json fixes them; "
@@ -186,25 +226,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         if status.get("state") == "running":  # two writers would corrupt the run
             raise CliError(f"run {args.name!r} is still training (pid {status.get('pid')}); stop it before "
                            "resuming it")
-        config = override(saved, epochs=args.epochs, max_steps=args.max_steps,
-                          time_budget_s=args.time_budget, device=args.device,
-                          checkpoint_every_s=args.checkpoint_every)
-        resolve_device(config.train.device)  # before touching config.json: a rejected resume changes nothing
-        if config != saved:
-            io.atomic_write_text(run_dir / "config.json", config.to_json())
-    else:
-        name = args.name or f"{args.preset}-{config.model.name}-{config.train.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
-        resolve_device(config.train.device)  # before the folder exists: a rejected run leaves nothing
-        run_dir = runs.create_run(runs_dir, name, config)
+        resumed = override(saved, epochs=args.epochs, max_steps=args.max_steps,
+                           time_budget_s=args.time_budget, device=args.device,
+                           checkpoint_every_s=args.checkpoint_every)
+        return str(run_dir), resumed.to_json(), resumed != saved
 
-    bar = None if args.quiet else _ProgressBar()
-    progress = train_run(run_dir, resume=args.resume, data_root=args.data_root,
-                         on_progress=bar.update if bar else None)
+    run_dir, config_json, write_config = distributed.agree(plan, world)
+    run_dir, config = Path(run_dir), RunConfig.from_json(config_json)
+    # Before touching the folder: a missing device, a backend that cannot carry it, a missing
+    # dataset or one too small for a batch on every rank leaves nothing behind, on every rank.
+    device = distributed.device_for(world, resolve_device(config.train.device))
+    check_backend(args.dist_backend, device)
+    images = load_images(config.train.dataset, "train", args.data_root)
+    n_images = min(len(images), config.train.limit_images) if config.train.limit_images else len(images)
+    check_data_fits(n_images, config.train.batch_size, world.size)
+
+    def prepare() -> None:
+        if not args.resume:
+            runs.create_run(runs_dir, run_dir.name, config)
+        elif write_config:
+            io.atomic_write_text(run_dir / "config.json", config.to_json())
+
+    distributed.agree(prepare, world)  # also the barrier: no rank trains before the folder exists
+    bar = None if args.quiet or not world.is_main else _ProgressBar()
+    progress = train_run(run_dir, resume=args.resume, images=images, on_progress=bar.update if bar else None)
     if bar:
         bar.close()
-    last = f"{progress.losses[-1]:.4f}" if progress.losses else "n/a"
-    print(f"{progress.state}: {run_dir} step {progress.step}, last loss {last}, "
-          f"{progress.elapsed_s:.0f} s on {progress.device}")
+    if world.is_main:
+        last = f"{progress.losses[-1]:.4f}" if progress.losses else "n/a"
+        print(f"{progress.state}: {run_dir} step {progress.step}, last loss {last}, "
+              f"{progress.elapsed_s:.0f} s on {progress.device}")
     return 0
 
 
@@ -350,6 +401,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     written.append(report.grids_side_by_side_png(grids, out / "sample_grids.png"))
     (out / "results_table.md").write_text(report.eval_table(infos) + "\n", encoding="utf-8")
     written.append(out / "results_table.md")
+    curve = report.steps_quality_png(infos, out / "steps_quality.png")
+    if curve is not None:  # only once some run has few-step evaluations
+        (out / "sweep_table.md").write_text(report.sweep_table(infos) + "\n", encoding="utf-8")
+        written += [curve, out / "sweep_table.md"]
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -366,12 +421,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "sample": cmd_sample, "runs": cmd_runs, "data": cmd_data,
                 "report": cmd_report, "eval": evaluation_cli.run, "bench": bench.run}
+    # Under torchrun every rank runs this; rank 0 alone prints a user error, all exit alike.
+    main_rank = os.environ.get("RANK", "0") == "0"
     try:
         return handlers[args.command](args)
     except (ConfigError, RunError, DatasetNotFoundError, CliError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as exc:  # the run is already marked failed in its folder
+        if main_rank:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except distributed.PeerFailure as exc:  # every rank says why it ends; the run is marked interrupted
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

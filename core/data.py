@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torchvision import datasets
 
 from .config import DATASET_LABELS, DATASET_NAMES, ConfigError
 
@@ -57,7 +58,6 @@ class ImageSet:
 
 
 def _torchvision_class(dataset: str):
-    from torchvision import datasets  # imported late: torchvision is slow to import
     return {"fashion_mnist": datasets.FashionMNIST, "mnist": datasets.MNIST}[dataset]
 
 

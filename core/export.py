@@ -55,15 +55,33 @@ def save_grid(path: str | Path, images: np.ndarray, ncol: int | None = None, sca
 
 def reverse_gif(frames_xt: np.ndarray, frame_timesteps: list[int], final: np.ndarray | None = None,
                 ncol: int | None = None, scale: int = 2, max_frames: int = 100,
-                duration_ms: int = 60) -> bytes:
-    """A GIF of x_t going from noise to images: frames (K, N, H, W) in recorded order."""
+                duration_ms: int = 60, frames_x0: np.ndarray | None = None) -> bytes:
+    """A GIF of x_t going from noise to images: frames (K, N, H, W) in recorded order.
+
+    With `frames_x0` (same shape) each frame shows x_t | x̂0 side by side; the closing frame shows
+    the finished images once, centred on the same canvas."""
     frames_xt = np.asarray(frames_xt)
     if frames_xt.ndim != 4 or len(frames_xt) == 0:
         raise ValueError("reverse_gif needs recorded frames of shape (K, N, H, W); sample with frames on")
+    if frames_x0 is not None and np.shape(frames_x0) != frames_xt.shape:
+        raise ValueError(f"frames_x0 {np.shape(frames_x0)} must match frames_xt {frames_xt.shape}")
     idx = np.unique(np.linspace(0, len(frames_xt) - 1, min(max_frames, len(frames_xt))).round().astype(int))
-    pictures = [Image.fromarray(make_grid(frames_xt[i], ncol=ncol, scale=scale), mode="L") for i in idx]
+
+    def picture(i: int) -> np.ndarray:
+        left = make_grid(frames_xt[i], ncol=ncol, scale=scale)
+        if frames_x0 is None:
+            return left
+        gap = np.full((left.shape[0], 4 * scale), 255, np.uint8)
+        return np.hstack([left, gap, make_grid(np.asarray(frames_x0)[i], ncol=ncol, scale=scale)])
+
+    arrays = [picture(i) for i in idx]
     if final is not None:
-        pictures.append(Image.fromarray(make_grid(final, ncol=ncol, scale=scale), mode="L"))
+        grid = make_grid(final, ncol=ncol, scale=scale)
+        canvas = np.zeros_like(arrays[0])
+        left = (canvas.shape[1] - grid.shape[1]) // 2
+        canvas[:grid.shape[0], left:left + grid.shape[1]] = grid
+        arrays.append(canvas)
+    pictures = [Image.fromarray(a, mode="L") for a in arrays]
     durations = [duration_ms] * (len(pictures) - 1) + [1500]  # rest on the result
     buf = io.BytesIO()
     pictures[0].save(buf, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
@@ -83,12 +101,17 @@ def frames_npz(images: np.ndarray, frame_timesteps: list[int], frames_xt: np.nda
     return buf.getvalue()
 
 
-def run_bundle(run_dir: str | Path) -> bytes:
-    """A zip of a run: config, metrics, weights, evaluation and sample grids (no optimizer state)."""
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def run_bundle(run_dir: str | Path, include_optimizer: bool = False) -> bytes:
+    """A zip of a run: config, metrics, weights, evaluation and sample grids; with `include_optimizer`
+    also the optimizer state, so a stopped run can be resumed where it is unpacked."""
     run_dir = Path(run_dir)
     buf = io.BytesIO()
+    names = BUNDLE_FILES + ((OPTIMIZER_FILE,) if include_optimizer else ())
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name in BUNDLE_FILES:
+        for name in names:
             if (run_dir / name).is_file():
                 zf.write(run_dir / name, f"{run_dir.name}/{name}")
         for png in sorted((run_dir / "samples").glob("*.png")):

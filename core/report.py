@@ -51,6 +51,74 @@ def loss_curves_png(infos: list[runs.RunInfo], out: Path, x_axis: str = "elapsed
     return out
 
 
+def comparable_evals(infos: list[runs.RunInfo]) -> list[tuple[runs.RunInfo, dict]]:
+    """The eval entries that can share one chart: those of the most common (N, classifier) pair.
+    Fréchet distances taken at another N or with another classifier are on another scale."""
+    entries = [(info, e) for info in infos for e in info.evals
+               if isinstance(e, dict) and isinstance(e.get("fd"), (int, float)) and isinstance(e.get("steps"), int)]
+    if not entries:
+        return []
+    keys = [(e.get("n"), e.get("classifier_sha256")) for _, e in entries]
+    common = max(set(keys), key=keys.count)
+    return [(info, e) for (info, e), key in zip(entries, keys) if key == common]
+
+
+def sampler_series(entries: list[tuple[runs.RunInfo, dict]]) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(run label, sampler setting without the step count) -> [(network evaluations, FD)], sorted."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for info, e in entries:
+        if e.get("sampler") == "ddpm" or str(e.get("setting", "")).endswith("-raw"):
+            continue
+        name = e["sampler"] + ("" if e.get("spacing") in (None, "uniform") else f" ({e['spacing']})")
+        series.setdefault((run_label(info), name), []).append((int(e.get("nfe") or e["steps"]), float(e["fd"])))
+    return {key: sorted(points) for key, points in series.items()}
+
+
+def steps_quality_png(infos: list[runs.RunInfo], out: Path) -> Path | None:
+    """Fréchet distance against network evaluations per image, one line per run and sampler, and each
+    run's DDPM (all T steps) as a dashed horizontal line: how many steps does this model need?"""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = comparable_evals(infos)
+    series = sampler_series(entries)
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for (label, sampler), points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{sampler} · {label}")
+    for info, e in entries:
+        if e.get("sampler") == "ddpm" and e.get("clip") in (None, False):
+            ax.axhline(e["fd"], linestyle="--", color="grey", linewidth=1)
+            ax.annotate(f"DDPM {e['steps']} steps · {run_label(info)}", (ax.get_xlim()[0], e["fd"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points", color="dimgrey")
+    n, sha = entries[0][1].get("n"), entries[0][1].get("classifier_sha256")
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per image (steps)")
+    ax.set_ylabel(f"Fréchet distance (N = {n}, classifier {sha})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Quality against sampling steps")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def sweep_table(infos: list[runs.RunInfo]) -> str:
+    """Markdown: Fréchet distance per sampler (rows) and step count (columns), per run."""
+    series = sampler_series(comparable_evals(infos))
+    steps = sorted({n for points in series.values() for n, _ in points})
+    lines = ["| run | sampler | " + " | ".join(f"{n} steps" for n in steps) + " |",
+             "|---|---|" + "---|" * len(steps)]
+    for (label, sampler), points in series.items():
+        by_steps = dict(points)
+        lines.append(f"| {label} | {sampler} | " + " | ".join(_num(by_steps.get(n)) for n in steps) + " |")
+    return "\n".join(lines)
+
+
 def grids_side_by_side_png(grids: list[tuple[str, Path]], out: Path) -> Path:
     """Put existing grid PNGs next to each other with a caption above each."""
     from PIL import Image, ImageDraw

@@ -278,8 +278,10 @@ def delete_run(runs_dir: str | os.PathLike, name: str) -> None:
 
 
 def append_eval(path: Path, entry: dict[str, Any]) -> None:
-    """Add an evaluation entry, replacing an earlier one with the same sampler setting."""
-    entries = [e for e in read_eval(path) if e.get("setting") != entry.get("setting")]
+    """Add an evaluation entry, replacing an earlier one of the same sampler setting, sample count and
+    classifier (a figure at another N or from another classifier is another measurement, kept)."""
+    key = ("setting", "n", "classifier_sha256")
+    entries = [e for e in read_eval(path) if not isinstance(e, dict) or any(e.get(k) != entry.get(k) for k in key)]
     entries.append(entry)
     atomic_write_text(path / "eval.json", json.dumps(entries, indent=2))
 

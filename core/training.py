@@ -24,6 +24,8 @@ from . import runs
 from .config import ConfigError, RunConfig, SampleConfig
 from .data import ImageSet, load_images, to_model_range
 from .device import autocast_for, resolve_device
+from .distributed import World, all_reduce_sum, broadcast_module, broadcast_object, current_world, device_for, \
+    is_peer_failure, peer_failure_message, wrap_model
 from .errors import RunError
 from .export import save_grid
 from .io import atomic_write_text, load_optimizer, load_weights, save_optimizer, save_weights, weights_metadata
@@ -117,17 +119,28 @@ class Trainer:
 
     The training loop and `python -m core bench` both build this and call `train_step`, so the
     benchmark times exactly what trains.
+
+    Under torchrun (an open process group) the model is wrapped in DistributedDataParallel, which
+    averages the gradients of all ranks in backward; `model` stays the bare module, which the
+    optimizer, the EMA, the checkpoints and sampling use. Rank 0 alone keeps the EMA: it alone writes.
     """
 
-    def __init__(self, config: RunConfig, device: torch.device):
+    def __init__(self, config: RunConfig, device: torch.device, world: World | None = None):
         train = config.train
-        torch.manual_seed(train.seed)  # the same initial weights for the same seed, loop or bench
+        self.world = world if world is not None else current_world()
+        torch.manual_seed(train.seed)  # the same initial weights for the same seed, loop, bench or rank
         self.config, self.device = config, device
         self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
         self.model = build_model(config.model).to(device).to(memory_format=self.memory_format)
         self.optimizer = build_optimizer(self.model, config)
-        self.ema = EMA(self.model, train.ema_decay) if train.ema_decay > 0 else None
-        self.forward = torch.compile(self.model) if train.compile else self.model
+        self.ema = EMA(self.model, train.ema_decay) if train.ema_decay > 0 and self.world.is_main else None
+        # DDP first, then compile: compiling the wrapper lets DDP's bucketed all-reduce overlap backward.
+        wrapped = wrap_model(self.model, device, self.world)
+        self.forward = torch.compile(wrapped) if train.compile else wrapped
+        if self.world.rank > 0:
+            # Every rank drew the same initial weights; each now draws its own t and ε, or all ranks
+            # would noise their different images with the very same timesteps and noise.
+            torch.manual_seed((train.seed * 1_000_003 + self.world.rank) % 2**63)
         self.scheduler = NoiseScheduler(config.schedule)
         # float32 on the device, gathered per step; the scheduler keeps float64 for sampling
         self.alpha_bars = self.scheduler.alpha_bars.to(device=device, dtype=torch.float32)
@@ -165,15 +178,19 @@ class Trainer:
         dropped = torch.rand(labels.shape, device=labels.device) < p
         return torch.where(dropped, NO_LABEL, labels)
 
-    def train_step(self, x_0: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """One optimisation step on a clean batch x_0: draw t and ε, noise x_0 to x_t, regress ε̂ on ε
-        (the book's MSE), step the optimizer and the EMA. Returns the loss, 0-d and unsynced.
-        A conditional run passes the batch's labels (B,); they are dropped as `drop_labels` says."""
+    def train_step(self, x_0: torch.Tensor, timesteps: torch.Tensor | None = None,
+                   noise: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """One optimisation step on a clean batch x_0: draw t and ε (unless given, as a test of
+        equivalence does), noise x_0 to x_t, regress ε̂ on ε (the book's MSE), step the optimizer and
+        the EMA. Returns this rank's loss, 0-d and unsynced. A conditional run passes the batch's
+        labels (B,); they are dropped as `drop_labels` says."""
         lr = self.lr_at(self.step)
         # t in 1..T; x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε (scheduler.add_noise, written out: its range
         # check would sync with the device every step, and it gathers from the float64 table)
-        timesteps = torch.randint(1, len(self.alpha_bars) + 1, (len(x_0),), device=x_0.device)
-        noise = torch.randn_like(x_0)
+        if timesteps is None:
+            timesteps = torch.randint(1, len(self.alpha_bars) + 1, (len(x_0),), device=x_0.device)
+        if noise is None:
+            noise = torch.randn_like(x_0)
         alpha_bar = self.alpha_bars[timesteps - 1].view(-1, 1, 1, 1)
         x_t = alpha_bar.sqrt() * x_0 + (1 - alpha_bar).sqrt() * noise
         for group in self.optimizer.param_groups:
@@ -195,8 +212,14 @@ class Trainer:
         return loss
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def save_checkpoint(self, run_dir: Path, epoch: int, elapsed_s: float) -> None:
-        meta = {"step": self.step, "epoch": epoch}
+    def save_checkpoint(self, run_dir: Path, epoch: int, elapsed_s: float, epoch_images: int | None = None) -> None:
+        """Rank 0's job alone (the weights are the same on every rank). `epoch_images`: how many
+        images of the current epoch's permutation were consumed, so a resume under another world
+        size (another global batch) continues at the very same image."""
+        meta = {"step": self.step, "epoch": epoch, "world_size": self.world.size,
+                "global_batch_size": self.config.train.batch_size * self.world.size}
+        if epoch_images is not None:
+            meta["epoch_images"] = epoch_images
         save_weights(run_dir / "model.safetensors", self.model, meta)
         if self.ema is not None:
             save_weights(run_dir / "ema.safetensors", self.ema.model, meta)
@@ -205,8 +228,8 @@ class Trainer:
             f"cpu ({torch.get_num_threads()} threads)"
         # state.json goes last: it names the step of a complete checkpoint.
         atomic_write_text(run_dir / "state.json", json.dumps(
-            {"step": self.step, "epoch": epoch, "elapsed_s": elapsed_s,
-             "meta": {"hardware": hardware, "torch": torch.__version__}}))
+            {**meta, "elapsed_s": elapsed_s,
+             "meta": {"hardware": hardware, "torch": torch.__version__, "world_size": self.world.size}}))
 
     def load_checkpoint(self, run_dir: Path) -> float:
         """Restore weights, EMA, optimizer and step from the run's last checkpoint; returns the
@@ -229,17 +252,67 @@ class Trainer:
             pass
         return 0.0
 
+    def sync_from_main(self) -> None:
+        """After rank 0 alone read a checkpoint: its weights, optimizer state (Adam's moments and step
+        count) and step on every rank, so all ranks take identical optimizer steps from here."""
+        if not self.world.distributed:
+            return
+        broadcast_module(self.model, self.world)
+        state = self.optimizer.state_dict() if self.world.is_main else None
+        if state is not None:  # pickled for the wire on CPU: a CUDA tensor would land on rank 0's GPU
+            state = {"state": {k: {n: v.cpu() if torch.is_tensor(v) else v for n, v in entry.items()}
+                               for k, entry in state["state"].items()},
+                     "param_groups": state["param_groups"]}
+        state, self.step = broadcast_object((state, self.step), self.world)
+        if not self.world.is_main:
+            self.optimizer.load_state_dict(state)
 
-def steps_per_epoch(n_images: int, batch_size: int) -> int:
-    return max(1, n_images // batch_size)  # drop the ragged last batch: every step sees a full batch
+
+def steps_per_epoch(n_images: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps per pass over the data at a global batch of batch_size × world_size. The
+    ragged tail is dropped: every step sees a full batch on every rank."""
+    return max(1, n_images // (batch_size * world_size))
 
 
-def total_steps_for(config: RunConfig, n_images: int) -> int:
-    per_epoch = steps_per_epoch(n_images, config.train.batch_size)
-    limits = [config.train.epochs * per_epoch] if config.train.epochs else []
-    if config.train.max_steps:
-        limits.append(config.train.max_steps)
-    return min(limits) if limits else 0  # 0: bounded by the time budget alone
+def check_data_fits(n_images: int, batch_size: int, world_size: int = 1) -> None:
+    """Every rank needs at least one full batch per epoch, or the epoch has no step at all."""
+    if batch_size * world_size <= n_images:
+        return
+    if world_size == 1:
+        raise ConfigError(f"batch_size = {batch_size} is not allowed: it exceeds the {n_images} training images; "
+                          "lower it")
+    raise ConfigError(f"batch_size = {batch_size} per process × {world_size} processes = {batch_size * world_size} "
+                      f"is not allowed: it exceeds the {n_images} training images, so some rank would get no "
+                      "batch; lower --batch-size or the number of processes")
+
+
+def total_steps_for(config: RunConfig, n_images: int, world_size: int = 1, *, step: int = 0, epoch: int = 0,
+                    epoch_images: int = 0) -> int:
+    """The step a run ends at: after `epochs` passes or at max_steps, whichever comes first; 0 when
+    the time budget alone bounds it. Counted on from a position (step, completed epochs, images of
+    the current epoch consumed), so a run resumed at another global batch still ends at its epoch."""
+    train = config.train
+    global_batch = train.batch_size * world_size
+    limits = []
+    if train.epochs:
+        left = 0 if epoch >= train.epochs else \
+            (n_images - epoch_images) // global_batch + (train.epochs - epoch - 1) * (n_images // global_batch)
+        limits.append(step + left)
+    if train.max_steps:
+        limits.append(train.max_steps)
+    return min(limits) if limits else 0
+
+
+def _checkpoint_position(run_dir: Path, step: int, n_images: int, batch_size: int) -> tuple[int, int]:
+    """(completed epochs, images of the current epoch consumed) at the checkpoint of `step`."""
+    try:
+        meta = weights_metadata(run_dir / "model.safetensors")
+        return int(meta["epoch"]), int(meta["epoch_images"])
+    except (OSError, KeyError, ValueError):
+        # A checkpoint from before world sizes existed was written by one process at `batch_size`.
+        per_epoch = steps_per_epoch(n_images, batch_size)
+        epoch = step // per_epoch
+        return epoch, (step - epoch * per_epoch) * batch_size
 
 
 def _divergence_message(loss: float, step: int, config: RunConfig) -> str:
@@ -261,18 +334,26 @@ def train_run(run_dir: Path, *, resume: bool = False, images: ImageSet | None = 
               stop_event: threading.Event | None = None) -> Progress:
     """Train the run in `run_dir` (created with runs.create_run) until it finishes or is stopped.
 
-    Returns the final Progress; raises on failure after marking the run failed in status.json.
+    Returns the final Progress; raises on failure after marking the run failed in status.json (or
+    interrupted, when another rank of a torchrun job died). Under torchrun every rank calls this;
+    rank 0 alone reads and writes the run folder and sends the others what they need.
     """
     run_dir = Path(run_dir)
-    config = runs.load_config(run_dir)
+    world = current_world()
+    config = runs.load_config(run_dir) if world.is_main else None  # a missing folder: no status to write
+    config = RunConfig.from_json(broadcast_object(config.to_json() if config else None, world)) \
+        if world.distributed else config
     progress = Progress(run_name=run_dir.name, run_dir=str(run_dir))
     try:
-        result = _train(run_dir, config, resume, images, data_root, on_progress, stop_event, progress)
+        result = _train(run_dir, config, resume, images, data_root, on_progress, stop_event, progress, world)
     except BaseException as exc:
-        message = str(exc) if isinstance(exc, (TrainingDiverged, ConfigError, RunError)) else \
-            f"{type(exc).__name__}: {exc}"
+        peer_failed = is_peer_failure(exc)
+        message = peer_failure_message(exc) if peer_failed else \
+            str(exc) if isinstance(exc, (TrainingDiverged, ConfigError, RunError)) else f"{type(exc).__name__}: {exc}"
         progress.state, progress.error = "failed", message
-        runs.write_status(run_dir, "failed", error=message, step=progress.step)
+        if world.is_main:
+            # A dead peer is not this run's fault: it shows as interrupted and resumes from its checkpoint.
+            runs.write_status(run_dir, "interrupted" if peer_failed else "failed", error=message, step=progress.step)
         if on_progress:
             on_progress(progress)
         raise
@@ -280,12 +361,14 @@ def train_run(run_dir: Path, *, resume: bool = False, images: ImageSet | None = 
 
 
 def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | None, data_root: str | None,
-           on_progress: ProgressFn | None, stop_event: threading.Event | None, progress: Progress) -> Progress:
+           on_progress: ProgressFn | None, stop_event: threading.Event | None, progress: Progress,
+           world: World) -> Progress:
     train = config.train
-    device = resolve_device(train.device)
-    progress.device = str(device)
+    device = device_for(world, resolve_device(train.device))
+    progress.device = str(device) if not world.distributed else f"{world.size} × {device.type}"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 28x28 shapes: autotuning pays off at once
+    writes = world.is_main  # rank 0 alone touches the run folder
 
     def report() -> None:
         if on_progress:
@@ -301,108 +384,134 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
         got = f"{data.dtype} {tuple(data.shape)}" if torch.is_tensor(data) else type(data).__name__
         raise ConfigError(f"images = {got} is not allowed: training expects uint8 images of shape "
                           "(N, 28, 28) with pixels 0..255 (see core.data.ImageSet)")
-    if train.batch_size > len(data):
-        raise ConfigError(f"batch_size = {train.batch_size} is not allowed: it exceeds the {len(data)} "
-                          "training images; lower it")
+    check_data_fits(len(data), train.batch_size, world.size)
     data = data.to(device)  # the whole dataset as one uint8 tensor on the device (47 MB for 60k)
     labels = _training_labels(images, len(data), config).to(device) if config.model.conditional else None
-    per_epoch = steps_per_epoch(len(data), train.batch_size)
-    total = total_steps_for(config, len(data))
+    batch, global_batch = train.batch_size, train.batch_size * world.size
 
-    trainer = Trainer(config, device)
-    elapsed_before = 0.0
+    trainer = Trainer(config, device, world)
+    elapsed_before, epoch, cursor = 0.0, 0, 0  # cursor: images of this epoch's permutation consumed
     if resume:
-        elapsed_before = trainer.load_checkpoint(run_dir)
-        runs.truncate_metrics(run_dir, trainer.step)
-    metrics = runs.MetricsWriter(run_dir / "metrics.csv")
-    for row in runs.read_metrics(run_dir):
+        if writes:
+            elapsed_before = trainer.load_checkpoint(run_dir)
+            if (run_dir / "model.safetensors").exists():
+                epoch, cursor = _checkpoint_position(run_dir, trainer.step, len(data), batch)
+            runs.truncate_metrics(run_dir, trainer.step)
+        trainer.sync_from_main()
+        elapsed_before, epoch, cursor = broadcast_object((elapsed_before, epoch, cursor), world)
+    total = total_steps_for(config, len(data), world.size, step=trainer.step, epoch=epoch, epoch_images=cursor)
+    metrics = runs.MetricsWriter(run_dir / "metrics.csv") if writes else None
+    for row in runs.read_metrics(run_dir) if writes else []:
         progress.steps.append(int(row["step"]))
         progress.losses.append(row["loss"])
 
     progress.total_steps, progress.step, progress.epochs = total, trainer.step, train.epochs
     progress.state, progress.message = "running", ""
-    runs.write_status(run_dir, "running", step=trainer.step)
+    if writes:
+        runs.write_status(run_dir, "running", step=trainer.step, world_size=world.size)
     report()
 
     start_time = time.perf_counter()
     last_checkpoint = last_heartbeat = start_time
     window_loss, window_count, window_start, window_images = 0.0, 0, start_time, 0
     gen = torch.Generator(device="cpu")
+    time_up = False  # under torchrun all ranks agree on it at log rows, or one would wait for the others forever
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - start_time
 
-    def checkpoint(epoch: int) -> None:
-        trainer.save_checkpoint(run_dir, epoch, elapsed())
+    def checkpoint() -> None:
+        if writes:
+            trainer.save_checkpoint(run_dir, epoch, elapsed(), epoch_images=cursor)
 
-    def out_of_budget() -> bool:
-        return (total and trainer.step >= total) or (train.time_budget_s and elapsed() >= train.time_budget_s)
+    def budget_spent() -> bool:
+        nonlocal time_up
+        if not world.distributed:
+            time_up = bool(train.time_budget_s and elapsed() >= train.time_budget_s)
+        return bool(total and trainer.step >= total) or time_up
 
     def preview(filename: str) -> None:
-        progress.latest_grid = str(_preview_grid(run_dir, trainer, filename))
-        report()
+        if writes:
+            progress.latest_grid = str(_preview_grid(run_dir, trainer, filename))
+            report()
 
     stopped = False
-    epoch = trainer.step // per_epoch
     try:
-        while not out_of_budget():
-            # The permutation of an epoch depends only on (seed, epoch), so a resumed run
-            # continues the very same epoch where the checkpoint left it.
+        while not budget_spent():
+            # The permutation of an epoch depends only on (seed, epoch), so a resumed run continues
+            # the very same epoch where the checkpoint left it. A step takes the next global batch
+            # of it and each rank its own block of that: rank r the images cursor + r·B .. + (r+1)·B.
+            # So ranks never share an image, and 2 ranks × B see the batches 1 process × 2B sees.
             gen.manual_seed(train.seed * 100_003 + epoch)
             order = torch.randperm(len(data), generator=gen).to(device)
-            first = max(0, trainer.step - epoch * per_epoch)
             progress.epoch = epoch + 1
-            for i in range(first, per_epoch):
-                if stop_event is not None and stop_event.is_set():
+            while cursor + global_batch <= len(data):
+                if not world.distributed and stop_event is not None and stop_event.is_set():
                     raise StopRequested
-                idx = order[i * train.batch_size:(i + 1) * train.batch_size]
-                loss = trainer.train_step(trainer.batch(data[idx]), None if labels is None else labels[idx])
+                first = cursor + world.rank * batch
+                idx = order[first:first + batch]
+                loss = trainer.train_step(trainer.batch(data[idx]), labels=None if labels is None else labels[idx])
+                cursor += global_batch
                 window_loss += loss.detach()
                 window_count += 1
                 window_images += len(idx)
 
                 if trainer.step % train.log_every == 0 or trainer.step == total:
-                    mean_loss = float(window_loss / window_count)  # one device sync per log row
+                    now = time.perf_counter()
+                    # One all-reduce per log row: Σ losses, Σ steps, Σ images/s over ranks, and whether
+                    # any rank wants to stop; one device sync per row, as before.
+                    wants_stop = (stop_event is not None and stop_event.is_set()) or \
+                        bool(train.time_budget_s and elapsed() >= train.time_budget_s)
+                    sums = torch.stack([torch.as_tensor(window_loss, dtype=torch.float64, device=device),
+                                        *torch.tensor([window_count, window_images / max(now - window_start, 1e-9),
+                                                       float(wants_stop)], dtype=torch.float64, device=device)])
+                    loss_sum, count, ips, stops = all_reduce_sum(sums, world).tolist()
+                    mean_loss = loss_sum / count  # the loss averaged over ranks
                     if not math.isfinite(mean_loss):
                         raise TrainingDiverged(_divergence_message(mean_loss, trainer.step, config))
-                    now = time.perf_counter()
-                    ips = window_images / max(now - window_start, 1e-9)
-                    metrics.write({"step": trainer.step, "epoch": epoch + 1, "loss": mean_loss,
-                                   "lr": trainer.lr_at(trainer.step - 1), "elapsed_s": elapsed(),
-                                   "images_per_s": ips})
+                    if world.distributed and stops > 0:  # every rank leaves the loop at this same step
+                        if stop_event is not None and stop_event.is_set():
+                            raise StopRequested
+                        time_up = True
+                    if writes:
+                        metrics.write({"step": trainer.step, "epoch": epoch + 1, "loss": mean_loss,
+                                       "lr": trainer.lr_at(trainer.step - 1), "elapsed_s": elapsed(),
+                                       "images_per_s": ips})
                     progress.steps.append(trainer.step)
                     progress.losses.append(mean_loss)
                     progress.step, progress.images_per_s, progress.elapsed_s = trainer.step, ips, elapsed()
-                    progress.eta_s = _eta(progress, train.time_budget_s, train.batch_size)
+                    progress.eta_s = _eta(progress, train.time_budget_s, global_batch)
                     window_loss, window_count, window_start, window_images = 0.0, 0, now, 0
                     report()
-                    if now - last_heartbeat > 10:
-                        runs.write_status(run_dir, "running", step=trainer.step)
+                    if writes and now - last_heartbeat > 10:
+                        runs.write_status(run_dir, "running", step=trainer.step, world_size=world.size)
                         last_heartbeat = now
                 if train.checkpoint_every_s and time.perf_counter() - last_checkpoint >= train.checkpoint_every_s:
-                    checkpoint(epoch)
+                    checkpoint()
                     last_checkpoint = time.perf_counter()
-                if out_of_budget():
+                if budget_spent():
                     break
             else:
-                epoch += 1
-                checkpoint(epoch)
+                epoch, cursor = epoch + 1, 0
+                checkpoint()
                 last_checkpoint = time.perf_counter()
-                if train.sample_every_epochs and epoch % train.sample_every_epochs == 0 and not out_of_budget():
+                if train.sample_every_epochs and epoch % train.sample_every_epochs == 0 and not budget_spent():
                     preview(f"epoch_{epoch:03d}.png")
     except StopRequested:
         stopped = True
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
 
     progress.step, progress.elapsed_s = trainer.step, elapsed()
     progress.state, progress.message = "stopping" if stopped else "running", "saving"
     report()
-    checkpoint(epoch)
+    checkpoint()
     if trainer.step > 0:
         preview("final.png")
     progress.state, progress.message, progress.eta_s = ("stopped" if stopped else "finished"), "", 0.0
-    runs.write_status(run_dir, progress.state, step=trainer.step)
+    if writes:
+        runs.write_status(run_dir, progress.state, step=trainer.step, world_size=world.size)
     report()
     return progress
 

@@ -12,17 +12,18 @@ import streamlit as st
 import torch
 
 from core import runs
-from core.config import SampleConfig, ScheduleConfig
+from core.bench.flops import model_cost
+from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, ModelConfig, SampleConfig, ScheduleConfig
 from core.data import ImageSet, load_images, to_model_range, to_uint8
 from core.device import resolve_device
 from core.evaluation.diagnostics import loss_by_timestep
+from core.jobs import measure_call_seconds
 from core.sampling import sample
 from core.schedule import NoiseScheduler
 
 # Sampling and scoring run on the best device here (a GPU when there is one); training picks its own.
 DEVICE = resolve_device("auto")
 COMPARE_SAMPLES = 8       # images per run in Compare's sample rows
-COMPARE_STEPS = 25        # DDIM steps for those previews: a few seconds even for the book's UNet
 BUCKET_IMAGES = 128       # test images scored per timestep bucket
 
 
@@ -65,37 +66,41 @@ def load_run_model(run_dir: Path, use_ema: bool = True) -> runs.LoadedRun:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def preview_samples(run_dir: str, mtime: float, seed: int, steps: int = COMPARE_STEPS,
-                    n: int = COMPARE_SAMPLES) -> np.ndarray:
-    """uint8 (n, 28, 28) DDIM samples of a run from `seed`: the same starting noise for every run."""
+def preview_samples(run_dir: str, mtime: float, seed: int, steps: int = DEFAULT_FEW_STEPS,
+                    n: int = COMPARE_SAMPLES, sampler: str = DEFAULT_FEW_STEP_SAMPLER) -> np.ndarray:
+    """uint8 (n, 28, 28) samples of a run from `seed`: the same starting noise for every run.
+
+    Cached per run, weights, seed and sampler setting, so a revisit is instant."""
     loaded = trained_model(run_dir, mtime, True)
     sched = scheduler_for(loaded.config)
-    config = SampleConfig(sampler="ddim", steps=min(steps, sched.num_timesteps), n=n, seed=seed)
+    steps = 0 if sampler == "ddpm" else min(steps, sched.num_timesteps)
+    config = SampleConfig(sampler=sampler, steps=steps, n=n, seed=seed)
     return sample(loaded.model, sched, config, pixel_range=loaded.config.train.pixel_range,
                   clip_default=loaded.config.train.clip_denoised, device=DEVICE).images
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def timestep_losses(run_dir: str, mtime: float, buckets: int = 10, n_images: int = BUCKET_IMAGES,
-                    seed: int = 0) -> list[tuple[int, int, float]]:
-    """(t_low, t_high, loss) per bucket on the first `n_images` test images of the run's dataset."""
+                    seed: int = 0, space: str = "eps") -> list[tuple[int, int, float]]:
+    """(t_low, t_high, loss) per bucket on the first `n_images` test images of the run's dataset;
+    `space` "eps" is the training loss, "x0" the error of the predicted clean image in [0, 1] units."""
     loaded = trained_model(run_dir, mtime, True)
     test = dataset(loaded.config.train.dataset, "test")
     result = loss_by_timestep(loaded.model, scheduler_for(loaded.config), test.images[:n_images],
                               pixel_range=loaded.config.train.pixel_range, buckets=buckets, seed=seed,
                               device=DEVICE)
-    return [(b.t_low, b.t_high, b.loss) for b in result]
+    return [(b.t_low, b.t_high, b.loss if space == "eps" else b.x0_loss) for b in result]
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def forward_example(dataset_name: str, index: int, timesteps: int, schedule: str, pixel_range: str,
-                    noise_seed: int) -> dict[str, np.ndarray]:
+                    noise_seed: int, scale_to_timesteps: bool = True) -> dict[str, np.ndarray]:
     """x_0, ε and x_t for every t in 1..T (uint8) of one dataset image, and ᾱ_t.
 
     All T frames at once (T·784 bytes): the t slider then only indexes, it never recomputes.
     """
     images = dataset(dataset_name, "train")
-    sched = scheduler(ScheduleConfig(timesteps=timesteps, schedule=schedule))
+    sched = scheduler(ScheduleConfig(timesteps=timesteps, schedule=schedule, scale_to_timesteps=scale_to_timesteps))
     x_0 = to_model_range(images.images[index:index + 1], pixel_range)            # (1, 1, 28, 28)
     noise = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(noise_seed))
     t_all = torch.arange(1, timesteps + 1)
@@ -112,3 +117,19 @@ def strip_timesteps(timesteps: int, count: int = 10) -> tuple[int, ...]:
     """`count` evenly spaced t in 1..T, always including 1 and T, like the book's figure."""
     values = np.unique(np.linspace(1, timesteps, min(count, timesteps)).round().astype(int))
     return tuple(int(v) for v in values)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def call_seconds(run_dir: str, mtime: float, use_ema: bool = True) -> float:
+    """Seconds per image of one network evaluation of this run, measured here (for time estimates)."""
+    return measure_call_seconds(trained_model(run_dir, mtime, use_ema).model, device=DEVICE)
+
+
+def run_call_seconds(run_dir: Path, use_ema: bool = True) -> float:
+    return call_seconds(str(run_dir), weights_mtime(run_dir, use_ema), use_ema)
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def network_cost(config: ModelConfig) -> dict:
+    """Parameters and GFLOP per image (forward; forward + backward) of a network, counted once."""
+    return model_cost(config)

@@ -13,12 +13,14 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from core.config import RunConfig
+from core.config import PIXEL_RANGE_LABELS, SAMPLER_LABELS, RunConfig
 from core.config import run_label as recipe_label
 from core.export import make_grid
 from core.report import ema_smooth as smooth
 from core.runs import RunInfo
 from core.training import steps_per_epoch
+
+from .presets import UNUSED_MODEL_FIELDS
 
 TRAIN_SPLIT_SIZE = 60_000  # FashionMNIST and MNIST both have 60k training images
 
@@ -27,7 +29,28 @@ PALETTE = ("#4C6EF5", "#E8590C", "#2B8A3E", "#C2255C", "#7048E8", "#0B7285", "#E
 # Log axes labelled at 1, 2, 5 × 10^k as plain numbers (plotly's default labels every digit).
 LOG_AXIS = dict(type="log", dtick="D2", tickformat=".2g")
 X_AXES = {"step": ("step", "step"), "epoch": ("epoch_fraction", "epoch"),
-          "wall-clock": ("elapsed_min", "wall-clock minutes")}
+          "wall-clock": ("elapsed_min", "wall-clock minutes"), "fraction of run": ("run_fraction", "fraction of the run")}
+DASHES = ("solid", "dash", "dot", "dashdot")
+
+
+def assign_colours(names: Iterable[str], assigned: dict[str, str] | None = None) -> dict[str, str]:
+    """One colour per run that stays while the page is open: runs keep the colour they got first,
+    new runs take the first colour no shown run holds."""
+    colours = dict(assigned or {})
+    for name in names:
+        if name not in colours:
+            used = set(colours.values())
+            free = [c for c in PALETTE if c not in used]
+            colours[name] = free[0] if free else PALETTE[len(colours) % len(PALETTE)]
+    return colours
+
+
+def data_regime(config: RunConfig | None) -> str:
+    """What makes ε-losses comparable: the pixel range and the noise schedule (with its T)."""
+    if config is None:
+        return "unknown"
+    return (f"pixels {PIXEL_RANGE_LABELS[config.train.pixel_range]} · {config.schedule.schedule} "
+            f"T = {config.schedule.timesteps}")
 
 
 def scaled_grid(images: np.ndarray, ncol: int | None = None, target_px: int = 420) -> np.ndarray:
@@ -76,26 +99,37 @@ def metrics_frame(named_rows: Iterable[tuple[RunInfo, list[dict[str, float]]]], 
         df.insert(1, "label", run_label(info))
         df["elapsed_min"] = df["elapsed_s"] / 60.0
         df["epoch_fraction"] = epoch_position(df, info.config)
+        df["run_fraction"] = df["step"] / max(float(df["step"].max()), 1.0)
+        df["regime"] = data_regime(info.config)
         df["loss_smoothed"] = smooth(df["loss"].to_numpy(), weight)
         frames.append(df)
-    columns = ["run", "label", "step", "epoch", "epoch_fraction", "loss", "loss_smoothed", "lr", "elapsed_s",
-               "elapsed_min", "images_per_s"]
+    columns = ["run", "label", "regime", "step", "epoch", "epoch_fraction", "run_fraction", "loss", "loss_smoothed",
+               "lr", "elapsed_s", "elapsed_min", "images_per_s"]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def loss_figure(df: pd.DataFrame, x_axis: str = "step", log_y: bool = True, show_raw: bool = True,
-                height: int = 420) -> go.Figure:
-    """Overlaid loss curves, one colour per run; the raw loss faint behind the smoothed line."""
+                height: int = 420, colours: dict[str, str] | None = None) -> go.Figure:
+    """Overlaid loss curves, one colour per run (from `colours`, keyed by run name); the raw loss faint
+    behind the smoothed line. A curve identical to one drawn before it is dashed, so neither hides the
+    other; when the runs differ in pixel range or schedule, the legend says which is which."""
     x_col, x_title = X_AXES[x_axis]
+    colours = assign_colours(df["run"].unique(), colours)
+    mixed = "regime" in df.columns and df["regime"].nunique() > 1
     fig = go.Figure()
-    for i, (label, part) in enumerate(df.groupby("label", sort=False)):
-        colour = PALETTE[i % len(PALETTE)]
+    drawn: list[np.ndarray] = []
+    for run, part in df.groupby("run", sort=False):
+        colour = colours[run]
+        label = part["label"].iloc[0] + (f" [{part['regime'].iloc[0]}]" if mixed else "")
+        values = part["loss_smoothed"].to_numpy()
+        twins = sum(1 for other in drawn if len(other) == len(values) and np.allclose(other, values))
+        drawn.append(values)
         if show_raw:
             fig.add_trace(go.Scatter(x=part[x_col], y=part["loss"], mode="lines", name=f"{label} (raw)",
                                      line=dict(color=colour, width=1), opacity=0.25, showlegend=False,
                                      hoverinfo="skip"))
-        fig.add_trace(go.Scatter(x=part[x_col], y=part["loss_smoothed"], mode="lines", name=label,
-                                 line=dict(color=colour, width=2)))
+        fig.add_trace(go.Scatter(x=part[x_col], y=values, mode="lines", name=label,
+                                 line=dict(color=colour, width=2, dash=DASHES[twins % len(DASHES)])))
     fig.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10), xaxis_title=x_title,
                       yaxis_title="loss (MSE of ε)", legend=dict(orientation="h", y=-0.2),
                       hovermode="x unified")
@@ -134,20 +168,22 @@ def schedule_figure(alpha_bars: np.ndarray, t: int, schedule: str) -> go.Figure:
 
 
 def bucket_figure(series: dict[str, list[tuple[int, int, float]]], timesteps: dict[str, int],
-                  log_y: bool = True) -> go.Figure:
+                  log_y: bool = True, colours: dict[str, str] | None = None,
+                  y_title: str = "MSE of ε") -> go.Figure:
     """Loss per timestep bucket, one line per run; x is t when every run has the same T, else t/T."""
     same_t = len(set(timesteps.values())) <= 1
+    colours = colours or {}
     fig = go.Figure()
     for i, (label, buckets) in enumerate(series.items()):
         total = timesteps[label]
         mids = [(lo + hi) / 2 for lo, hi, _ in buckets]
         fig.add_trace(go.Scatter(
             x=mids if same_t else [m / total for m in mids], y=[loss for _, _, loss in buckets],
-            mode="lines+markers", name=label, line=dict(color=PALETTE[i % len(PALETTE)], width=2),
+            mode="lines+markers", name=label, line=dict(color=colours.get(label, PALETTE[i % len(PALETTE)]), width=2),
             text=[f"t in {lo}..{hi}" for lo, hi, _ in buckets], hovertemplate="%{text}: %{y:.4f}"))
     fig.update_layout(height=360, margin=dict(l=10, r=10, t=10, b=10),
                       xaxis_title="t (bucket middle)" if same_t else "t / T (bucket middle)",
-                      yaxis_title="MSE of ε", legend=dict(orientation="h", y=-0.25))
+                      yaxis_title=y_title, legend=dict(orientation="h", y=-0.25))
     if log_y:
         fig.update_yaxes(**LOG_AXIS)
     return fig
@@ -175,6 +211,8 @@ def config_diff(configs: dict[str, RunConfig]) -> pd.DataFrame:
     for name, config in configs.items():
         row: dict[str, Any] = {}
         _flatten("", {k: v for k, v in config.to_dict().items() if k != "format_version"}, row)
+        for unused in UNUSED_MODEL_FIELDS.get(config.model.name, ()):
+            row[f"model.{unused}"] = "not used"  # e.g. attention of the book's UNet
         flat[name] = {k: _display(v) for k, v in row.items()}
     fields = sorted({k for row in flat.values() for k in row})
     differing = [f for f in fields if len({row.get(f, "—") for row in flat.values()}) > 1]
@@ -227,3 +265,91 @@ def format_duration(seconds: float | None) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def quality_groups(named_evals: dict[str, list[dict[str, Any]]]) -> dict[tuple[Any, Any], dict[str, list[dict]]]:
+    """Eval entries that may share one chart: the same sample count N and the same classifier.
+
+    {(n, classifier_sha256): {run: [entries with an fd]}}, the group of the latest evaluation first."""
+    groups: dict[tuple[Any, Any], dict[str, list[dict]]] = {}
+    for run, entries in named_evals.items():
+        for entry in entries:
+            if isinstance(entry, dict) and isinstance(entry.get("fd"), (int, float)) and entry.get("sampler"):
+                key = (entry.get("n"), entry.get("classifier_sha256"))
+                groups.setdefault(key, {}).setdefault(run, []).append(entry)
+    def latest(item) -> str:
+        return max(str(e.get("finished_at") or "") for entries in item[1].values() for e in entries)
+
+    return dict(sorted(groups.items(), key=lambda item: (latest(item), sum(len(v) for v in item[1].values())),
+                       reverse=True))
+
+
+def _nfe(entry: dict[str, Any]) -> float | None:
+    value = entry.get("nfe") if entry.get("nfe") is not None else entry.get("steps")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def steps_quality_figure(runs_entries: dict[str, list[dict[str, Any]]], colours: dict[str, str] | None = None,
+                         height: int = 380) -> go.Figure:
+    """Fréchet distance against network evaluations per image: one line per (run, sampler), one
+    colour per run, one dash per sampler; each run's DDPM figure as a dashed horizontal line."""
+    colours = assign_colours(runs_entries, colours)
+    samplers = [s for s in SAMPLER_LABELS if s != "ddpm"]
+    fig = go.Figure()
+    for run, entries in runs_entries.items():
+        for sampler in samplers:
+            points = sorted((_nfe(e), e["fd"], e.get("setting", "")) for e in entries
+                            if e.get("sampler") == sampler and _nfe(e) is not None)
+            if points:
+                fig.add_trace(go.Scatter(
+                    x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
+                    name=f"{run} · {SAMPLER_LABELS[sampler]}", text=[p[2] for p in points],
+                    hovertemplate="%{text}: FD %{y:.2f} at %{x:.0f} NFE",
+                    line=dict(color=colours[run], width=2, dash=DASHES[samplers.index(sampler) % len(DASHES)])))
+        ddpm = [e for e in entries if e.get("sampler") == "ddpm"]
+        if ddpm:
+            best = min(ddpm, key=lambda e: e["fd"])
+            fig.add_hline(y=best["fd"], line=dict(color=colours[run], dash="dash", width=1),
+                          annotation_text=f"{run} · DDPM {best.get('steps', '')}: {best['fd']:.2f}",
+                          annotation_position="top left")
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"{run} · DDPM (all T steps)",
+                                     line=dict(color=colours[run], dash="dash", width=1)))
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10),
+                      xaxis_title="network evaluations per image (NFE)", yaxis_title="Fréchet distance (lower is better)",
+                      legend=dict(orientation="h", y=-0.25), showlegend=True)
+    fig.update_xaxes(**LOG_AXIS)
+    return fig
+
+
+ETA_WINDOW_S = 60.0
+
+
+def smoothed_eta(history: list[tuple[float, int]], total_steps: int, time_left_s: float | None) -> float | None:
+    """Seconds left from the pace over the last minute of (elapsed_s, step) readings, not the last
+    few steps (which jump with every load burst); bounded by a time budget's remainder."""
+    candidates = [] if time_left_s is None else [max(0.0, time_left_s)]
+    if total_steps and len(history) >= 2:
+        now_s, now_step = history[-1]
+        then_s, then_step = next(((s, k) for s, k in history if now_s - s <= ETA_WINDOW_S), history[0])
+        if (then_s, then_step) == history[-1]:
+            then_s, then_step = history[-2]
+        if now_s > then_s and now_step > then_step:
+            candidates.append((total_steps - now_step) * (now_s - then_s) / (now_step - then_step))
+    return min(candidates) if candidates else None
+
+
+SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def plain_number(value: float, digits: int = 2) -> str:
+    """Numbers people read: 0.25, 1,000, 5.6 × 10⁻¹¹ (never 5.6e-11 or "1e + 04")."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    if 1e-3 <= abs(value) < 1:
+        return f"{value:.{digits}g}"
+    if 1 <= abs(value) < 1e7:
+        decimals = max(0, 3 - int(math.log10(abs(value))))
+        text = f"{value:,.{decimals}f}"
+        return text.rstrip("0").rstrip(".") if decimals else text
+    mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
+    return f"{float(mantissa):g} × 10{str(int(exponent)).translate(SUPERSCRIPT)}"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.jobs import JobManager
+from core.jobs import EvaluationManager, JobManager
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_RUNS_DIR = "DDPM_RUNS_DIR"
@@ -26,3 +26,16 @@ def runs_dir() -> Path:
 @st.cache_resource
 def job_manager() -> JobManager:
     return JobManager()
+
+
+@st.cache_resource
+def evaluation_manager() -> EvaluationManager:
+    """One evaluation at a time per server process, seen by every page and tab."""
+    return EvaluationManager()
+
+
+@st.cache_resource
+def form_memory() -> dict:
+    """The Train form's last preset and values in this server process: a reload or a second tab
+    starts from them instead of the default preset."""
+    return {}

@@ -28,7 +28,9 @@ def run_picker_ui(infos: Sequence[RunInfo], label: str = "Run", key: str | None 
     if not infos:
         return None
     by_name = {info.name: info for info in infos}
-    name = st.selectbox(label, list(by_name), key=key, help=help,
+    if key is not None and st.session_state.get(key) not in by_name:
+        st.session_state.pop(key, None)  # a deleted (or renamed) run: fall back to the first
+    name = st.selectbox(label, list(by_name), key=key, help=help, persist_state="session" if key else None,
                         format_func=lambda n: f"{run_label(by_name[n])} ({by_name[n].state})")
     return by_name.get(name)
 

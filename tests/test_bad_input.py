@@ -55,6 +55,13 @@ API_CASES = [
     ("ddim-steps-over-T", lambda: SampleConfig(sampler="ddim", steps=21).resolved_steps(20),
      ["steps = 21", "between 1 and T = 20"]),
     ("ddim-steps-negative", lambda: SampleConfig(sampler="ddim", steps=-1), ["steps = -1", "at least 0"]),
+    ("in-channels", lambda: ModelConfig(in_channels=3), ["in_channels = 3", "1-channel (grayscale) 28x28"]),
+    ("out-channels", lambda: ModelConfig(out_channels=2), ["out_channels = 2", "1-channel"]),
+    ("spacing", lambda: SampleConfig(spacing="karras"), ["spacing = 'karras'", "uniform, logsnr"]),
+    ("sampler-name", lambda: SampleConfig(sampler="euler"), ["sampler = 'euler'", "dpmpp2m"]),
+    ("clip-name", lambda: SampleConfig(clip="yes"), ["clip = 'yes'", "auto, on, off"]),
+    ("dpm-steps-over-T", lambda: SampleConfig(sampler="dpmpp2m", steps=21).resolved_steps(20),
+     ["steps = 21", "between 1 and T = 20"]),
     ("ddpm-fewer-steps", lambda: SampleConfig(sampler="ddpm", steps=5).resolved_steps(20),
      ["steps = 5", "use ddim or dpmpp2m"]),
     ("eta-negative", lambda: SampleConfig(eta=-0.1), ["eta = -0.1", "at least 0"]),
@@ -181,6 +188,11 @@ SAMPLE_CASES = [
     ("ddim-steps-negative", ["--sampler", "ddim", "--steps", "-1"], ["steps = -1 is not allowed"]),
     ("eta-negative", ["--sampler", "ddim", "--eta", "-0.5"], ["eta = -0.5 is not allowed", "at least 0"]),
     ("unknown-sampler", ["--sampler", "euler"], ["--sampler", "'euler'", "ddim"]),
+    ("dpm-steps-over-T", ["--sampler", "dpmpp2m", "--steps", "11"], ["steps = 11 is not allowed", "T = 10"]),
+    ("dpm-steps-zero-is-T", ["--sampler", "dpmpp2m-sde", "--steps", "-3"], ["steps = -3 is not allowed"]),
+    ("unknown-spacing", ["--sampler", "dpmpp2m", "--spacing", "karras"], ["--spacing", "'karras'", "logsnr"]),
+    ("unknown-clip", ["--clip", "maybe"], ["--clip", "'maybe'", "auto"]),
+    ("steps-not-a-number", ["--sampler", "dpmpp2m", "--steps", "ten"], ["--steps", "'ten' is not a whole number"]),
     ("missing-run", ["--run", "{tmp}/no-such-run"], ["no such run folder"]),
     # refused before sampling starts, not after minutes of it when the file is written
     ("npy-folder-missing", ["--npy", "{tmp}/no-such-folder/x.npy"], ["--npy = ", "does not exist"]),
@@ -254,3 +266,21 @@ def test_cli_train_rejects_in_one_line_and_leaves_runs_alone(cli_results, case_i
 def test_cli_sample_rejects_in_one_line(cli_results, case_id, flags, expected):
     proc, _, _ = cli_results[("sample", case_id)]
     _assert_one_line_error(proc, expected)
+
+
+EVAL_SWEEP_CASES = [
+    ("unknown-sampler-in-sweep", ["--sweep-steps", "10", "--samplers", "ddim,euler"],
+     ["samplers = 'euler' is not allowed", "dpmpp2m"]),
+    ("ddpm-in-sweep", ["--sweep-steps", "10", "--samplers", "ddpm"], ["samplers = 'ddpm' is not allowed"]),
+    ("samplers-without-sweep", ["--samplers", "ddim"], ["--samplers needs --sweep-steps"]),
+    ("empty-sweep", ["--sweep-steps", ","], ["--sweep-steps", "is empty"]),
+    ("sweep-not-numbers", ["--sweep-steps", "10,many"], ["--sweep-steps", "'many' is not a whole number"]),
+]
+
+
+@pytest.mark.parametrize("case_id,flags,expected", EVAL_SWEEP_CASES, ids=[c[0] for c in EVAL_SWEEP_CASES])
+def test_cli_eval_sweep_rejects_in_one_line_before_any_work(tmp_path, case_id, flags, expected):
+    result = _cli(["eval", "--run", str(tmp_path / "no-such-run"), "--n", "64", *flags])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert all(text in lines[0] for text in expected), lines[0]

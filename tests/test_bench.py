@@ -25,7 +25,7 @@ from conftest import make_tiny_images
 
 # A smaller plan than the CLI's --smoke, for the in-process structural test.
 TINY = BenchPlan(mode="smoke", batch_size=2, samples=2, train_warmup=0, train_steps=1, ddpm_timed_steps=1,
-                 ddim_steps=3, ddim_timed_steps=1, reference_train_steps=1, reference_ddpm_timed_steps=1,
+                 ddim_steps=3, ddim_timed_steps=1, few_steps=2, reference_train_steps=1, reference_ddpm_timed_steps=1,
                  matmul_size=64, matmul_repeats=1, ablation_train_steps=1, ablation_sample_steps=1)
 
 
@@ -61,12 +61,14 @@ def test_bench_json_has_every_measurement_with_sane_types():
         assert sampling["ddpm_extrapolated"] is True and sampling["ddpm_timed_steps"] == 1
         assert _is_number(sampling["ddpm_s"]) and _is_number(sampling["ddim_s"]) and sampling["ddim_s"] > 0
         assert sampling["ddim_over_ddpm"] == pytest.approx(sampling["ddim_s"] / sampling["ddpm_s"], rel=0.01)
+        assert sampling["dpmpp2m_steps"] == 2 and _is_number(sampling["dpmpp2m_s"]) and sampling["dpmpp2m_s"] > 0
+        assert sampling["dpmpp2m_over_ddpm"] == pytest.approx(sampling["dpmpp2m_s"] / sampling["ddpm_s"], rel=0.01)
         ablation = result["fast_paths"]["channels_last"][name]
         for key in ("train_speedup_on_vs_off", "sample_speedup_on_vs_off"):
             assert _is_number(ablation[key]) and ablation[key] > 0
     ref = result["reference"]
     for key in ("images_per_s", "ddpm_s", "train_speedup", "ddpm_speedup", "product_images_per_s_interleaved",
-                "product_ddpm_s_interleaved", "ddim50_speedup_over_book_ddpm"):
+                "product_ddpm_s_interleaved", "ddim50_speedup_over_book_ddpm", "dpmpp2m_speedup_over_book_ddpm"):
         assert _is_number(ref[key]) and ref[key] > 0, key
     assert ref["ddpm_extrapolated"] is True
     # the speed-ups are ratios of the interleaved timings
@@ -75,10 +77,13 @@ def test_bench_json_has_every_measurement_with_sane_types():
     assert ref["ddpm_speedup"] == pytest.approx(ref["ddpm_s"] / ref["product_ddpm_s_interleaved"], rel=0.02)
     targets = result["targets"]
     for key in ("unet_fraction_met", "improved_unet_fraction_met", "ddim50_over_ddpm1000_met",
-                "cpu_train_peak_rss_met"):
+                "cpu_train_peak_rss_met", "solver_overhead_met", "dpmpp2m_speedup_met"):
         assert isinstance(targets[key], bool), key
     assert targets["gpu_speedup_met"] is None  # only judged on CUDA
-    assert _is_number(result["scheduler_step_overhead"]["ddpm_step_us"])
+    overhead = result["scheduler_step_overhead"]
+    assert _is_number(overhead["ddpm_step_us"]) and _is_number(overhead["dpmpp2m_step_us"])
+    assert overhead["dpmpp2m_fraction_of_network_eval"] == pytest.approx(
+        overhead["dpmpp2m_step_us"] / 1e6 / result["sampling"]["unet"]["network_eval_s"], rel=0.05)
 
 
 def test_bench_cli_writes_the_same_json_it_prints(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """One real-browser journey through the dashboard: a real Streamlit server, Debian's headless Chromium.
 
-Train the tiny preset, watch it finish, generate with DDIM on the Reverse page, scrub the frames,
-download the final grid and check it is a PNG. A screenshot of every step goes to test-artifacts/.
+Switch the optimizer and see the run name follow, train the tiny preset and watch it finish; on the
+Reverse page switch between the tiny run and a shipped demo run and see each bring its own steps and
+EMA setting, generate, scrub the frames, download the final grid; evaluate the tiny run from the Runs
+page and see its figure on Compare. A screenshot of every step goes to test-artifacts/.
 Skipped (not failed) only where no `chromium` is installed; `make test` installs it.
 """
 from __future__ import annotations
@@ -50,10 +52,25 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> No
     raise TimeoutError(f"streamlit did not answer at {url} within {timeout:.0f} s")
 
 
+DEMO_RUN = "demo-improved-unet-adamw"  # shipped; has EMA weights and T = 1000
+
+
 @pytest.fixture
 def server(tmp_path):
+    from core.data import load_images
+    from core.evaluation import classifier as clf
+
     port = _free_port()
-    env = dict(os.environ, DDPM_RUNS_DIR=str(tmp_path / "runs"), OMP_NUM_THREADS="1")
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    shutil.copytree(REPO / "checkpoints" / DEMO_RUN, runs_dir / DEMO_RUN)
+    # A classifier fitted for a few steps (the same code path as the real one, seconds instead of minutes).
+    classifiers = tmp_path / "classifiers"
+    fitted = clf.fit(load_images("fashion_mnist", "train"), load_images("fashion_mnist", "test"),
+                     clf.FitConfig(epochs=1, batch_size=64, max_steps=10))
+    clf.save_classifier(fitted, clf.classifier_path("fashion_mnist", classifiers))
+    env = dict(os.environ, DDPM_RUNS_DIR=str(runs_dir), OMP_NUM_THREADS="1",
+               **{clf.ENV_CLASSIFIER_DIR: str(classifiers)})
     log = open(tmp_path / "streamlit.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port),
@@ -74,7 +91,7 @@ def server(tmp_path):
             print((tmp_path / "streamlit.log").read_text()[-4000:])
 
 
-def test_train_then_generate_then_download(server, tmp_path):
+def test_train_then_generate_then_evaluate(server, tmp_path):
     from PIL import Image
     from playwright.sync_api import expect, sync_playwright
 
@@ -98,45 +115,80 @@ def test_train_then_generate_then_download(server, tmp_path):
             expect(page.get_by_text("x_t at t = 100")).to_be_visible(timeout=180_000)
             shot(page, "01-forward")
 
-            # 2. Train the tiny preset.
+            # 2. The run name follows the form: switch the optimizer, then train the tiny preset.
             page.get_by_role("link", name="Train").click()
             expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible()
+            name_box = page.get_by_role("textbox", name="Run name")
+            expect(name_box).to_have_value(re.compile(r"^quick-improved_unet-adamw-"))
+            page.locator('[data-testid="stSelectbox"]').filter(has_text="Optimizer").click()
+            page.get_by_role("option", name="Adam", exact=True).click()
+            expect(name_box).to_have_value(re.compile(r"^quick-improved_unet-adam-\d"))
+            shot(page, "02-name-follows-optimizer")
             page.locator('[data-testid="stSelectbox"]').filter(has_text="Preset").click()
             page.get_by_role("option", name="Tiny smoke test").click()
             expect(page.get_by_label("Timesteps T")).to_have_value("20")
-            shot(page, "02-tiny-preset")
+            expect(name_box).to_have_value(re.compile(r"^tiny-improved_unet-adamw-"))
+            expect(page.get_by_text(re.compile(r"ᾱ_T = .*pure noise"))).to_be_visible()
+            tiny_name = name_box.input_value()
+            shot(page, "03-tiny-preset")
+            # A second tab opened now starts from the last choice, and sees the run start without a reload.
+            other = browser.new_page(viewport={"width": 1400, "height": 1000})
+            other.set_default_timeout(30_000)
+            other.goto(f"{server}/train")
+            expect(other.get_by_role("textbox", name="Run name")).to_have_value(re.compile(r"^tiny-"))
+            expect(other.get_by_label("Timesteps T")).to_have_value("20")
             page.get_by_role("button", name=re.compile(r"Train$")).click()
+            expect(other.get_by_text(re.compile(r"Run " + re.escape(tiny_name)))).to_be_visible(timeout=30_000)
+            other.screenshot(path=str(ARTIFACTS / "journey-04b-second-tab.png"))
+            other.close()
 
             # 3. Wait for the run to finish and its loss curve and sample grid to show.
-            # (seconds on an idle 2-core machine; the cap leaves room for a busy CI runner)
+            # (about 30 s on an idle 2-core machine; the cap leaves room for a busy CI runner)
             expect(page.get_by_text(re.compile(r"— finished"))).to_be_visible(timeout=300_000)
             expect(page.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()
             expect(page.get_by_text("Latest sample grid", exact=False)).to_be_visible()
             expect(page.get_by_text("final", exact=True)).to_be_visible()  # the end-of-run grid's caption
             expect(page.get_by_role("button", name=re.compile("Stop$"))).to_have_count(0)
-            shot(page, "03-trained")
+            shot(page, "04-trained")
 
-            # 4. Generate with DDIM, a few steps.
+            # 4. Reverse: each run brings its own steps and EMA setting, and keeps what the user set.
             page.get_by_role("link", name="Reverse process").click()
             expect(page.get_by_role("heading", name="Reverse process")).to_be_visible()
-            page.get_by_text("DDIM (fewer steps)").click()
+
+            def pick_run(label: str) -> None:
+                page.locator('[data-testid="stSelectbox"]').filter(has_text=re.compile(r"^Run")).click()
+                page.get_by_role("option", name=re.compile(re.escape(label))).click()
+
+            ema = page.get_by_role("switch", name="EMA")
+            pick_run(tiny_name)
             steps = page.get_by_role("spinbutton", name=re.compile(r"Steps \(1 to T = 20\)"))
-            expect(steps).to_be_enabled()
+            expect(steps).to_have_value("20")
+            expect(ema).not_to_be_checked()  # the tiny preset trains without EMA
             steps.fill("10")
             steps.press("Enter")
             expect(steps).to_have_value("10")
+            pick_run(DEMO_RUN)
+            demo_steps = page.get_by_role("spinbutton", name=re.compile(r"Steps \(1 to T = 1000\)"))
+            expect(demo_steps).to_have_value("20")
+            expect(ema).to_be_checked()  # the demo run has EMA weights: on by default
+            shot(page, "05-reverse-demo-run")
+            pick_run(tiny_name)
+            expect(steps).to_have_value("10")  # what the user set for the tiny run is kept
+            expect(ema).not_to_be_checked()
             page.get_by_role("button", name=re.compile("Generate")).click()
             frame_slider = page.locator('[data-testid="stSlider"]').filter(has_text="Frame").get_by_role("slider")
             expect(frame_slider).to_be_visible(timeout=60_000)
             expect(page.get_by_text(re.compile(r"Frame 0 of 10: t = 20"))).to_be_visible()
-            shot(page, "04-generated")
+            expect(page.get_by_text(re.compile(re.escape(tiny_name) + r" · DPM-Solver\+\+\(2M\)( SDE)? 10 steps"))) \
+                .to_be_visible()
+            shot(page, "06-generated")
 
             # 5. Scrub: move the frame slider with the keyboard.
             frame_slider.focus()
             for _ in range(4):
                 frame_slider.press("ArrowRight")
             expect(page.get_by_text(re.compile(r"Frame 4 of 10: t = \d+"))).to_be_visible()
-            shot(page, "05-scrubbed")
+            shot(page, "07-scrubbed")
 
             # 6. Download the final grid and check it is a real PNG.
             with page.expect_download() as download_info:
@@ -148,6 +200,38 @@ def test_train_then_generate_then_download(server, tmp_path):
                 img.load()
                 assert img.mode == "L" and img.width >= 4 * 28 and img.height >= 4 * 28
             assert download.suggested_filename.endswith(".png")
-            shot(page, "06-downloaded")
+
+            # 7. Evaluate the tiny run from the Runs page, in the background, with a time estimate.
+            page.get_by_role("link", name="Runs").click()
+            expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible()
+            page.locator('[data-testid="stSelectbox"]').filter(has_text=re.compile(r"^Run")).first.click()
+            page.get_by_role("option", name=re.compile(re.escape(tiny_name))).click()
+            expect(page.get_by_text(re.compile(r"Estimated time here: about"))).to_be_visible()
+            n_box = page.get_by_role("spinbutton", name="Images (N)")
+            n_box.fill("64")
+            n_box.press("Enter")
+            expect(n_box).to_have_value("64")
+            eval_steps = page.get_by_role("spinbutton", name=re.compile(r"Steps \(1 to 20\)"))
+            eval_steps.fill("5")
+            eval_steps.press("Enter")
+            expect(eval_steps).to_have_value("5")
+            shot(page, "08-evaluate-form")
+            page.get_by_role("button", name=re.compile(r"Evaluate$")).click()
+            expect(page.get_by_text(re.compile(r"Fréchet distance"))).to_be_visible(timeout=180_000)
+            shot(page, "09-evaluated")
+
+            # 8. Its figure on Compare: the evaluations table and the steps-versus-quality chart.
+            page.get_by_role("link", name="Compare").click()
+            expect(page.get_by_role("heading", name="Compare")).to_be_visible()
+            page.locator('[data-testid="stMultiSelect"]').click()
+            page.get_by_role("option", name=re.compile(re.escape(tiny_name))).click()
+            page.keyboard.press("Escape")
+            expect(page.get_by_text("Steps versus quality", exact=True)).to_be_visible(timeout=60_000)
+            expect(page.get_by_text(re.compile(r"N = 64, classifier"))).to_be_visible()
+            page.get_by_text("Steps versus quality", exact=True).scroll_into_view_if_needed()
+            page.wait_for_timeout(2000)
+            shot(page, "10-compare")
+            legend = page.locator('[data-testid="stPlotlyChart"] .legendtext')
+            expect(legend.filter(has_text=re.compile(re.escape(tiny_name) + r" · DPM-Solver"))).to_have_count(1)
         finally:
             browser.close()

@@ -12,6 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, make_tiny_images, tiny_config
+from core.config import DEFAULT_FEW_STEP_SAMPLER
 from core import runs
 from core.training import train_run
 from core.evaluation.frechet import QualityReport
@@ -57,8 +58,14 @@ def compare_page() -> AppTest:
     return at
 
 
-def figure(at: AppTest, index: int = 0) -> dict:
-    return json.loads(at.get("plotly_chart")[index].proto.spec)
+def figure(at: AppTest, index: int | str = 0) -> dict:
+    """A plotly chart's spec, by position or by the chart's key (e.g. "cmp_quality_chart")."""
+    charts = at.get("plotly_chart")
+    if isinstance(index, str):
+        matching = [c for c in charts if c.proto.id.endswith(index)]
+        assert matching, f"no chart {index!r} among {[c.proto.id for c in charts]}"
+        return json.loads(matching[0].proto.spec)
+    return json.loads(charts[index].proto.spec)
 
 
 def values(array) -> list[float]:
@@ -98,7 +105,9 @@ def test_settings_that_differ_and_evaluations(two_runs):
     assert "train.optimizer" in diff.index and "train.ema_decay" in diff.index
     assert "schedule.timesteps" not in diff.index and "model.name" not in diff.index
     assert diff.loc["train.optimizer"].to_dict() == {"adam": "adam", "tiny": "adamw"}
-    evals = at.dataframe[1].value
+    headline = at.dataframe[1].value  # the figures people compare, narrow enough to fit the page
+    assert list(headline.columns) == ["run", "setting", "n", "fd", "fd_floor", "fd_ratio", "class_entropy", "seconds"]
+    evals = at.dataframe[2].value  # every field, in the expander
     row = evals.iloc[0]
     assert row["run"] == "tiny" and row["fd"] == 123.4 and row["fd_ratio"] == round(123.4 / 3.2, 4)
     assert row["class_shares.Trouser"] == 0.5
@@ -106,7 +115,7 @@ def test_settings_that_differ_and_evaluations(two_runs):
     assert list(evals.columns[:9]) == ["run", "setting", "n", "fd", "fd_floor", "fd_ratio", "fd_noise",
                                        "class_entropy", "mean_confidence"]
     assert evals.columns[-1].startswith("class_shares.") and "seconds" in evals.columns[9:]
-    shares = figure(at, 1)["data"]  # after the loss curves: the class shares of the evaluation
+    shares = figure(at, "cmp_shares_chart")["data"]  # the class shares of the evaluation
     assert [t["type"] for t in shares] == ["bar"] and list(shares[0]["x"]) == ["Trouser", "Bag"]
 
 
@@ -128,11 +137,16 @@ def test_loss_per_timestep_and_samples_from_one_seed(two_runs):
         captions == [["ImprovedUNet + AdamW · tiny"], ["ImprovedUNet + Adam · adam"]]
     at.button(key="cmp_buckets_button").click().run()
     assert not at.exception
-    buckets = figure(at, 2)["data"]  # loss curves, class shares, then the buckets
+    buckets = figure(at, "cmp_bucket_chart")["data"]
     assert len(buckets) == 2 and all(len(values(t["y"])) == 10 for t in buckets)
     assert all(y > 0 for t in buckets for y in values(t["y"]))
+    assert figure(at, "cmp_bucket_chart")["layout"]["yaxis"]["title"]["text"] == "MSE of x̂0 ([0, 1] pixels)"
     at.run()  # the bucket chart stays (cached) on later runs of the page
-    assert len(at.get("plotly_chart")) == 3
+    assert figure(at, "cmp_bucket_chart")["data"] == buckets
+    at.radio(key="cmp_bucket_space").set_value("eps").run()  # the training loss, per bucket
+    eps = figure(at, "cmp_bucket_chart")
+    assert eps["layout"]["yaxis"]["title"]["text"] == "MSE of ε" and values(eps["data"][0]["y"]) != \
+        values(buckets[0]["y"])
 
 
 def test_smoothing_and_epoch_position():
@@ -148,3 +162,83 @@ def test_smoothing_and_epoch_position():
     assert list(epoch_position(rows, config)) == [0.5, 1.0, 1.5]
     # Epochs that disagree with the config (a run fed other images) keep their whole numbers.
     assert list(epoch_position(pd.DataFrame({"step": [8, 16], "epoch": [1, 2]}), config)) == [1.0, 2.0]
+
+
+def test_colours_stay_with_their_run_and_short_runs_can_share_an_axis(two_runs):
+    at = compare_page()
+    colour = {t["name"].split(" · ")[-1]: t["line"]["color"] for t in figure(at, "cmp_loss_chart")["data"]
+              if t.get("showlegend") is not False}
+    at.multiselect(key="cmp_runs").set_value(["tiny"]).run()  # tiny alone keeps its colour
+    (only,) = [t for t in figure(at, "cmp_loss_chart")["data"] if t.get("showlegend") is not False]
+    assert only["line"]["color"] == colour["tiny"]
+    at.multiselect(key="cmp_runs").set_value(["adam", "tiny"]).run()
+    again = {t["name"].split(" · ")[-1]: t["line"]["color"] for t in figure(at, "cmp_loss_chart")["data"]
+             if t.get("showlegend") is not False}
+    assert again == colour
+    at.radio(key="cmp_x").set_value("fraction of run").run()
+    spec = figure(at, "cmp_loss_chart")
+    assert spec["layout"]["xaxis"]["title"]["text"] == "fraction of the run"
+    assert all(max(values(t["x"])) == 1.0 for t in spec["data"])
+
+
+def test_identical_curves_are_dashed_and_mixed_pixel_ranges_are_marked():
+    from dashboard.charts import assign_colours, loss_figure
+
+    rows = [{"step": s, "epoch": 1, "loss": 1.0 / s, "lr": 1e-3, "elapsed_s": s, "images_per_s": 1.0}
+            for s in (1, 2, 3)]
+    frames = []
+    for run, regime in (("a", "pixels [0, 1] · linear T = 1000"), ("b", "pixels [-1, 1] · linear T = 1000")):
+        df = pd.DataFrame(rows)
+        df["run"], df["label"], df["regime"] = run, f"UNet · {run}", regime
+        df["loss_smoothed"], df["run_fraction"] = df["loss"], df["step"] / 3
+        frames.append(df)
+    fig = loss_figure(pd.concat(frames), show_raw=False).to_dict()
+    dashes = [t["line"]["dash"] for t in fig["data"]]
+    assert dashes == ["solid", "dash"]  # the second of two identical curves is dashed
+    assert all("[pixels" in t["name"] for t in fig["data"])  # mixed pixel ranges: the legend says which
+    colours = assign_colours(["x", "y"])
+    assert assign_colours(["y", "z"], colours)["y"] == colours["y"] and len(set(
+        assign_colours(["x", "y", "z"], colours).values())) == 3
+
+
+def test_steps_versus_quality_groups_by_n_and_classifier():
+    from dashboard.charts import quality_groups, steps_quality_figure
+
+    def entry(sampler, steps, fd, n=64, sha="abc"):
+        return {"sampler": sampler, "steps": steps, "nfe": steps, "fd": fd, "n": n, "classifier_sha256": sha,
+                "setting": f"{sampler}-{steps}"}
+
+    evals = {"r1": [entry("ddpm", 1000, 5.0), entry("dpmpp2m", 10, 9.0), entry("dpmpp2m", 20, 7.0),
+                    entry("ddim", 20, 8.0), entry("ddim", 50, 6.0, n=1000)],
+             "r2": [entry("dpmpp2m", 20, 4.0, sha="other")]}
+    groups = quality_groups(evals)
+    assert list(groups)[0] == (64, "abc") and set(groups) == {(64, "abc"), (1000, "abc"), (64, "other")}
+    evals["r2"][0]["finished_at"] = "2026-01-01T00:00:00"  # the latest evaluation's group comes first
+    assert list(quality_groups(evals))[0] == (64, "other")
+    fig = steps_quality_figure(groups[(64, "abc")]).to_dict()
+    lines = {t["name"]: t for t in fig["data"]}
+    assert list(lines["r1 · DPM-Solver++(2M)"]["x"]) == [10, 20] and list(lines["r1 · DPM-Solver++(2M)"]["y"]) == [9, 7]
+    assert list(lines["r1 · DDIM"]["y"]) == [8.0]  # the N = 1000 entry is not on the N = 64 chart
+    assert "r1 · DDPM (all T steps)" in lines
+    (hline,) = fig["layout"]["shapes"]
+    assert hline["y0"] == hline["y1"] == 5.0 and hline["line"]["dash"] == "dash"
+
+
+def test_same_seed_samples_offer_every_sampler(two_runs):
+    at = compare_page()
+    assert at.selectbox(key="cmp_samples_sampler").value == DEFAULT_FEW_STEP_SAMPLER
+    assert at.number_input(key="cmp_samples_steps").value == 20
+    first = [img.proto.imgs[0].url for img in at.image]
+    at.selectbox(key="cmp_samples_sampler").set_value("ddim")
+    at.number_input(key="cmp_samples_steps").set_value(5).run()
+    assert not at.exception and len(at.image) == 2
+    assert any("DDIM, 5 steps" in c.value for c in at.caption)
+    assert [img.proto.imgs[0].url for img in at.image] != first
+
+
+def test_settings_show_only_fields_a_model_uses():
+    from core.config import PRESETS
+    from dashboard.charts import config_diff
+
+    diff = config_diff({"book": PRESETS["book"], "improved": PRESETS["improved"]})
+    assert diff.loc["model.attention"].to_dict() == {"book": "not used", "improved": "True"}

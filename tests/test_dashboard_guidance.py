@@ -113,7 +113,7 @@ def test_train_improved_cfg_from_the_form_with_tiny_settings(tmp_path, monkeypat
                         ("timesteps", 20)):
         at.number_input(key=f"f_{name}").set_value(value)
     at.selectbox(key="f_device").set_value("cpu")
-    at.form_submit_button[0].click().run()
+    at.button(key="train_button").click().run()
     assert "Started run **cfg-ui**" in at.success[0].value
     job = job_manager().job
     try:

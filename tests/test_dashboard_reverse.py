@@ -10,8 +10,11 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO
+from conftest import REPO, tiny_config
+from core import runs
+from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, ScheduleConfig
 from core.export import frames_npz, grid_png, reverse_gif
+from core.training import train_run
 
 APP = str(REPO / "dashboard" / "app.py")
 
@@ -47,6 +50,8 @@ def test_widgets_and_no_run_message(tmp_path, monkeypatch):
 def test_ddim_generate_scrub_and_export(app):
     assert app.selectbox(key="rev_run").value == "tiny"
     assert app.toggle(key="rev_ema").value is True  # the tiny run has EMA weights
+    assert app.selectbox(key="rev_sampler").value == DEFAULT_FEW_STEP_SAMPLER
+    assert any(c.value.startswith("About ") and c.value.endswith(" here.") for c in app.caption)  # before it starts
     app.selectbox(key="rev_sampler").set_value("ddim").run()
     app.number_input(key="rev_steps").set_value(5)
     app.number_input(key="rev_n").set_value(4)
@@ -63,6 +68,7 @@ def test_ddim_generate_scrub_and_export(app):
     assert [img.captions for img in app.image] == [["x_t"], ["predicted x̂0"]]
     app.slider(key="rev_frame").set_value(5).run()
     assert any("the finished images" in c.value for c in app.caption)
+    assert [img.captions for img in app.image] == [["x_0"]]  # the finished grid once, not twice
 
     labels = [b.label for b in app.get("download_button")]
     assert labels == ["Final grid (PNG)", "Reverse process (GIF)", "All frames (.npz)"]
@@ -78,6 +84,12 @@ def test_ddim_generate_scrub_and_export(app):
     assert gif[:6] == b"GIF89a"
     with Image.open(io.BytesIO(gif)) as img:
         assert img.n_frames == 6  # five steps and the result
+        single_width = img.width
+    assert app.toggle(key="rev_gif_both").value is True
+    both = reverse_gif(result.frames_xt, result.frame_timesteps, final=result.images, ncol=2, scale=3,
+                       frames_x0=result.frames_x0)
+    with Image.open(io.BytesIO(both)) as img:
+        assert img.n_frames == 6 and img.width > 2 * single_width  # x_t | x̂0 on one canvas
     npz = np.load(io.BytesIO(frames_npz(result.images, result.frame_timesteps, result.frames_xt,
                                         result.frames_x0)))
     assert npz["x_t"].shape == (5, 4, 28, 28) and list(npz["timesteps"]) == result.frame_timesteps
@@ -101,3 +113,57 @@ def test_ddpm_runs_every_step_and_play_advances(app):
     paused_at = app.slider(key="rev_frame").value
     app.run()
     assert app.slider(key="rev_frame").value == paused_at
+
+
+@pytest.fixture
+def two_runs(tiny_run, tiny_images, monkeypatch):
+    """The tiny run (EMA, T = 20) and a run without EMA at T = 40."""
+    config = tiny_config()
+    plain = runs.create_run(tiny_run.parent, "plain", type(config)(model=config.model,
+                                                                   schedule=ScheduleConfig(timesteps=40),
+                                                                   train=config.train))
+    train_run(plain, images=tiny_images)
+    monkeypatch.setenv("DDPM_RUNS_DIR", str(tiny_run.parent))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/reverse.py").run()
+    assert not at.exception
+    return at
+
+
+def test_each_run_brings_its_own_defaults_and_keeps_what_the_user_set(two_runs):
+    at = two_runs
+    at.selectbox(key="rev_run").set_value("tiny").run()
+    assert at.selectbox(key="rev_sampler").value == DEFAULT_FEW_STEP_SAMPLER
+    assert at.number_input(key="rev_steps").value == min(DEFAULT_FEW_STEPS, 20)
+    assert at.toggle(key="rev_ema").value is True
+    at.number_input(key="rev_steps").set_value(7)
+    at.toggle(key="rev_ema").set_value(False).run()
+
+    at.selectbox(key="rev_run").set_value("plain").run()  # no EMA weights, T = 40
+    assert at.number_input(key="rev_steps").value == DEFAULT_FEW_STEPS
+    assert at.number_input(key="rev_steps").max == 40
+    assert at.toggle(key="rev_ema").value is False and at.toggle(key="rev_ema").proto.disabled
+    assert at.selectbox(key="rev_sampler").value == DEFAULT_FEW_STEP_SAMPLER
+
+    at.selectbox(key="rev_run").set_value("tiny").run()  # what the user set for tiny comes back
+    assert at.number_input(key="rev_steps").value == 7 and at.toggle(key="rev_ema").value is False
+
+    at.switch_page("views/runs.py").run()  # leave and come back: same run, same settings
+    at.switch_page("views/reverse.py").run()
+    assert at.selectbox(key="rev_run").value == "tiny"
+    assert at.number_input(key="rev_steps").value == 7 and at.toggle(key="rev_ema").value is False
+
+
+def test_the_result_shown_belongs_to_the_picked_run(two_runs):
+    at = two_runs
+    at.selectbox(key="rev_run").set_value("tiny").run()
+    at.number_input(key="rev_steps").set_value(3)
+    at.number_input(key="rev_n").set_value(2).run()
+    done = generate(at)
+    assert done["meta"]["run"] == "tiny"
+    assert any(m.value.startswith("**tiny · DPM-Solver++(2M) 3 steps") for m in at.markdown)
+    at.selectbox(key="rev_run").set_value("plain").run()
+    assert not at.get("download_button") and not any("tiny ·" in m.value for m in at.markdown)
+    assert any("generated with **tiny**" in c.value for c in at.caption)
+    at.selectbox(key="rev_run").set_value("tiny").run()
+    assert len(at.get("download_button")) == 3

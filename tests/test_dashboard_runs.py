@@ -41,8 +41,11 @@ def test_table_lists_every_run_and_damage_never_breaks_the_page(runs_dir):
     assert set(table.index) == {"tiny", "broken", "empty"}
     tiny = table.loc["tiny"]
     assert (tiny["status"], tiny["model"], tiny["optimizer"], tiny["dataset"], tiny["steps"]) == \
-        ("finished", "ImprovedUNet", "AdamW", "fashion_mnist", 6)
+        ("finished", "ImprovedUNet", "AdamW", "FashionMNIST", 6)
     assert tiny["last loss"] == pytest.approx(runs.run_info(runs_dir / "tiny").last_loss)
+    # what an ML user looks for: network size and cost, training time, the pixel range
+    assert 0.01 < tiny["params (M)"] < 1 and tiny["GFLOP/image"] > 0 and tiny["pixels"] == "[-1, 1]"
+    assert tiny["training time"] not in ("", "—")
     assert table.loc["broken", "status"] == "damaged" and "not valid JSON" in table.loc["broken", "error"]
     assert "config.json is missing" in table.loc["empty", "error"]
 
@@ -69,11 +72,13 @@ def test_bundle_is_a_zip_of_the_run(runs_dir):
     at = runs_page()
     at.selectbox(key="runs_pick").set_value("tiny").run()
     assert [b.label for b in at.get("download_button")] == ["Download bundle (zip)"]
-    data = run_bundle(runs_dir / "tiny")  # what the button serves when clicked
+    assert "optimizer state" in at.get("download_button")[0].help
+    data = run_bundle(runs_dir / "tiny", include_optimizer=True)  # what the button serves when clicked
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         assert zf.testzip() is None
         names = set(zf.namelist())
-        assert {"tiny/config.json", "tiny/metrics.csv", "tiny/model.safetensors", "tiny/ema.safetensors"} <= names
+        assert {"tiny/config.json", "tiny/metrics.csv", "tiny/model.safetensors", "tiny/ema.safetensors",
+                "tiny/optimizer.safetensors"} <= names  # resumable where it is unpacked
         assert runs.RunConfig.from_json(zf.read("tiny/config.json").decode()) == runs.load_config(runs_dir / "tiny")
 
 

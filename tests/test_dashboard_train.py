@@ -9,9 +9,10 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
+from core.config import DEFAULT_FEW_STEP_SAMPLER
 from core import runs
 from core.config import PRESETS
-from dashboard.state import job_manager
+from dashboard.state import form_memory, job_manager
 
 pytestmark = pytest.mark.integration  # the job trains on real FashionMNIST images
 
@@ -22,6 +23,7 @@ APP = str(REPO / "dashboard" / "app.py")
 def runs_dir(tmp_path, monkeypatch):
     path = tmp_path / "runs"
     monkeypatch.setenv("DDPM_RUNS_DIR", str(path))
+    form_memory().clear()  # every test starts from the default preset, as a fresh server does
     yield path
     manager = job_manager()  # never leave a job running into the next test
     manager.stop()
@@ -41,7 +43,7 @@ def choose_tiny(at: AppTest, **fields) -> None:
     for name, value in fields.items():
         widget = at.text_input(key=f"f_{name}") if name == "run_name" else at.number_input(key=f"f_{name}")
         widget.set_value(value)
-    at.form_submit_button[0].click().run()
+    at.button(key="train_button").click().run()
 
 
 def wait_finished(at: AppTest, timeout: float = 120.0) -> None:
@@ -86,7 +88,7 @@ def test_second_start_is_refused_then_stop_and_resume(runs_dir):
     at = train_page()
     choose_tiny(at, run_name="long", max_steps=100_000, epochs=1000)
     at.text_input(key="f_run_name").set_value("second")
-    at.form_submit_button[0].click().run()
+    at.button(key="train_button").click().run()
     assert any("one run at a time" in w.value for w in at.warning)
     assert not (runs_dir / "second").exists()
 
@@ -120,7 +122,7 @@ def test_bad_values_are_reported_next_to_the_form(runs_dir):
     assert "name = '../escape' is not allowed" in at.error[0].value
     at.number_input(key="f_batch_size").set_value(1024)
     at.text_input(key="f_run_name").set_value("too-big-batch")
-    at.form_submit_button[0].click().run()
+    at.button(key="train_button").click().run()
     assert "batch_size = 1024 is not allowed" in at.error[0].value
     assert not at.exception
     assert not runs_dir.exists() or not any(runs_dir.iterdir())  # no folder for a refused run
@@ -132,7 +134,7 @@ def test_a_failed_run_shows_its_error_and_the_app_keeps_working(runs_dir):
     at.selectbox(key="train_preset").set_value("Tiny smoke test").run()
     at.selectbox(key="f_device").set_value("cuda")
     at.text_input(key="f_run_name").set_value("no-gpu")
-    at.form_submit_button[0].click().run()
+    at.button(key="train_button").click().run()
     wait_finished(at)
     assert "device = 'cuda' is not allowed" in at.error[0].value
     assert runs.run_info(runs_dir / "no-gpu").state == "failed"
@@ -140,3 +142,69 @@ def test_a_failed_run_shows_its_error_and_the_app_keeps_working(runs_dir):
     assert not at.exception
     table = at.dataframe[0].value
     assert table.loc[table["run"] == "no-gpu", "status"].item() == "failed"
+
+
+def test_the_run_name_follows_model_and_optimizer_until_the_user_types_one(runs_dir, monkeypatch):
+    from dashboard import presets
+
+    fixed = presets.default_run_name  # one clock second for the whole test: names differ only by the form
+    monkeypatch.setattr(presets, "default_run_name", lambda p, m, o, now=None: fixed(p, m, o, now=1.7e9))
+    at = train_page()
+    assert at.text_input(key="f_run_name").value.startswith("quick-improved_unet-adamw-")
+    at.selectbox(key="f_optimizer").set_value("adam").run()
+    assert at.text_input(key="f_run_name").value.startswith("quick-improved_unet-adam-")
+    at.selectbox(key="f_model").set_value("unet").run()
+    assert at.text_input(key="f_run_name").value.startswith("quick-unet-adam-")
+    at.selectbox(key="train_preset").set_value("Tiny smoke test").run()
+    offered = at.text_input(key="f_run_name").value
+    (runs_dir / offered).mkdir(parents=True)  # a run of that name exists (started within the same second)
+    at.selectbox(key="f_optimizer").set_value("adam").run()
+    at.selectbox(key="f_optimizer").set_value("adamw").run()
+    assert at.text_input(key="f_run_name").value == offered + "-2"
+    at.text_input(key="f_run_name").set_value("my-own").run()
+    at.selectbox(key="f_optimizer").set_value("adamw").run()
+    assert at.text_input(key="f_run_name").value == "my-own"
+
+
+def test_a_reload_or_second_tab_starts_from_the_last_choice(runs_dir):
+    at = train_page()
+    at.selectbox(key="train_preset").set_value("Tiny smoke test").run()
+    at.number_input(key="f_max_steps").set_value(12).run()
+    other = train_page()  # a new session: a reload, or another tab
+    assert other.selectbox(key="train_preset").value == "Tiny smoke test"
+    assert other.number_input(key="f_max_steps").value == 12
+    assert other.number_input(key="f_timesteps").value == 20
+
+
+def test_alpha_bar_T_is_shown_and_warned_about(runs_dir):
+    at = train_page()
+    assert any(c.value.startswith("ᾱ_T = ") and "pure noise" in c.value for c in at.caption)
+    assert not at.warning
+    at.selectbox(key="train_preset").set_value("Tiny smoke test").run()
+    at.toggle(key="f_scale_to_timesteps").set_value(False).run()  # the book's betas at T = 20: not noise
+    assert any(w.value.startswith("ᾱ_T = 0.8") for w in at.warning)
+
+
+def test_advanced_settings_show_only_what_the_model_uses(runs_dir):
+    at = train_page()
+    assert at.toggle(key="f_attention").value is False  # quick: ImprovedUNet without attention
+    assert at.selectbox(key="f_grid_sampler").value == DEFAULT_FEW_STEP_SAMPLER  # previews: the best few-step sampler
+    at.selectbox(key="train_preset").set_value("Book").run()
+    assert "f_attention" not in [t.key for t in at.toggle]  # the book's UNet has no attention to set
+    assert at.selectbox(key="f_pixel_range").value == "unit"
+
+
+def test_help_says_what_tiny_takes(runs_dir):
+    at = train_page()
+    assert "28 s" in at.selectbox(key="train_preset").help and "a few seconds" not in \
+        at.selectbox(key="train_preset").help
+
+
+def test_a_deleted_run_no_longer_shows(runs_dir):
+    at = train_page()
+    choose_tiny(at, run_name="gone", max_steps=4)
+    wait_finished(at)
+    assert "gone" in at.markdown[0].value
+    runs.delete_run(runs_dir, "gone")
+    at.run()
+    assert not any("gone" in m.value for m in at.markdown)

@@ -16,7 +16,11 @@ import torch
 from scipy import linalg
 from torch import nn
 
+from safetensors.torch import load, save
+
 from core.evaluation import classifier as clf
+from core.evaluation.classifier import read_metadata
+from core import runs
 from core.cli import main
 from core.data import CLASS_NAMES, ImageSet
 from core.evaluation.frechet import (QualityEvaluator, class_statistics, frechet_metric, noise_images,
@@ -207,6 +211,24 @@ def test_test_statistics_are_cached_per_classifier(tmp_path, tiny_classifier):
     assert not QualityEvaluator(tiny_classifier, other_test).stats_from_cache
 
 
+@pytest.mark.parametrize("missing", ["feature_sum", "feature_outer_sum", "count"])
+def test_a_cache_missing_a_key_is_recomputed_not_half_loaded(tmp_path, tiny_classifier, missing):
+    """A cache that lacks one state must leave the metric untouched, so the statistics are computed
+    once from the test split, never added on top of half-loaded ones (which doubled them)."""
+    clf.save_classifier(tiny_classifier, clf.classifier_path("fashion_mnist", tmp_path))
+    test = tiny_split("test", 200, 5)
+    first = QualityEvaluator(tiny_classifier, test)
+    fake = noise_images(50, seed=2)
+    expected = first.frechet_distance(fake)
+    blob = first.cache_path.read_bytes()
+    tensors = {k: v for k, v in load(blob).items() if k != missing}
+    first.cache_path.write_bytes(save(tensors, metadata=read_metadata(blob)))
+    again = QualityEvaluator(clf.load_classifier("fashion_mnist", tmp_path), test)
+    assert not again.stats_from_cache
+    assert int(again.metric.real_features_num_samples) == 200
+    assert again.frechet_distance(fake) == pytest.approx(expected, rel=1e-9)
+
+
 # -- the CLI ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def tiny_data_root(tmp_path) -> Path:
@@ -266,7 +288,6 @@ def test_eval_cli_bad_inputs_end_in_one_line(tmp_path, argv, message, capsys):
 
 
 def test_eval_cli_rejects_a_dataset_other_than_the_runs(tmp_path, capsys):
-    from core import runs
     run_dir = runs.create_run(tmp_path, "untrained", tiny_config())  # checked before any weights load
     assert main(["eval", "--run", str(run_dir), "--dataset", "mnist", "--quiet"]) == 2
     assert "was trained on 'fashion_mnist'" in capsys.readouterr().err
@@ -286,3 +307,16 @@ def test_real_floor_is_far_below_the_noise_ceiling():
     assert floor < ceiling / 5
     stats = evaluator.class_statistics(real_subset(train, 200, seed=0))
     assert stats["class_entropy"] > 0.9  # the training split is balanced
+
+
+def test_eval_entries_of_another_n_or_classifier_are_kept(tmp_path):
+    """One entry per (setting, N, classifier): re-evaluating replaces, a figure at another N is kept."""
+    run = tmp_path / "r"
+    run.mkdir()
+    base = {"setting": "ddpm-1000", "n": 1000, "classifier_sha256": "aaa", "fd": 4.0}
+    runs.append_eval(run, base)
+    runs.append_eval(run, {**base, "n": 250, "fd": 5.0})
+    runs.append_eval(run, {**base, "classifier_sha256": "bbb", "fd": 6.0})
+    runs.append_eval(run, {**base, "fd": 3.9})  # the same measurement again: replaces the first
+    assert sorted((e["n"], e["classifier_sha256"], e["fd"]) for e in runs.read_eval(run)) == \
+        [(250, "aaa", 5.0), (1000, "aaa", 3.9), (1000, "bbb", 6.0)]

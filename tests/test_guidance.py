@@ -166,7 +166,7 @@ def test_unconditional_train_step_ignores_labels_draw_for_draw():
     for labels in (None, torch.arange(8)):
         trainer = Trainer(tiny_config(), torch.device("cpu"))
         torch.manual_seed(5)
-        losses.append(float(trainer.train_step(x_0, labels).detach()))
+        losses.append(float(trainer.train_step(x_0, labels=labels).detach()))
     assert losses[0] == losses[1]
 
 

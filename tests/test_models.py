@@ -42,13 +42,13 @@ def test_encoding_differs_between_timesteps():
 
 def test_book_unet_has_the_books_layers_and_size():
     model = UNet()
-    assert count_parameters(model) == 2_167_784  # DESIGN.md: 2.17 M
+    assert count_parameters(model) == 2_167_784  # the book's network: 2.17 M
     widths = [(b.convs[0].in_channels, b.convs[0].out_channels)
               for b in (model.down1, model.down2, model.bot1, model.up2, model.up1)]
     assert widths == [(1, 64), (64, 128), (128, 256), (384, 128), (192, 64)]
     assert model.down1.mlp[0].in_features == 100 and model.out.kernel_size == (1, 1)
     forward = flops_per_image(model, train=False) / 1e9
-    assert 0.65 < forward < 0.75  # DESIGN.md: about 0.70 GFLOP forward
+    assert 0.65 < forward < 0.75  # the book's network: about 0.70 GFLOP forward
 
 
 @pytest.mark.parametrize("name", ["unet", "improved_unet"])

@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import ConfigError, ScheduleConfig
+from core.config import ConfigError, RunConfig, ScheduleConfig
+from core.config import PRESETS
 from core.schedule import NoiseScheduler, cosine_beta_schedule
+
+# A tiny run's config.json as format 1 wrote it: no scale_to_timesteps field.
+PRESETS_TINY_FORMAT_1 = {**PRESETS["tiny"].to_dict(), "format_version": 1}
+PRESETS_TINY_FORMAT_1["schedule"] = {k: v for k, v in PRESETS_TINY_FORMAT_1["schedule"].items()
+                                     if k != "scale_to_timesteps"}
 
 
 def test_linear_schedule_is_the_books():
@@ -19,6 +25,28 @@ def test_linear_schedule_is_the_books():
     t = 500
     expected = math.prod(1 - (1e-4 + (0.02 - 1e-4) * i / 999) for i in range(t))
     assert s.alpha_bars[t - 1].item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_T_1000_is_exactly_the_books_linspace():
+    """Scaling by 1000/T leaves T = 1000 untouched, bit for bit."""
+    book = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    assert torch.equal(NoiseScheduler(ScheduleConfig(timesteps=1000)).betas, book)
+
+
+@pytest.mark.parametrize("T", [20, 50, 100, 1000])
+def test_linear_schedule_reaches_noise_for_any_T(T):
+    s = NoiseScheduler(ScheduleConfig(timesteps=T))
+    assert s.alpha_bars[-1].item() < 1e-3
+    assert s.betas.max().item() <= 0.999 and bool((s.betas > 0).all())
+    assert s.betas[0].item() == pytest.approx(1e-4 * 1000 / T)
+
+
+def test_unscaled_schedule_is_kept_for_old_runs():
+    """Format-1 run folders trained on betas 1e-4..0.02 whatever T: they keep that schedule."""
+    config = RunConfig.from_dict(PRESETS_TINY_FORMAT_1)
+    assert config.schedule.scale_to_timesteps is False
+    s = NoiseScheduler(config.schedule)
+    assert s.betas[-1].item() == pytest.approx(0.02) and s.alpha_bars[-1].item() > 0.5  # ᾱ_T = 0.82 at T = 20
 
 
 def test_cosine_schedule_matches_its_closed_form():

@@ -2,7 +2,7 @@
 
 This module exists so that `python -m core bench` can time the original code and the product
 side by side in one run and report the speed-up as a ratio. Nothing in the product imports it.
-It is written from the facts in DESIGN.md ("The book's step 9, as facts") and keeps the book's
+It is written from the book's step 9 (data, schedule, network, loop, as the book gives them) and keeps its
 slow habits on purpose:
 
 - `pos_encoding` loops over the batch in Python and builds one vector per sample;

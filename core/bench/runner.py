@@ -52,6 +52,8 @@ TARGETS = {  # from the project's issue; reported as booleans, never asserted in
     "cpu_unet_fraction_of_matmul": 0.75,
     "cpu_improved_unet_fraction_of_matmul": 0.65,
     "ddim50_over_ddpm1000": 1 / 15,
+    "dpmpp2m20_speedup_over_book_ddpm": 45.0,   # 20 images, 20 steps vs the book's 1000-step loop
+    "solver_overhead_fraction": 0.05,           # DPM-Solver++ step alone / one network evaluation
     "cpu_train_peak_rss_mb": 2048,
     "gpu_speedup_vs_reference": 10.0,
     "guided_over_unguided_step": 2.0,   # classifier-free guidance: both halves in one batched pass
@@ -71,6 +73,7 @@ class BenchPlan:
     ddpm_timed_steps: int = 100        # of T = 1000, extrapolated
     ddim_steps: int = 50
     ddim_timed_steps: int = 50         # all of them
+    few_steps: int = 20                # DPM-Solver++(2M), all timed
     sampling_rounds: int = 3           # DDPM and DDIM alternate; each keeps its best round
     reference_train_steps: int = 5
     reference_ddpm_timed_steps: int = 100
@@ -82,6 +85,7 @@ class BenchPlan:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "samples", "train_steps", "ddpm_timed_steps", "ddim_steps", "ddim_timed_steps",
+                     "few_steps",
                      "sampling_rounds", "reference_train_steps", "reference_ddpm_timed_steps", "matmul_size",
                      "matmul_repeats",
                      "ablation_train_steps", "ablation_sample_steps"):
@@ -98,7 +102,7 @@ QUICK = BenchPlan(mode="quick", train_warmup=1, train_steps=2, ddpm_timed_steps=
 FULL = BenchPlan()
 # Every measurement once, as small as it goes: for tests of the plumbing. Its numbers mean nothing.
 SMOKE = BenchPlan(mode="smoke", batch_size=4, samples=2, train_warmup=1, train_steps=1, ddpm_timed_steps=2,
-                  ddim_steps=5, ddim_timed_steps=2, sampling_rounds=1, reference_train_steps=1,
+                  ddim_steps=5, ddim_timed_steps=2, few_steps=3, sampling_rounds=1, reference_train_steps=1,
                   reference_ddpm_timed_steps=2, matmul_size=256, matmul_repeats=1, ablation_train_steps=1,
                   ablation_sample_steps=2)
 
@@ -339,9 +343,10 @@ def time_sampler(model: torch.nn.Module, scheduler: NoiseScheduler, config: Samp
 
 
 def measure_sampling(config: RunConfig, device: torch.device, plan: BenchPlan, channels_last: bool) -> dict:
-    """DDPM at T and DDIM at `plan.ddim_steps` for `plan.samples` images (random weights: the speed
-    of a reverse step does not depend on them). The two samplers alternate, `plan.sampling_rounds`
-    times, and each keeps its best round, so a burst of load cannot tilt their ratio."""
+    """DDPM at T, DDIM at `plan.ddim_steps` and DPM-Solver++(2M) at `plan.few_steps` for `plan.samples`
+    images (random weights: the speed of a reverse step does not depend on them). The samplers
+    alternate, `plan.sampling_rounds` times, and each keeps its best round, so a burst of load
+    cannot tilt their ratios."""
     torch.manual_seed(0)
     model = build_model(config.model).to(device)
     scheduler = NoiseScheduler(config.schedule)
@@ -349,20 +354,28 @@ def measure_sampling(config: RunConfig, device: torch.device, plan: BenchPlan, c
     ddim_steps = min(plan.ddim_steps, scheduler.num_timesteps)
     ddpm_config = SampleConfig(sampler="ddpm", n=n, batch_size=n)
     ddim_config = SampleConfig(sampler="ddim", steps=ddim_steps, n=n, batch_size=n)
-    ddpm_runs, ddim_runs = [], []
+    few_steps = min(plan.few_steps, scheduler.num_timesteps)
+    dpm_config = SampleConfig(sampler="dpmpp2m", steps=few_steps, n=n, batch_size=n)
+    ddpm_runs, ddim_runs, dpm_runs = [], [], []
     for _ in range(rounds):
         ddpm_runs.append(time_sampler(model, scheduler, ddpm_config, max(1, plan.ddpm_timed_steps // rounds),
                                       device, config.train.pixel_range, channels_last))
         ddim_runs.append(time_sampler(model, scheduler, ddim_config, plan.ddim_timed_steps,
                                       device, config.train.pixel_range, channels_last))
+        dpm_runs.append(time_sampler(model, scheduler, dpm_config, few_steps, device, config.train.pixel_range,
+                                     channels_last))
     ddpm = min(ddpm_runs, key=lambda run: run["seconds"])
     ddim = min(ddim_runs, key=lambda run: run["seconds"])
+    dpm = min(dpm_runs, key=lambda run: run["seconds"])
     return {"n": n, "rounds": rounds, "statistic": "best round",
             "ddpm_steps": ddpm["steps"], "ddpm_s": _r(ddpm["seconds"], 3), "ddpm_timed_steps": ddpm["timed_steps"],
             "ddpm_extrapolated": ddpm["extrapolated"],
             "ddim_steps": ddim["steps"], "ddim_s": _r(ddim["seconds"], 3), "ddim_timed_steps": ddim["timed_steps"],
             "ddim_extrapolated": ddim["extrapolated"],
-            "ddim_over_ddpm": _r(ddim["seconds"] / ddpm["seconds"])}
+            "ddim_over_ddpm": _r(ddim["seconds"] / ddpm["seconds"]),
+            "dpmpp2m_steps": dpm["steps"], "dpmpp2m_s": _r(dpm["seconds"], 3),
+            "dpmpp2m_over_ddpm": _r(dpm["seconds"] / ddpm["seconds"]),
+            "network_eval_s": _r(ddim["seconds"] / ddim["steps"], 4)}  # one reverse step ≈ one forward
 
 
 def measure_guidance(device: torch.device, plan: BenchPlan, channels_last: bool) -> dict:
@@ -402,7 +415,7 @@ def measure_guidance(device: torch.device, plan: BenchPlan, channels_last: bool)
 
 
 def scheduler_step_overhead(device: torch.device, n: int, repeats: int = 200) -> dict:
-    """Microseconds of one DDPM and one DDIM scheduler step alone (no model): the per-step Python
+    """Microseconds of one DDPM, DDIM and DPM-Solver++(2M) step alone (no model): the per-step Python
     and small-kernel cost every reverse step pays on top of the network."""
     scheduler = NoiseScheduler(PRESETS["book"].schedule)
     gen = torch.Generator().manual_seed(0)
@@ -412,12 +425,15 @@ def scheduler_step_overhead(device: torch.device, n: int, repeats: int = 200) ->
     with torch.inference_mode():
         for name, fn in (("ddpm_step_us", lambda t: scheduler.ddpm_step(eps, t, x, generator=gen)),
                          ("ddim_step_us", lambda t: scheduler.ddim_step(eps, t, max(t - 20, 0), x,
-                                                                        clip_range=(-1.0, 1.0)))):
+                                                                        clip_range=(-1.0, 1.0))),
+                         ("dpmpp2m_step_us", lambda t: scheduler.dpm_solver_pp_step(
+                             scheduler.pred_x0(x, t, eps).clamp(-1.0, 1.0), t, max(t - 20, 1), x,
+                             x0_prev=x, t_prev=min(t + 20, 1000)))):
             fn(500)
             _sync(device)
             start = time.perf_counter()
             for k in range(repeats):
-                fn(1000 - k)
+                fn(900 - k)  # t below T: the DPM step needs a previous timestep above t
             _sync(device)
             out[name] = _r((time.perf_counter() - start) / repeats * 1e6, 1)
     return out
@@ -578,7 +594,10 @@ def run_bench(plan: BenchPlan = FULL, device: str = "auto", *, channels_last: bo
     for name, config in configs.items():
         say(f"sampling {name}")
         result["sampling"][name] = measure_sampling(config, dev, plan, sample_cl)
-    result["scheduler_step_overhead"] = scheduler_step_overhead(dev, plan.samples)
+    result["scheduler_step_overhead"] = overhead = scheduler_step_overhead(dev, plan.samples)
+    # The solver's own work per step against one network evaluation of the book's UNet, same N.
+    overhead["dpmpp2m_fraction_of_network_eval"] = _r(
+        overhead["dpmpp2m_step_us"] / 1e6 / result["sampling"]["unet"]["network_eval_s"])
     say("guided against unguided sampling")
     result["guidance"] = measure_guidance(dev, plan, sample_cl)
 
@@ -586,6 +605,7 @@ def run_bench(plan: BenchPlan = FULL, device: str = "auto", *, channels_last: bo
         say("the book's reference code, interleaved with the product's")
         ref = measure_reference(configs["unet"], dev, images, plan, max(matmul_rounds), sample_cl)
         ref["ddim50_speedup_over_book_ddpm"] = _r(ref["ddpm_s"] / result["sampling"]["unet"]["ddim_s"], 3)
+        ref["dpmpp2m_speedup_over_book_ddpm"] = _r(ref["ddpm_s"] / result["sampling"]["unet"]["dpmpp2m_s"], 3)
         ref["time_encoding"] = time_encoding_us(plan.batch_size, dev)
         result["reference"] = ref
     else:
@@ -635,6 +655,14 @@ def _targets(result: dict, dev: torch.device) -> dict:
         "cpu_train_peak_rss_target_mb": TARGETS["cpu_train_peak_rss_mb"] if cpu else None,
         "cpu_train_peak_rss_met": peak_train_mb < TARGETS["cpu_train_peak_rss_mb"] if cpu else None,
         "gpu_speedup_vs_reference": None, "gpu_speedup_target": None, "gpu_speedup_met": None,
+        "solver_overhead_fraction": result["scheduler_step_overhead"]["dpmpp2m_fraction_of_network_eval"],
+        "solver_overhead_target": TARGETS["solver_overhead_fraction"],
+        "solver_overhead_met": result["scheduler_step_overhead"]["dpmpp2m_fraction_of_network_eval"]
+        < TARGETS["solver_overhead_fraction"],
+        "dpmpp2m_speedup_over_book_ddpm": ref["dpmpp2m_speedup_over_book_ddpm"] if ref else None,
+        "dpmpp2m_speedup_target": TARGETS["dpmpp2m20_speedup_over_book_ddpm"],
+        "dpmpp2m_speedup_met": ref["dpmpp2m_speedup_over_book_ddpm"] >= TARGETS["dpmpp2m20_speedup_over_book_ddpm"]
+        if ref else None,
         "guided_over_unguided_step": result["guidance"]["guided_over_unguided"],
         "guided_over_unguided_target": TARGETS["guided_over_unguided_step"],
         "guided_over_unguided_met": result["guidance"]["guided_over_unguided"] <= TARGETS["guided_over_unguided_step"],
@@ -680,6 +708,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="where FashionMNIST lies (else synthetic pixels are used)")
     parser.add_argument("--synthetic-data", action="store_true", help="random pixels instead of FashionMNIST")
     parser.add_argument("--verbose", action="store_true", help="say on stderr what is being measured")
+    parser.add_argument("--ddp", type=_at_least_one, default=None, metavar="N",
+                        help="instead: data-parallel scaling of training, N processes against one (gloo on CPU, "
+                        "NCCL on N GPUs)")
+    parser.add_argument("--ddp-model", choices=sorted(MODEL_PRESETS), default="unet",
+                        help="the network --ddp trains (default the book's unet)")
 
 
 def run(args: argparse.Namespace) -> int:

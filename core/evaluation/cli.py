@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,12 @@ from ..config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, SAMPLER_NAMES, SP
 from ..data import load_images
 from ..device import resolve_device
 from ..errors import CliError, RunError
-from ..guidance import check_conditional, check_guidance, class_index, default_guidance, even_labels, guided_nfe
-from ..sampling import reverse_process, collect, total_steps
+from ..guidance import check_conditional, check_guidance, class_index, default_guidance, even_labels
 from ..schedule import NoiseScheduler
 from .classifier import (ARCH_VERSION, REQUIRED_ACCURACY, Classifier, ClassifierError, FitConfig, classifier_path,
                          fit, fit_path, load_classifier, save_classifier)
 from .frechet import QualityEvaluator, real_subset
+from .scoring import score_setting, setting_name  # noqa: F401 - setting_name: part of this module's API
 
 DEFAULT_N = 1000
 
@@ -90,10 +89,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 # -- the classifier: load, or fit when missing ---------------------------------------------------------
@@ -202,11 +197,6 @@ def sample_settings(args: argparse.Namespace) -> list[SampleConfig]:
     return [SampleConfig(sampler=name, steps=steps, **common) for name in samplers for steps in args.sweep_steps]
 
 
-def setting_name(config: SampleConfig, steps: int, raw_weights: bool) -> str:
-    """The eval.json key of a sampler setting: ddpm-1000, ddim-50, dpmpp2m-sde-20-logsnr, ...-raw."""
-    return replace(config, steps=steps).setting + ("-raw" if raw_weights else "")
-
-
 def _cmd_run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     _check_n(args.n)
     settings = sample_settings(args)
@@ -259,38 +249,11 @@ def _evaluate_setting(args: argparse.Namespace, config: SampleConfig, loaded: ru
                       scheduler: NoiseScheduler, evaluator: QualityEvaluator, train, raw_weights: bool,
                       device: torch.device, labels: torch.Tensor | None = None,
                       guidance: float = 1.0) -> dict[str, Any]:
-    steps = config.resolved_steps(scheduler.num_timesteps)
-    train_config = loaded.config.train
-    started_at, started = _now(), time.perf_counter()
-    process = reverse_process(loaded.model, scheduler, config, pixel_range=train_config.pixel_range,
-                              clip_default=train_config.clip_denoised, device=device, labels=labels,
-                              guidance=guidance)
-    if not args.quiet:
-        process = tqdm(process, total=total_steps(config, scheduler), unit="step", dynamic_ncols=True,
-                       desc=f"{config.sampler} {steps} steps, {config.n} images"
-                       + (f", guidance {guidance:g}" if labels is not None else ""), file=sys.stderr)
-    result = collect(process, pixel_range=train_config.pixel_range)
-    sampling_s = time.perf_counter() - started
-    eval_start = time.perf_counter()
-    images = torch.from_numpy(result.images)
-    report = evaluator.evaluate(images, train, seed=config.seed)
-    conditional = {}
-    if labels is not None:  # keys only conditional runs have: unconditional entries stay as they were
-        conditional = {"guidance": guidance, **evaluator.conditional(images, labels).to_dict()}
-    classifier = evaluator.classifier
-    setting = setting_name(config, steps, raw_weights) + (f"-g{guidance:g}" if labels is not None else "")
-    return {"setting": setting,
-            "sampler": config.sampler, "steps": steps,
-            "nfe": steps if labels is None else steps * guided_nfe(guidance), **conditional,
-            "eta": config.eta if config.sampler == "ddim" else None,
-            "spacing": config.spacing if config.sampler != "ddpm" else None,
-            "clip": config.resolved_clip(train_config.clip_denoised),
-            "weights": "ema" if loaded.used_ema else "raw", "seed": config.seed, **report.to_dict(),
-            "dataset": train_config.dataset, "classifier_accuracy": round(classifier.test_accuracy, 4),
-            "classifier_sha256": classifier.sha256[:12], "device": str(device),
-            "started_at": started_at, "finished_at": _now(), "seconds_sampling": round(sampling_s, 1),
-            "seconds_eval": round(time.perf_counter() - eval_start, 1),
-            "seconds": round(time.perf_counter() - started, 1)}
+    def bar(process, total: int, description: str):
+        return tqdm(process, total=total, unit="step", dynamic_ncols=True, desc=description, file=sys.stderr)
+
+    return score_setting(config, loaded, scheduler, evaluator, train, raw_weights, device,
+                         wrap=None if args.quiet else bar, labels=labels, guidance=guidance)
 
 
 def run(args: argparse.Namespace) -> int:

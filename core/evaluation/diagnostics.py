@@ -23,6 +23,9 @@ class BucketLoss:
     t_low: int      # first timestep of the bucket (inclusive)
     t_high: int     # last timestep of the bucket (inclusive)
     loss: float     # mean ε-prediction MSE over the batch at timesteps drawn from [t_low, t_high]
+    # MSE of the predicted clean image x̂0 (clipped to the data range) against x_0, in [0, 1] pixel
+    # units: comparable between runs of different pixel ranges, where the ε-loss is not.
+    x0_loss: float = float("nan")
 
 
 def timestep_buckets(timesteps: int, buckets: int) -> list[tuple[int, int]]:
@@ -58,7 +61,11 @@ def loss_by_timestep(model: nn.Module, scheduler: NoiseScheduler, images: torch.
             noise = torch.randn(x_0.shape, generator=gen).to(device)
             x_t = scheduler.add_noise(x_0, t.to(device), noise)
             eps = model(x_t, t.to(device)).float()
-            results.append(BucketLoss(t_low, t_high, float(F.mse_loss(eps, noise))))
+            low = -1.0 if pixel_range == "symmetric" else 0.0
+            x0_hat = scheduler.pred_x0(x_t, t.to(device), eps).clamp(low, 1.0)
+            width = 1.0 - low  # to [0, 1] pixel units
+            results.append(BucketLoss(t_low, t_high, float(F.mse_loss(eps, noise)),
+                                      float(F.mse_loss(x0_hat / width, x_0 / width))))
     finally:
         model.train(was_training)
     return results

@@ -2,7 +2,7 @@
 
 A Fréchet distance alone means little: it depends on the feature network and on the number of
 samples N (its estimate is biased upwards at small N). So every number comes with two references
-taken at the same N with the same classifier (DESIGN.md, "Measuring sample quality"):
+taken at the same N with the same classifier:
 
     floor    N real *training* images vs the test split: what a perfect generator would score;
     ceiling  N images of pure noise vs the test split: a sample that was never denoised, i.e.

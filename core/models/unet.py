@@ -67,8 +67,10 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         v = sinusoidal_encoding(timesteps, self.time_embed_dim)  # (B, D)
-        if labels is not None and self.num_classes:
-            v = v + self.label_embedding(labels)  # step 10: the label rides on the time encoding
+        if self.num_classes:  # step 10: the label rides on the time encoding
+            if labels is None:  # no label: adds exact zeros, but keeps the embedding in the graph (DDP)
+                labels = torch.full((len(x),), NO_LABEL, dtype=torch.long, device=x.device)
+            v = v + self.label_embedding(labels)
         x1 = self.down1(x, v)                    # (B, c1, 28, 28)
         x2 = self.down2(self.maxpool(x1), v)     # (B, c2, 14, 14)
         h = self.bot1(self.maxpool(x2), v)       # (B, c3, 7, 7)

@@ -12,11 +12,12 @@ import streamlit as st
 import torch
 
 from core import runs
-from core.config import SAMPLER_LABELS, SAMPLER_NAMES, ConfigError, SampleConfig
+from core.config import (DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, SAMPLER_NAMES, ConfigError,
+                         SampleConfig)
 from core.export import frames_npz, grid_png, reverse_gif
 from core.jobs import SamplingJob
 from dashboard import cache, guidance
-from dashboard.charts import scaled_grid
+from dashboard.charts import format_duration, scaled_grid
 from dashboard.state import runs_dir
 from dashboard.widgets import run_picker_ui, sampleable
 
@@ -70,32 +71,70 @@ def _collect_finished() -> None:
         st.session_state["rev_feedback"] = ("info", "Generation cancelled.")
 
 
+# -- per-run settings --------------------------------------------------------------------------------------
+# Sampler, steps, η and EMA belong to a run (a T = 20 run and a T = 1000 run want different steps, and
+# only some runs have EMA weights); seed and image count are the user's, whatever the run.
+PER_RUN_KEYS = ("rev_sampler", "rev_steps", "rev_eta", "rev_ema")
+
+
+def run_defaults(info: runs.RunInfo) -> dict:
+    """What a run opens with: the best few-step setting, and EMA weights where the run has them."""
+    T = info.config.schedule.timesteps
+    return {"rev_sampler": DEFAULT_FEW_STEP_SAMPLER, "rev_steps": min(DEFAULT_FEW_STEPS, T), "rev_eta": 0.0,
+            "rev_ema": (info.path / "ema.safetensors").exists()}
+
+
+def switch_run_settings(info: runs.RunInfo) -> None:
+    """Keep the widgets' values for the run they were set on; bring in this run's own (or its defaults).
+
+    Runs before the sampler widgets are drawn, so it may set their values."""
+    state = st.session_state
+    saved = state.setdefault("rev_per_run", {})
+    if state.get("rev_settings_for") == info.name and all(key in state for key in PER_RUN_KEYS):
+        return  # the widgets already hold this run's values (they are dropped when the user leaves the page)
+    values = dict(run_defaults(info), **saved.get(info.name, {}))
+    values["rev_steps"] = min(int(values["rev_steps"]), info.config.schedule.timesteps)
+    if not (info.path / "ema.safetensors").exists():
+        values["rev_ema"] = False
+    for key, value in values.items():
+        state[key] = value
+    state["rev_settings_for"] = info.name
+
+
 # -- widgets ---------------------------------------------------------------------------------------------
 def sampler_ui(info: runs.RunInfo) -> dict:
     """Sampler settings for this run, as a plain dict."""
     T = info.config.schedule.timesteps
     has_ema = (info.path / "ema.safetensors").exists()
-    st.session_state.setdefault("rev_steps", min(50, T))
-    if st.session_state["rev_steps"] > T:
-        st.session_state["rev_steps"] = T
+    switch_run_settings(info)
     c1, c2, c3, c4, c5, c6 = st.columns([3, 1, 1, 1, 1, 1], vertical_alignment="bottom")
-    sampler = c1.selectbox("Sampler", SAMPLER_NAMES, key="rev_sampler", persist_state="session",
-                           format_func=lambda name: f"{SAMPLER_LABELS[name]} ({SAMPLER_HELP[name]})")
+    sampler = c1.selectbox("Sampler", SAMPLER_NAMES, key="rev_sampler",
+                           format_func=lambda name: f"{SAMPLER_LABELS[name]} ({SAMPLER_HELP[name]})",
+                           help=f"Default: {SAMPLER_LABELS[DEFAULT_FEW_STEP_SAMPLER]}, {DEFAULT_FEW_STEPS} steps "
+                                "(the best few-step setting measured so far); DDPM is the book's, every step.")
     few_steps = sampler != "ddpm"
     ddim = sampler == "ddim"
     steps = c2.number_input(f"Steps (1 to T = {T})", min_value=1, max_value=T, key="rev_steps",
-                            disabled=not few_steps, persist_state="session",
+                            disabled=not few_steps,
                             help="DDPM always runs all T steps; the other samplers can skip.")
-    eta = c3.slider("η", 0.0, 1.0, 0.0, 0.1, key="rev_eta", disabled=not ddim, persist_state="session",
+    eta = c3.slider("η", 0.0, 1.0, step=0.1, key="rev_eta", disabled=not ddim,
                     help="DDIM noise: 0 deterministic, 1 like DDPM")
     seed = c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="rev_seed",
                            persist_state="session")
     n = c5.number_input("Images", min_value=1, max_value=MAX_IMAGES, value=16, key="rev_n", persist_state="session")
-    use_ema = c6.toggle("EMA", value=has_ema, disabled=not has_ema, key="rev_ema",
+    use_ema = c6.toggle("EMA", disabled=not has_ema, key="rev_ema",
                         help="Sample with the EMA weights (usually better)" if has_ema
                         else "This run was trained without EMA")
+    st.session_state["rev_per_run"][info.name] = {"rev_sampler": sampler, "rev_steps": int(steps),
+                                                  "rev_eta": float(eta), "rev_ema": bool(use_ema)}
     return {"sampler": sampler, "steps": int(steps) if few_steps else 0, "eta": float(eta) if ddim else 0.0,
             "seed": int(seed), "n": int(n), "use_ema": bool(use_ema and has_ema)}
+
+
+def estimate_seconds(info: runs.RunInfo, params: dict) -> float:
+    """Network evaluations × images × the cost of one, measured on this machine (cached per run)."""
+    steps = params["steps"] or info.config.schedule.timesteps
+    return steps * params["n"] * cache.run_call_seconds(info.path, params["use_ema"]) * 1.1
 
 
 def feedback_ui() -> None:
@@ -116,8 +155,9 @@ def generation_panel() -> None:
         status = entry["job"].snapshot()
         if status.state == "running":
             meta = entry["meta"]
-            st.progress(status.fraction, text=f"Generating {meta['n']} images with {meta['sampler'].upper()}: "
-                                              f"step {status.done} of {status.total} · {status.elapsed_s:.1f} s")
+            eta = f" · about {format_duration(status.eta_s)} left" if status.eta_s is not None else ""
+            st.progress(status.fraction, text=f"Generating {meta['n']} images with {SAMPLER_LABELS[meta['sampler']]}: "
+                                              f"step {status.done} of {status.total} · {status.elapsed_s:.1f} s{eta}")
             st.button("Cancel", icon=":material/close:", on_click=entry["job"].cancel, key="rev_cancel")
         elif running_at_full_run:
             st.rerun()  # finished: a full run collects the result and draws the scrubber
@@ -129,7 +169,7 @@ def _describe(meta: dict) -> str:
     steps = meta["steps"] or meta["timesteps"]
     extra = f", η = {meta['eta']:g}" if meta["sampler"] == "ddim" else ""
     weights = "EMA" if meta["used_ema"] else "raw"
-    return (f"{meta['run']} · {meta['sampler'].upper()} {steps} steps{extra} · seed {meta['seed']} · "
+    return (f"{meta['run']} · {SAMPLER_LABELS[meta['sampler']]} {steps} steps{extra} · seed {meta['seed']} · "
             f"{weights} weights{guidance.describe(meta, meta.get('dataset'))}")
 
 
@@ -161,11 +201,14 @@ def player(result, meta: dict) -> None:
             st.caption(f"Frame {frame} of {last}: t = {t}. Left, x_t going into the step at t; right, the "
                        "clean image x̂0 the model predicts from it.")
         else:
-            xt = x0 = result.images
+            xt = x0 = None
             st.caption(f"Frame {last} of {last}: the finished images x_0.")
         left, right = st.columns(2)
-        left.image(scaled_grid(xt, ncol=ncol, target_px=440), caption="x_t" if frame < last else "x_0")
-        right.image(scaled_grid(x0, ncol=ncol, target_px=440), caption="predicted x̂0" if frame < last else "x_0")
+        if frame < last:
+            left.image(scaled_grid(xt, ncol=ncol, target_px=440), caption="x_t")
+            right.image(scaled_grid(x0, ncol=ncol, target_px=440), caption="predicted x̂0")
+        else:  # x_t and x̂0 are the same images now: show them once
+            left.image(scaled_grid(result.images, ncol=ncol, target_px=440), caption="x_0")
         if st.session_state.get("rev_playing") and frame >= last:
             st.session_state["rev_playing"] = False
             st.rerun()
@@ -176,13 +219,16 @@ def player(result, meta: dict) -> None:
 def exports_ui(result, meta: dict) -> None:
     ncol = meta.get("ncol") or math.ceil(math.sqrt(meta["n"]))
     stem = f"{meta['run']}-{meta['sampler']}{meta['steps'] or meta['timesteps']}-seed{meta['seed']}"
+    side_by_side = st.toggle("GIF shows x_t | x̂0 side by side", value=True, key="rev_gif_both",
+                             persist_state="session", help="Off: x_t only")
     c1, c2, c3 = st.columns(3)
     c1.download_button("Final grid (PNG)", data=grid_png(result.images, ncol=ncol, scale=4), file_name=f"{stem}.png",
                        mime="image/png", icon=":material/download:", on_click="ignore", key="rev_png")
     # GIF and frames are built only when clicked (deferred data): the .npz of a 1000-step run is big.
     c2.download_button("Reverse process (GIF)", file_name=f"{stem}.gif", mime="image/gif",
                        data=lambda: reverse_gif(result.frames_xt, result.frame_timesteps, final=result.images,
-                                                ncol=ncol, scale=3),
+                                                ncol=ncol, scale=3,
+                                                frames_x0=result.frames_x0 if side_by_side else None),
                        icon=":material/download:", on_click="ignore", key="rev_gif")
     c3.download_button("All frames (.npz)", file_name=f"{stem}.npz", mime="application/octet-stream",
                        data=lambda: frames_npz(result.images, result.frame_timesteps, result.frames_xt,
@@ -202,14 +248,20 @@ if not candidates:
 info = run_picker_ui(candidates, key="rev_run", help="Runs with saved weights")
 params = sampler_ui(info)
 params.update(guidance.conditional_ui(info, params["n"]))  # class, γ and row-per-class grid: step 10 runs only
-st.button("Generate", icon=":material/auto_awesome:", type="primary", on_click=_generate, args=(str(info.path), params),
+c1, c2 = st.columns([1, 5], vertical_alignment="center")
+c1.button("Generate", icon=":material/auto_awesome:", type="primary", on_click=_generate, args=(str(info.path), params),
           key="rev_generate", help="Runs in the background; the page stays usable.")
+c2.caption(f"About {format_duration(max(1.0, estimate_seconds(info, params)))} here.")
 _collect_finished()
 feedback_ui()
 generation_panel()
 guidance.explorer_ui(info, params)
 
 done = st.session_state.get("rev_result")
+if done is not None and done["meta"]["run"] != info.name:
+    st.caption(f"The last images were generated with **{done['meta']['run']}**; pick it above to see them "
+               "again, or click **Generate** for this run.")
+    done = None
 if done is not None:
     st.divider()
     st.markdown(f"**{_describe(done['meta'])}** · generated in {done['elapsed_s']:.1f} s")

@@ -11,31 +11,46 @@ import pandas as pd
 import streamlit as st
 
 from core import runs
-from core.config import MODEL_LABELS, OPTIMIZER_LABELS, ConfigError
+from core.config import DATASET_LABELS, MODEL_LABELS, OPTIMIZER_LABELS, PIXEL_RANGE_LABELS, ConfigError
 from core.export import run_bundle
 from core.jobs import JobBusy
+from dashboard import cache
+from dashboard.charts import format_duration
+from dashboard.evaluate import evaluate_ui, evaluation_status_ui
 from dashboard.state import job_manager, runs_dir
 
+
+def training_seconds(info: runs.RunInfo) -> float | None:
+    """Wall-clock training time of a run: the last logged elapsed_s (it continues across resumes)."""
+    rows = runs.read_metrics(info.path) if info.readable else []
+    return rows[-1].get("elapsed_s") if rows else None
 
 
 def runs_table(infos: list[runs.RunInfo]) -> pd.DataFrame:
     rows = []
     for info in infos:
         c = info.config
+        cost = cache.network_cost(c.model) if c else None
         rows.append({
             "run": info.name,
             "status": info.state,
             "model": MODEL_LABELS.get(c.model.name, c.model.name) if c else "—",
             "optimizer": OPTIMIZER_LABELS.get(c.train.optimizer, c.train.optimizer) if c else "—",
-            "dataset": c.train.dataset if c else "—",
+            "dataset": DATASET_LABELS.get(c.train.dataset, c.train.dataset) if c else "—",
+            "pixels": PIXEL_RANGE_LABELS.get(c.train.pixel_range, "—") if c else "—",
             "T": c.schedule.timesteps if c else None,
+            "params (M)": cost["params"] / 1e6 if cost else None,
+            "GFLOP/image": cost["forward_gflop"] if cost else None,
             "steps": info.step if c else None,
+            "training time": format_duration(training_seconds(info)) if c else "—",
+            "processes": info.meta.get("world_size", 1) if c else None,  # torchrun's world size
             "last loss": info.last_loss,
             "updated": time.strftime("%Y-%m-%d %H:%M", time.localtime(info.updated_at)) if info.updated_at else "",
             "error": info.error or "",
         })
     table = pd.DataFrame(rows)
     return table.astype({"T": "Int64", "steps": "Int64"}) if rows else table
+
 
 
 def _delete(name: str) -> None:
@@ -64,12 +79,14 @@ def actions_ui(info: runs.RunInfo) -> None:
     c1.button("Resume training", icon=":material/play_arrow:", key="runs_resume", disabled=not can_resume,
               on_click=_resume, args=(str(info.path),),
               help="Stopped, interrupted and failed runs continue from their last checkpoint")
-    c2.download_button("Download bundle (zip)", data=lambda: run_bundle(info.path), file_name=f"{info.name}.zip",
-                       mime="application/zip", icon=":material/download:", on_click="ignore", key="runs_zip",
-                       help="config, metrics, weights, evaluations and sample grids")
+    c2.download_button("Download bundle (zip)", data=lambda: run_bundle(info.path, include_optimizer=True),
+                       file_name=f"{info.name}.zip", mime="application/zip", icon=":material/download:",
+                       on_click="ignore", key="runs_zip",
+                       help="config, metrics, weights, optimizer state (so a stopped run resumes elsewhere), "
+                            "evaluations and sample grids")
     if st.session_state.get("runs_confirm") == info.name:
         st.warning(f"Delete run **{info.name}** and every file in it? This cannot be undone.")
-        d1, d2, _ = st.columns([1, 1, 4])
+        d1, d2 = st.columns([3, 1])
         d1.button(f"Yes, delete {info.name}", icon=":material/delete_forever:", type="primary",
                   key="runs_delete_yes", on_click=_delete, args=(info.name,))
         d2.button("Cancel", key="runs_delete_no", on_click=lambda: st.session_state.pop("runs_confirm", None))
@@ -94,9 +111,22 @@ if not infos:
     st.info("No runs yet. Train one on the **Train** page.")
     st.stop()
 
-st.dataframe(runs_table(infos), hide_index=True, key="runs_table",
-             column_config={"last loss": st.column_config.NumberColumn(format="%.4f"),
-                            "error": st.column_config.TextColumn(width="large")})
+table = runs_table(infos)
+if not table["error"].any():
+    table = table.drop(columns="error")  # no empty column pushing the others off the right edge
+st.dataframe(table, hide_index=True, key="runs_table", width="stretch",
+             column_config={"last loss": st.column_config.NumberColumn(format="%.4f", width="small"),
+                            "params (M)": st.column_config.NumberColumn(format="%.2f", width="small"),
+                            "GFLOP/image": st.column_config.NumberColumn(format="%.2f", help="one forward pass",
+                                                                         width="small"),
+                            "T": st.column_config.NumberColumn(width="small"),
+                            "steps": st.column_config.NumberColumn(width="small"),
+                            "error": st.column_config.TextColumn(width="medium")})
+if table["pixels"].nunique() > 1:
+    st.caption(":material/info: **last loss** compares only between runs of the same pixel range and schedule: "
+               "the ε-loss of a [0, 1] run reads lower than a [−1, 1] run's at equal quality (the book run's "
+               "loss is lower while its Fréchet distance is far worse). Compare the *loss in x̂0 space* or the "
+               "evaluations on the **Compare** page.")
 
 by_name = {i.name: i for i in infos}
 name = st.selectbox("Run", list(by_name), key="runs_pick",
@@ -105,3 +135,10 @@ chosen = by_name[name]
 if chosen.error:
     st.error(chosen.error)
 actions_ui(chosen)
+
+st.subheader("Evaluate")
+if chosen.readable and chosen.config is not None and (chosen.path / "model.safetensors").exists():
+    evaluate_ui(chosen, "runs")
+else:
+    st.caption("This run has no weights to evaluate yet.")
+evaluation_status_ui("runs")

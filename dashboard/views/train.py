@@ -12,34 +12,57 @@ import streamlit as st
 from PIL import Image
 
 from core import runs
-from core.config import (DATASET_LABELS, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_LABELS,
-                         OPTIMIZER_LABELS, OPTIMIZER_NAMES, SCHEDULE_NAMES, ConfigError)
+from core.config import (DATASET_LABELS, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_LABELS, OPTIMIZER_LABELS,
+                         OPTIMIZER_NAMES, PIXEL_RANGE_LABELS, PIXEL_RANGES, SAMPLER_LABELS, SAMPLER_NAMES,
+                         SCHEDULE_NAMES, ConfigError)
 from core.jobs import JobBusy
 from core.training import Progress
-from dashboard.charts import format_duration, live_loss_figure, upscale
-from dashboard.presets import (DEFAULT_PRESET, FORM_FIELDS, FORM_PRESETS, config_from_form, default_run_name,
-                               form_values)
-from dashboard.state import job_manager, runs_dir
+from dashboard import cache
+from dashboard.charts import format_duration, live_loss_figure, plain_number, smoothed_eta, upscale
+from dashboard.presets import (DEFAULT_PRESET, FORM_FIELDS, FORM_PRESETS, TINY_TAKES, UNUSED_MODEL_FIELDS,
+                               config_from_form, default_run_name, form_values)
+from dashboard.state import form_memory, job_manager, runs_dir
 from dashboard.widgets import STATE_ICONS
 
 MODEL_ORIGIN = {"unet": "the book", "improved_unet": "the blog"}
 POLL_S = 1.5
+IDLE_POLL_S = 3.0         # an idle page looks this often for a run started elsewhere (another tab)
+NOISE_ENOUGH = 1e-3       # ᾱ_T above this: x_T still holds a visible trace of x_0
 
 manager = job_manager()
 
 
 # -- callbacks (run before the page script, so they may set widget values) ---------------------------
+def _fresh_name(preset: str) -> None:
+    """A new default name from the form's model and optimizer; remembered so edits can be told apart."""
+    base = default_run_name(preset, st.session_state["f_model"], st.session_state["f_optimizer"])
+    name, k = base, 1
+    while (runs_dir() / name).exists():  # started within the same second: never offer a taken name
+        k += 1
+        name = f"{base}-{k}"
+    st.session_state["f_run_name"] = st.session_state["f_auto_name"] = name
+
+
 def _apply_preset() -> None:
     name = st.session_state["train_preset"]
-    values = form_values(FORM_PRESETS[name])
-    for field, value in values.items():
+    for field, value in form_values(FORM_PRESETS[name]).items():
         st.session_state[f"f_{field}"] = value
-    st.session_state["f_run_name"] = default_run_name(name, values["model"], values["optimizer"])
+    _fresh_name(name)
+
+
+def _follow_name() -> None:
+    """The model or optimizer changed: the name follows, unless the user typed one of their own."""
+    if st.session_state.get("f_run_name") == st.session_state.get("f_auto_name"):
+        _fresh_name(st.session_state["train_preset"])
+
+
+def _form_values() -> dict:
+    return {field: st.session_state[f"f_{field}"] for field in FORM_FIELDS if f"f_{field}" in st.session_state}
 
 
 def _start_training() -> None:
     preset = st.session_state["train_preset"]
-    values = {field: st.session_state[f"f_{field}"] for field in FORM_FIELDS}
+    values = _form_values()
     name = str(st.session_state.get("f_run_name", "")).strip()
     try:
         config = config_from_form(preset, values)
@@ -50,7 +73,7 @@ def _start_training() -> None:
         st.session_state["train_feedback"] = ("error", f"Not started: {exc}")
     else:
         st.session_state["train_feedback"] = ("success", f"Started run **{name}**.")
-        st.session_state["f_run_name"] = default_run_name(preset, values["model"], values["optimizer"])
+        _fresh_name(preset)
 
 
 def _resume(run_dir: str) -> None:
@@ -64,59 +87,107 @@ def _resume(run_dir: str) -> None:
 
 # -- widgets -----------------------------------------------------------------------------------------
 def preset_ui() -> str:
+    """The preset picker; a new session (a reload, a second tab) starts from the last choice made here."""
     if "train_preset" not in st.session_state:
-        st.session_state["train_preset"] = DEFAULT_PRESET
-        _apply_preset()
+        memory = form_memory()
+        if memory.get("preset") in FORM_PRESETS:
+            st.session_state["train_preset"] = memory["preset"]
+            for field, value in memory.get("values", {}).items():
+                st.session_state[f"f_{field}"] = value
+            _fresh_name(memory["preset"])
+        else:
+            st.session_state["train_preset"] = DEFAULT_PRESET
+            _apply_preset()
     return st.selectbox("Preset", list(FORM_PRESETS), key="train_preset", on_change=_apply_preset,
-                        persist_state="session",
-                        help="Fills the form. Book: step 9 exactly. Improved (blog): ImprovedUNet + AdamW + EMA. "
-                             "Quick CPU demo: five minutes on a CPU. Tiny smoke test: a few seconds, to try the UI.")
+                        help="Fills the form. Book: step 9 exactly (about 10 epochs: hours on a CPU). "
+                             "Improved (blog): ImprovedUNet + AdamW + EMA. Quick CPU demo: five minutes on a "
+                             f"CPU. Tiny smoke test: {TINY_TAKES}, to try the UI.")
 
 
-def train_form_ui() -> None:
-    """The form; its submit button starts the run through the `_start_training` callback."""
-    keep = {"persist_state": "session"}
-    with st.form("train_form", border=True):
+def schedule_note_ui(preset: str) -> None:
+    """ᾱ_T of the form's schedule: how much of x_0 is left at the last step (should be about 0)."""
+    try:
+        config = config_from_form(preset, _form_values())
+    except ConfigError:
+        return  # the Train click reports it next to the form
+    alpha_bar_T = float(cache.scheduler(config.schedule).alpha_bars[-1])
+    if alpha_bar_T > NOISE_ENOUGH:
+        st.warning(f"ᾱ_T = {plain_number(alpha_bar_T)}: at t = T some of x₀ is still there (√ᾱ_T = "
+                   f"{plain_number(alpha_bar_T ** 0.5)}), so sampling starts from noise the model never saw. Raise T "
+                   "or use the linear schedule.", icon=":material/warning:")
+    else:
+        st.caption(f"ᾱ_T = {plain_number(alpha_bar_T)}: x_T is pure noise, as sampling assumes.")
+
+
+def train_form_ui(preset: str) -> None:
+    """The form; its button starts the run through the `_start_training` callback.
+
+    Not an `st.form`: the run name follows the model and optimizer as they change."""
+    with st.container(border=True):
         c1, c2, c3 = st.columns([2, 1, 1])
-        c1.text_input("Run name", key="f_run_name", help="Becomes the folder name: letters, digits, . _ -", **keep)
-        c2.selectbox("Dataset", DATASET_NAMES, format_func=DATASET_LABELS.get, key="f_dataset", **keep)
-        c3.selectbox("Device", DEVICE_NAMES, key="f_device", **keep)
+        c1.text_input("Run name", key="f_run_name", help="Becomes the folder name: letters, digits, . _ -. "
+                      "Follows the model and optimizer until you type your own.")
+        c2.selectbox("Dataset", DATASET_NAMES, format_func=DATASET_LABELS.get, key="f_dataset")
+        c3.selectbox("Device", DEVICE_NAMES, key="f_device")
         c1, c2, c3, c4 = st.columns(4)
         c1.selectbox("Model", list(MODEL_LABELS), format_func=lambda m: f"{MODEL_LABELS[m]} ({MODEL_ORIGIN[m]})",
-                     key="f_model", **keep)
-        c2.number_input("Base channels", min_value=4, max_value=512, step=4, key="f_base_channels", **keep)
-        c3.selectbox("Optimizer", OPTIMIZER_NAMES, format_func=OPTIMIZER_LABELS.get, key="f_optimizer", **keep)
+                     key="f_model", on_change=_follow_name)
+        c2.number_input("Base channels", min_value=4, max_value=512, step=4, key="f_base_channels")
+        c3.selectbox("Optimizer", OPTIMIZER_NAMES, format_func=OPTIMIZER_LABELS.get, key="f_optimizer",
+                     on_change=_follow_name)
         c4.number_input("EMA decay (0 = off)", min_value=0.0, max_value=0.99999, step=0.001, format="%g",
-                        key="f_ema_decay", **keep)
+                        key="f_ema_decay")
         c1, c2, c3, c4 = st.columns(4)
-        c1.number_input("Learning rate", min_value=0.0, max_value=1.0, step=1e-4, format="%g", key="f_lr", **keep)
+        c1.number_input("Learning rate", min_value=0.0, max_value=1.0, step=1e-4, format="%g", key="f_lr")
         c2.number_input("Weight decay", min_value=0.0, max_value=10.0, step=0.01, format="%g",
-                        key="f_weight_decay", help="Adam: an L2 term in the gradient. AdamW: decoupled.", **keep)
-        c3.number_input("Batch size", min_value=1, max_value=60_000, step=16, key="f_batch_size", **keep)
-        c4.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="f_seed", **keep)
+                        key="f_weight_decay", help="Adam: an L2 term in the gradient. AdamW: decoupled.")
+        c3.number_input("Batch size", min_value=1, max_value=60_000, step=16, key="f_batch_size")
+        c4.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="f_seed")
         c1, c2, c3, c4 = st.columns(4)
-        c1.number_input("Epochs", min_value=0, max_value=100_000, step=1, key="f_epochs", **keep)
-        c2.number_input("Max steps (0 = no limit)", min_value=0, step=100, key="f_max_steps", **keep)
-        c3.number_input("Time budget, s (0 = none)", min_value=0.0, step=60.0, format="%g",
-                        key="f_time_budget_s", **keep)
-        c4.number_input("Use first N images (0 = all)", min_value=0, step=512, key="f_limit_images", **keep)
-        c1, c2, _, _ = st.columns(4)
-        c1.number_input("Timesteps T", min_value=2, max_value=10_000, step=10, key="f_timesteps", **keep)
-        c2.selectbox("Noise schedule", SCHEDULE_NAMES, key="f_schedule", **keep)
-        conditional_fields_ui(keep)
-        st.form_submit_button("Train", icon=":material/rocket_launch:", type="primary", on_click=_start_training)
+        c1.number_input("Epochs", min_value=0, max_value=100_000, step=1, key="f_epochs")
+        c2.number_input("Max steps (0 = no limit)", min_value=0, step=100, key="f_max_steps")
+        c3.number_input("Time budget, s (0 = none)", min_value=0.0, step=60.0, format="%g", key="f_time_budget_s")
+        c4.number_input("Use first N images (0 = all)", min_value=0, step=512, key="f_limit_images")
+        c1, c2, c3 = st.columns([1, 1, 2], vertical_alignment="bottom")
+        c1.number_input("Timesteps T", min_value=2, max_value=10_000, step=10, key="f_timesteps")
+        c2.selectbox("Noise schedule", SCHEDULE_NAMES, key="f_schedule")
+        with c3:
+            schedule_note_ui(preset)
+        with st.expander("Advanced: what the presets set and this form hides"):
+            model = st.session_state.get("f_model")
+            a1, a2, a3, a4 = st.columns(4)
+            if "attention" not in UNUSED_MODEL_FIELDS.get(model, ()):
+                a1.toggle("Self-attention at 7×7", key="f_attention", help="ImprovedUNet only")
+            a2.selectbox("Pixel range", PIXEL_RANGES, format_func=PIXEL_RANGE_LABELS.get, key="f_pixel_range",
+                         help="[0, 1]: the book. [−1, 1]: centred data, what the ImprovedUNet presets use")
+            a3.number_input("Warm-up steps", min_value=0, step=50, key="f_warmup_steps",
+                            help="learning rate ramps up linearly over these steps")
+            a4.number_input("Gradient clipping (0 = off)", min_value=0.0, step=0.5, format="%g", key="f_grad_clip")
+            a1, a2, a3, a4 = st.columns(4)
+            a4.toggle("Scale betas with T", key="f_scale_to_timesteps",
+                      help="linear schedule: the book's betas are for T = 1000; scaled by 1000/T, x_T is noise "
+                           "for any T (improved-diffusion)")
+            a1.toggle("DDPM clips x̂0", key="f_clip_denoised",
+                      help="the run's default when sampling with DDPM (the few-step samplers always clip)")
+            a2.selectbox("Preview sampler", SAMPLER_NAMES, format_func=SAMPLER_LABELS.get, key="f_grid_sampler",
+                         help="for the sample grid at each epoch's end")
+            a3.number_input("Preview steps", min_value=1, step=5, key="f_grid_steps")
+        conditional_fields_ui()
+        st.button("Train", icon=":material/rocket_launch:", type="primary", on_click=_start_training,
+                  key="train_button")
+    form_memory().update(preset=preset, values=_form_values())
 
 
-def conditional_fields_ui(keep: dict) -> None:
+def conditional_fields_ui() -> None:
     """Step 10's options: class labels, and the label dropout that classifier-free guidance needs."""
     c1, c2, c3, _ = st.columns(4)
-    c1.selectbox("Class labels", (0, 10), key="f_num_classes", **keep,
+    c1.selectbox("Class labels", (0, 10), key="f_num_classes",
                  format_func=lambda k: "none (unconditional)" if k == 0 else f"{k} classes (step 10)",
                  help="A label embedding lets you ask for a class when sampling (step 10 of the book).")
     c2.number_input("Label dropout", min_value=0.0, max_value=0.99, step=0.05, format="%g", key="f_label_dropout",
                     help="Share of labels dropped while training, so the same network also learns the "
-                         "unconditional ε̂ that guidance needs (book: 0.1; 0 = no guidance).", **keep)
-    c3.selectbox("Dropout per", LABEL_DROPOUT_MODES, key="f_label_dropout_mode", **keep,
+                         "unconditional ε̂ that guidance needs (book: 0.1; 0 = no guidance).")
+    c3.selectbox("Dropout per", LABEL_DROPOUT_MODES, key="f_label_dropout_mode",
                  format_func={"sample": "sample", "batch": "batch (the book)"}.get)
 
 
@@ -164,21 +235,44 @@ def _latest_grid(p: Progress) -> tuple[np.ndarray, str] | None:
         return np.asarray(img.convert("L")), path.stem
 
 
+def eta_ui_value(p: Progress) -> float | None:
+    """The ETA over the last minute's pace, from this page's own readings of the job."""
+    if not p.active:
+        return None
+    history = st.session_state.setdefault("train_eta", {}).setdefault(p.run_name, [])
+    if not history or history[-1] != (p.elapsed_s, p.step):
+        history.append((p.elapsed_s, p.step))
+        del history[:-200]
+    budget = None
+    try:
+        budget_s = runs.load_config(Path(p.run_dir)).train.time_budget_s
+        budget = budget_s - p.elapsed_s if budget_s else None
+    except runs.RunError:
+        pass
+    eta = smoothed_eta(history, p.total_steps, budget)
+    return eta if eta is not None else p.eta_s
+
+
 def progress_ui(p: Progress) -> None:
+    eta = eta_ui_value(p)
     icon = STATE_ICONS.get(p.state, STATE_ICONS["running"])
     st.markdown(f"#### {icon} Run `{p.run_name}` — {p.state}" + (f" ({p.message})" if p.message else ""))
     total = f"/{p.total_steps}" if p.total_steps else ""
     epochs = f"/{p.epochs}" if p.epochs else ""
     st.progress(_fraction(p), text=f"step {p.step}{total} · epoch {p.epoch}{epochs} · "
-                                   f"{p.images_per_s:,.0f} images/s · ETA {format_duration(p.eta_s)}")
+                                   f"{p.images_per_s:,.0f} images/s · ETA {format_duration(eta)}")
     c1, c2, c3, c4, c5 = st.columns(5)
     c1.metric("Step", f"{p.step}{total}")
     c2.metric("Epoch", f"{p.epoch}{epochs}")
     c3.metric("Images/s", f"{p.images_per_s:,.0f}")
-    c4.metric("ETA", format_duration(p.eta_s) if p.active else "—")
+    if p.active:
+        c4.metric("ETA", format_duration(eta), help="from the pace over the last minute")
+    else:
+        c4.metric("Training time", format_duration(p.elapsed_s))
     c5.metric("Last loss", f"{p.losses[-1]:.4f}" if p.losses else "—")
     if p.state == "failed":
-        st.error(f"Training failed: {p.error}")
+        st.error("Training failed: " + (p.error or "").replace("resume it with --resume", "use Resume below")
+                 .replace("--resume", "Resume below"))
     left, right = st.columns([3, 2])
     with left:
         st.caption("Loss (MSE between ε and the model's ε̂), logged every few steps")
@@ -221,14 +315,37 @@ def job_panel() -> None:
     live()
 
 
+def shown_job():
+    """The current (or last) job, unless its run folder was deleted since."""
+    job = manager.job
+    if job is not None and not job.alive and not job.run_dir.exists():
+        return None
+    return job
+
+
+def watch_for_other_tabs() -> None:
+    """While nothing runs, look every few seconds for a run started elsewhere (another tab, the Runs page)."""
+    seen = id(shown_job())
+
+    @st.fragment(run_every=IDLE_POLL_S)
+    def watch() -> None:
+        job = shown_job()
+        if id(job) != seen or (job is not None and job.alive):
+            st.rerun()
+
+    watch()
+
+
 st.title("Train")
 st.caption("Pick a preset, adjust the settings, click **Train**. Training runs in the background on this "
            "server, one run at a time; reloading the page or opening a second tab shows the same run.")
-if manager.job is not None:  # the current (or last) run first: that is what a returning user looks for
+if shown_job() is not None:  # the current (or last) run first: that is what a returning user looks for
     job_panel()
     st.divider()
+if shown_job() is None or not shown_job().alive:
+    watch_for_other_tabs()
 st.subheader("New run")
-preset_ui()
-train_form_ui()
+preset = preset_ui()
+train_form_ui(preset)
 feedback_ui()
 resume_ui()

@@ -1,0 +1,91 @@
+"""One evaluation entry (what eval.json holds) from a loaded run and a sampler setting, and the
+dataset's classifier loaded or fitted: shared by `python -m core eval` and the dashboard's
+background `EvaluationJob`, so both write the same entries.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .. import runs
+from ..config import SampleConfig
+from ..data import ImageSet, load_images
+from ..guidance import guided_nfe
+from ..sampling import ReverseStep, collect, reverse_process, total_steps
+from ..schedule import NoiseScheduler
+from .classifier import Classifier, ClassifierError, FitConfig, classifier_dir, fit, load_classifier, save_classifier
+from .frechet import QualityEvaluator
+
+# wrap(process, total, description) -> the same steps (a progress bar, a counter, a cancel check)
+StepWrapper = Callable[[Iterator[ReverseStep], int, str], Iterator[ReverseStep]]
+FitProgress = Callable[[int, int, float], None]
+
+
+def now_stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def setting_name(config: SampleConfig, steps: int, raw_weights: bool) -> str:
+    """The eval.json key of a sampler setting: ddpm-1000, ddim-50, dpmpp2m-sde-20-logsnr, ...-raw."""
+    return replace(config, steps=steps).setting + ("-raw" if raw_weights else "")
+
+
+def load_or_fit_classifier(dataset: str, directory: str | Path | None = None, device: torch.device | str = "cpu",
+                           data_root: str | None = None, fit_config: FitConfig | None = None,
+                           progress: FitProgress | None = None) -> tuple[Classifier, bool]:
+    """The dataset's classifier and whether it had to be fitted now (missing, damaged or outdated)."""
+    try:
+        return load_classifier(dataset, directory, device=device), False
+    except ClassifierError:
+        pass
+    fitted = fit(load_images(dataset, "train", data_root), load_images(dataset, "test", data_root),
+                 fit_config or FitConfig(), device=device, progress=progress)
+    # Written into the folder given (else $DDPM_CLASSIFIER_DIR, else data/classifiers): never over a
+    # classifier shipped with the repository.
+    return save_classifier(fitted, classifier_dir(directory) / f"{dataset}.safetensors"), True
+
+
+def score_setting(config: SampleConfig, loaded: runs.LoadedRun, scheduler: NoiseScheduler,
+                  evaluator: QualityEvaluator, train: ImageSet, raw_weights: bool, device: torch.device,
+                  wrap: StepWrapper | None = None, labels: torch.Tensor | None = None,
+                  guidance: float = 1.0) -> dict[str, Any] | None:
+    """Sample `config.n` images and measure them: the eval.json entry (None when `wrap` ended early).
+    A conditional run passes one label per image and γ: the entry adds its conditional figures."""
+    steps = config.resolved_steps(scheduler.num_timesteps)
+    train_config = loaded.config.train
+    started_at, started = now_stamp(), time.perf_counter()
+    process = reverse_process(loaded.model, scheduler, config, pixel_range=train_config.pixel_range,
+                              clip_default=train_config.clip_denoised, device=device, labels=labels,
+                              guidance=guidance)
+    total = total_steps(config, scheduler)
+    if wrap is not None:
+        process = wrap(process, total, f"{config.sampler} {steps} steps, {config.n} images"
+                       + (f", guidance {guidance:g}" if labels is not None else ""))
+    result = collect(process, pixel_range=train_config.pixel_range)
+    if len(result.images) < config.n:
+        return None
+    sampling_s = time.perf_counter() - started
+    eval_start = time.perf_counter()
+    images = torch.from_numpy(result.images)
+    report = evaluator.evaluate(images, train, seed=config.seed)
+    conditional = {}
+    if labels is not None:  # keys only conditional runs have: unconditional entries stay as they were
+        conditional = {"guidance": guidance, **evaluator.conditional(images, labels).to_dict()}
+    classifier = evaluator.classifier
+    setting = setting_name(config, steps, raw_weights) + (f"-g{guidance:g}" if labels is not None else "")
+    return {"setting": setting,
+            "sampler": config.sampler, "steps": steps,
+            "nfe": steps if labels is None else steps * guided_nfe(guidance), **conditional,
+            "eta": config.eta if config.sampler == "ddim" else None,
+            "spacing": config.spacing if config.sampler != "ddpm" else None,
+            "clip": config.resolved_clip(train_config.clip_denoised),
+            "weights": "ema" if loaded.used_ema else "raw", "seed": config.seed, **report.to_dict(),
+            "dataset": train_config.dataset, "classifier_accuracy": round(classifier.test_accuracy, 4),
+            "classifier_sha256": classifier.sha256[:12], "device": str(device),
+            "started_at": started_at, "finished_at": now_stamp(), "seconds_sampling": round(sampling_s, 1),
+            "seconds_eval": round(time.perf_counter() - eval_start, 1),
+            "seconds": round(time.perf_counter() - started, 1)}

@@ -1,0 +1,91 @@
+"""The Evaluate action shared by the Runs and Compare pages: pick a sampler, steps and N, see what it
+will take, score the run in the background (`core.jobs.EvaluationJob`), watch its progress.
+
+The job adds its entry to the run's eval.json, exactly as `python -m core eval` does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from core import runs
+from core.config import (DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, SAMPLER_NAMES, ConfigError,
+                         SampleConfig)
+from core.jobs import JobBusy, classifier_ready, estimate_evaluation_seconds
+from dashboard import cache
+from dashboard.charts import format_duration
+from dashboard.state import evaluation_manager
+
+POLL_S = 1.0
+DEFAULT_N = 1000  # what `python -m core eval` uses: numbers compare only at the same N
+
+
+def _start(run_dir: str, params: dict, prefix: str) -> None:
+    try:
+        config = SampleConfig(sampler=params["sampler"], steps=params["steps"], n=params["n"], seed=0)
+        evaluation_manager().start(Path(run_dir), config, device=cache.DEVICE)
+    except (JobBusy, ConfigError, runs.RunError) as exc:
+        st.session_state[f"{prefix}_eval_feedback"] = ("warning", str(exc))
+    else:
+        st.session_state[f"{prefix}_eval_feedback"] = ("success", f"Evaluating **{Path(run_dir).name}** "
+                                                                  f"({config.setting}, N = {config.n}).")
+
+
+def evaluate_ui(info: runs.RunInfo, prefix: str) -> None:
+    """Sampler, steps and N for one run, the time it will take, and the Evaluate button."""
+    T = info.config.schedule.timesteps
+    c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
+    sampler = c1.selectbox("Sampler", SAMPLER_NAMES, index=SAMPLER_NAMES.index(DEFAULT_FEW_STEP_SAMPLER),
+                           format_func=SAMPLER_LABELS.get, key=f"{prefix}_eval_sampler")
+    steps = c2.number_input(f"Steps (1 to {T})", min_value=1, max_value=T, value=min(DEFAULT_FEW_STEPS, T),
+                            key=f"{prefix}_eval_steps", disabled=sampler == "ddpm",
+                            help="DDPM always runs all T steps")
+    n = c3.number_input("Images (N)", min_value=2, max_value=10_000, value=DEFAULT_N, step=100,
+                        key=f"{prefix}_eval_n", help="Compare only figures taken at the same N (the CLI uses 1000)")
+    params = {"sampler": sampler, "steps": 0 if sampler == "ddpm" else int(steps), "n": int(n)}
+    config = SampleConfig(sampler=sampler, steps=params["steps"], n=int(n))
+    ready = classifier_ready(info.config.train.dataset)
+    seconds = estimate_evaluation_seconds(config, cache.scheduler_for(info.config),
+                                          cache.run_call_seconds(info.path), ready)
+    note = "" if ready else " (including fitting the feature classifier once, about 3 minutes)"
+    st.caption(f"Estimated time here: about **{format_duration(seconds)}**{note}. Runs in the background; "
+               "the entry goes into the run's eval.json, as `python -m core eval` writes it.")
+    busy = evaluation_manager().job is not None and evaluation_manager().job.alive
+    st.button("Evaluate", icon=":material/speed:", key=f"{prefix}_eval_button", on_click=_start,
+              args=(str(info.path), params, prefix), disabled=busy,
+              help="One evaluation at a time" if busy else None)
+
+
+def evaluation_status_ui(prefix: str) -> None:
+    """The running (or last) evaluation: phase, progress, ETA, cancel; the figure once it is done."""
+    feedback = st.session_state.pop(f"{prefix}_eval_feedback", None)
+    if feedback:
+        getattr(st, feedback[0])(feedback[1])
+    manager = evaluation_manager()
+    alive_at_full_run = manager.job is not None and manager.job.alive
+
+    @st.fragment(run_every=POLL_S if alive_at_full_run else None)
+    def panel() -> None:
+        job = manager.job
+        if job is None:
+            return
+        s = job.snapshot()
+        if s.active:
+            eta = f" · about {format_duration(s.eta_s)} left" if s.eta_s is not None else ""
+            counted = f": {s.done} of {s.total}" if s.total else ""
+            st.progress(s.fraction, text=f"Evaluating **{s.run_name}** ({s.setting}) · {s.phase}{counted} · "
+                                         f"{format_duration(s.elapsed_s)}{eta}")
+            st.button("Cancel evaluation", icon=":material/close:", key=f"{prefix}_eval_cancel", on_click=job.cancel)
+        elif s.state == "finished" and s.entry:
+            st.success(f"Evaluated **{s.run_name}** ({s.setting}, N = {s.entry['n']}): Fréchet distance "
+                       f"**{s.entry['fd']:.2f}** (real-data floor {s.entry['fd_floor']:.2f}) in "
+                       f"{format_duration(s.elapsed_s)}.")
+        elif s.state == "failed":
+            st.error(f"Evaluation of {s.run_name} failed: {s.error}")
+        else:
+            st.info(f"Evaluation of {s.run_name} cancelled.")
+        if alive_at_full_run and not job.alive:
+            st.rerun()  # ended: a full run shows the new eval.json entry in the page's tables and charts
+
+    panel()
