@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, tiny_config
 from core import runs
-from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, ScheduleConfig
+from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, ScheduleConfig
 from core.export import frames_npz, grid_png, reverse_gif
 from core.training import train_run
 
@@ -161,7 +161,7 @@ def test_the_result_shown_belongs_to_the_picked_run(two_runs):
     at.number_input(key="rev_n").set_value(2).run()
     done = generate(at)
     assert done["meta"]["run"] == "tiny"
-    assert any(m.value.startswith("**tiny · DPM-Solver++(2M) 3 steps") for m in at.markdown)
+    assert any(m.value.startswith(f"**tiny · {SAMPLER_LABELS[DEFAULT_FEW_STEP_SAMPLER]} 3 steps") for m in at.markdown)
     at.selectbox(key="rev_run").set_value("plain").run()
     assert not at.get("download_button") and not any("tiny ·" in m.value for m in at.markdown)
     assert any("generated with **tiny**" in c.value for c in at.caption)
