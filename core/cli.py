@@ -6,8 +6,12 @@ stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import io as bytes_io
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -15,20 +19,24 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from . import bench, export, io, report, runs
+from . import bench, budget, export, io, report, runs
 from .argtypes import number, whole_number
 from .bench.flops import model_costs
 from .config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, MODEL_NAMES, OPTIMIZER_NAMES, PIXEL_RANGES, PRESETS,
-                     SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES, ConfigError, SampleConfig, override, preset)
+                     SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES, ConfigError, SampleConfig, check_run_name,
+                     override, preset)
 from .data import DatasetNotFoundError, load_images
 from .device import resolve_device
 from .errors import CliError, RunError
 from .evaluation import cli as evaluation_cli
 from .sampling import collect, reverse_process, total_steps
 from .schedule import NoiseScheduler
-from .training import TrainingDiverged, train_run
+from .training import DiskFull, TrainingDiverged, train_run
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
+# The shell's convention for a process ended by a signal: 128 + its number (Ctrl-C 130, SIGTERM 143).
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # What a resumed run cannot change: it would no longer match its weights, optimizer state or curve.
 RESUME_FIXED_FLAGS = ("model", "base_channels", "channel_mults", "num_res_blocks", "attention", "norm",
                       "optimizer", "dataset", "batch_size", "lr", "weight_decay", "warmup_steps", "timesteps",
@@ -131,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- commands ----------------------------------------------------------------------------------------
+def runs_dir_of(args: argparse.Namespace) -> Path:
+    """--runs-dir, checked: an empty value or a path to a file is a mistake, not the default."""
+    if args.runs_dir is None:
+        return runs.DEFAULT_RUNS_DIR
+    if not args.runs_dir.strip():
+        raise CliError("--runs-dir = '' is not allowed: give a folder, or leave the flag out for checkpoints/")
+    path = Path(args.runs_dir)
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--runs-dir = {args.runs_dir!r} is not allowed: it is a file, not a folder")
+    return path
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     flags = lambda v: None if v is None else v == "on"  # noqa: E731
     config = override(
@@ -143,7 +163,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         pixel_range=args.pixel_range, ema_decay=args.ema_decay, grad_clip=args.grad_clip,
         limit_images=args.limit_images, checkpoint_every_s=args.checkpoint_every, seed=args.seed,
         device=args.device, compile=flags(args.compile), channels_last=flags(args.channels_last))
-    runs_dir = Path(args.runs_dir) if args.runs_dir else runs.DEFAULT_RUNS_DIR
+    runs_dir = runs_dir_of(args)
+    if args.name is not None:
+        check_run_name(args.name)  # "" is a mistake, not "pick a name for me"
     if args.resume:
         if not args.name:
             raise CliError("--resume needs --name of the run to continue")
@@ -155,30 +177,64 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CliError(f"{', '.join(fixed)} cannot change on --resume: the run's config.json fixes them; "
                            "--resume accepts --epochs, --max-steps, --time-budget, --device, --checkpoint-every")
         saved = runs.load_config(run_dir)
-        status = runs.read_status(run_dir)
-        if status.get("state") == "running":  # two writers would corrupt the run
-            raise CliError(f"run {args.name!r} is still training (pid {status.get('pid')}); stop it before "
-                           "resuming it")
-        config = override(saved, epochs=args.epochs, max_steps=args.max_steps,
-                          time_budget_s=args.time_budget, device=args.device,
-                          checkpoint_every_s=args.checkpoint_every)
-        resolve_device(config.train.device)  # before touching config.json: a rejected resume changes nothing
-        if config != saved:
-            io.atomic_write_text(run_dir / "config.json", config.to_json())
+        # The lock comes before anything else: two resumes started together must not both train.
+        lock = runs.RunLock(run_dir).acquire()
+        try:
+            config = override(saved, epochs=args.epochs, max_steps=args.max_steps,
+                              time_budget_s=args.time_budget, device=args.device,
+                              checkpoint_every_s=args.checkpoint_every)
+            # before touching config.json: a rejected resume changes nothing
+            budget.check_training_fits(config, resolve_device(config.train.device))
+            if config != saved:
+                io.atomic_write_text(run_dir / "config.json", config.to_json())
+        except BaseException:
+            lock.release()
+            raise
     else:
         name = args.name or f"{args.preset}-{config.model.name}-{config.train.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
-        resolve_device(config.train.device)  # before the folder exists: a rejected run leaves nothing
+        # before the folder exists: a rejected run leaves nothing
+        budget.check_training_fits(config, resolve_device(config.train.device))
         run_dir = runs.create_run(runs_dir, name, config)
+        lock = runs.RunLock(run_dir).acquire()
 
     bar = None if args.quiet else _ProgressBar()
-    progress = train_run(run_dir, resume=args.resume, data_root=args.data_root,
-                         on_progress=bar.update if bar else None)
+    with _StopOnSignals() as stop:
+        progress = train_run(run_dir, resume=args.resume, data_root=args.data_root,
+                             on_progress=bar.update if bar else None, stop_event=stop.event, lock=lock)
     if bar:
         bar.close()
     last = f"{progress.losses[-1]:.4f}" if progress.losses else "n/a"
     print(f"{progress.state}: {run_dir} step {progress.step}, last loss {last}, "
           f"{progress.elapsed_s:.0f} s on {progress.device}")
-    return 0
+    return EXIT_SIGNAL[stop.signal] if stop.signal is not None else 0
+
+
+class _StopOnSignals:
+    """While training, SIGINT (Ctrl-C) and SIGTERM stop the run as the dashboard's Stop button
+    does: the loop finishes its step, checkpoints, marks the run stopped; the command then exits
+    130 or 143. A second signal is handled the same way (the checkpoint is already under way)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is None:
+            self.signal = signum
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint",
+                  file=sys.stderr)
+        self.event.set()
+
+    def __enter__(self) -> "_StopOnSignals":
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for signum in EXIT_SIGNAL:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class _ProgressBar:
@@ -207,16 +263,41 @@ class _ProgressBar:
         self._tqdm.close()
 
 
+def _output_file(flag: str, value: str | None, suffix: str | None = None) -> Path | None:
+    """The file an output flag will write (numpy adds .npy itself, so say so), checked before any
+    work: not a folder, in a folder that exists and can be written."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise CliError(f"{flag} = '' is not allowed: give a file path")
+    path = Path(value)
+    if suffix and path.suffix != suffix:
+        path = path.with_name(path.name + suffix)
+    if path.is_dir():
+        raise CliError(f"{flag} = {value!r} is not allowed: it is a folder; give a file path inside it")
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise CliError(f"{flag} = {value!r} is not allowed: its folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise CliError(f"{flag} = {value!r} is not allowed: its folder {folder} is not writable")
+    return path
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     sample_config = SampleConfig(sampler=args.sampler, steps=args.steps, eta=args.eta, n=args.n,
                                  seed=args.seed, batch_size=args.batch_size, spacing=args.spacing, clip=args.clip)
-    for flag, value in (("--npy", args.npy), ("--frames", args.frames)):
-        # checked before sampling, which may take minutes, rather than failing when writing
-        if value and not Path(value).resolve().parent.is_dir():
-            raise CliError(f"{flag} = {value!r} is not allowed: its folder {Path(value).resolve().parent} "
-                           "does not exist")
+    # checked before sampling, which may take minutes, rather than failing when writing
+    out = _output_file("--out", args.out)
+    npy = _output_file("--npy", args.npy, suffix=".npy")
+    frames = _output_file("--frames", args.frames)
     device = resolve_device(args.device)
-    loaded = runs.load_model(Path(args.run), use_ema=not args.no_ema, device=device)
+    run_dir = Path(args.run)
+    budget_config = runs.load_config(run_dir)
+    try:
+        budget.check_sampling_fits(budget_config.model, min(sample_config.batch_size, sample_config.n), device)
+    except ConfigError as exc:
+        raise RunError(f"run {run_dir.name!r}: {exc}") from None
+    loaded = runs.load_model(run_dir, use_ema=not args.no_ema, device=device)
     scheduler = NoiseScheduler(loaded.config.schedule)
     steps = sample_config.resolved_steps(scheduler.num_timesteps)
     train_config = loaded.config.train
@@ -225,17 +306,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not args.quiet:
         process = tqdm(process, total=total_steps(sample_config, scheduler), unit="step",
                        desc=f"{args.sampler} {steps} steps", dynamic_ncols=True)
-    result = collect(process, pixel_range=train_config.pixel_range, record="all" if args.frames else "none")
-    out = Path(args.out) if args.out else loaded.path / "samples" / f"sample_{args.sampler}.png"
+    result = collect(process, pixel_range=train_config.pixel_range, record="all" if frames else "none")
+    out = out or loaded.path / "samples" / f"sample_{args.sampler}.png"
     export.save_grid(out, result.images)
     written = [str(out)]
-    if args.npy:
-        np.save(args.npy, result.images)
-        written.append(args.npy)
-    if args.frames:
-        Path(args.frames).write_bytes(export.frames_npz(result.images, result.frame_timesteps,
+    if npy:
+        buffer = bytes_io.BytesIO()
+        np.save(buffer, result.images)
+        io.atomic_write_bytes(npy, buffer.getvalue())
+        written.append(str(npy))
+    if frames:
+        io.atomic_write_bytes(frames, export.frames_npz(result.images, result.frame_timesteps,
                                                         result.frames_xt, result.frames_x0))
-        written.append(args.frames)
+        written.append(str(frames))
     print(f"{len(result.images)} samples ({args.sampler}, {steps} steps, "
           f"{'EMA' if loaded.used_ema else 'raw'} weights) -> {', '.join(written)}")
     return 0
@@ -244,7 +327,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     if args.models:
         return _print_models(args.json)
-    infos = runs.list_runs(Path(args.runs_dir) if args.runs_dir else runs.DEFAULT_RUNS_DIR)
+    infos = runs.list_runs(runs_dir_of(args))
     rows = []
     for info in infos:
         cfg = info.config
@@ -319,9 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, RunError, DatasetNotFoundError, CliError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except TrainingDiverged as exc:  # the run is already marked failed in its folder
+    except (TrainingDiverged, DiskFull) as exc:  # the run is already marked failed in its folder
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import runs
+from . import budget, runs
 from .config import RunConfig, SampleConfig
+from .device import resolve_device
 from .data import ImageSet
 from .errors import RunError
 from .sampling import SampleResult, collect, reverse_process, total_steps
@@ -82,11 +83,12 @@ class TrainingJob(BackgroundJob):
     """One training run (`training.train_run`) in the background, with start / stop / snapshot."""
 
     def __init__(self, run_dir: Path, *, resume: bool = False, images: ImageSet | None = None,
-                 data_root: str | None = None):
+                 data_root: str | None = None, lock: runs.RunLock | None = None):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.thread_name = f"train-{self.run_dir.name}"
         self._resume, self._images, self._data_root = resume, images, data_root
+        self._lock_of_run = lock  # taken by the caller, so a busy run is refused before the thread starts
         self._progress = Progress(run_name=self.run_dir.name, run_dir=str(self.run_dir))
 
     def _update(self, progress: Progress) -> None:
@@ -96,7 +98,7 @@ class TrainingJob(BackgroundJob):
 
     def work(self) -> None:
         train_run(self.run_dir, resume=self._resume, images=self._images, data_root=self._data_root,
-                  on_progress=self._update, stop_event=self._stop)
+                  on_progress=self._update, stop_event=self._stop, lock=self._lock_of_run)
 
     def failed(self, exc: BaseException) -> None:
         with self._lock:
@@ -222,8 +224,10 @@ class JobManager:
         """
         with self._lock:
             self._refuse_if_busy()
+            budget.check_training_fits(config, resolve_device(config.train.device))  # before the folder exists
             run_dir = runs.create_run(runs_dir, name, config)
-            self._job = TrainingJob(run_dir, images=images, data_root=data_root)
+            lock = runs.RunLock(run_dir).acquire()
+            self._job = TrainingJob(run_dir, images=images, data_root=data_root, lock=lock)
             self._job.start()
             return self._job
 
@@ -233,13 +237,19 @@ class JobManager:
         run_dir = Path(run_dir)
         with self._lock:
             self._refuse_if_busy()
+            if not runs.is_run_folder(run_dir, run_dir.parent):  # a symlink would train into its target
+                raise RunError(f"run {run_dir.name!r}: not a run folder inside {run_dir.parent} (a symbolic link?)")
             info = runs.run_info(run_dir)
             if not info.readable:
                 raise RunError(info.error or f"run {run_dir.name!r} cannot be read")
-            if info.state == "running":
-                raise JobBusy(f"run {run_dir.name!r} is being trained by another process "
-                              f"(pid {runs.read_status(run_dir).get('pid')}); wait for it or stop it there")
-            self._job = TrainingJob(run_dir, resume=True, images=images, data_root=data_root)
+            # The lock, not the listed state, decides: a CLI resume started a moment ago is refused too.
+            lock = runs.RunLock(run_dir).acquire()
+            try:
+                budget.check_training_fits(info.config, resolve_device(info.config.train.device))
+            except BaseException:
+                lock.release()
+                raise
+            self._job = TrainingJob(run_dir, resume=True, images=images, data_root=data_root, lock=lock)
             self._job.start()
             return self._job
 

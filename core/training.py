@@ -20,23 +20,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import runs
+from . import budget, checkpoint, runs
 from .config import ConfigError, RunConfig, SampleConfig
 from .data import ImageSet, load_images, to_model_range
 from .device import autocast_for, resolve_device
 from .errors import RunError
 from .export import save_grid
-from .io import atomic_write_text, load_optimizer, load_weights, save_optimizer, save_weights, weights_metadata
+from .io import is_disk_full, load_optimizer_bytes, load_weights_bytes, optimizer_bytes, weights_bytes
 from .models import build_model
 from .sampling import sample
 from .schedule import NoiseScheduler
 
 GRID_SAMPLES = 16
 GRID_SEED = 1234
+FIRST_CHECKPOINT_S = 30.0  # a run's first checkpoint comes after this long or its first epoch, if sooner
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class DiskFull(RuntimeError):
+    """The disk (or quota) filled up while the run was writing; the last complete checkpoint stands."""
 
 
 class StopRequested(Exception):
@@ -173,39 +178,43 @@ class Trainer:
         return loss
 
     # -- checkpoints ---------------------------------------------------------------------------------
+    def weights_are_finite(self) -> bool:
+        """One device sync: every parameter (and EMA parameter) finite."""
+        params = list(self.model.parameters()) + (list(self.ema.model.parameters()) if self.ema else [])
+        return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+
     def save_checkpoint(self, run_dir: Path, epoch: int, elapsed_s: float) -> None:
+        """Write a complete checkpoint (see `checkpoint.write`); refuses non-finite weights, which
+        would replace the last good checkpoint with one that samples black images."""
+        if not self.weights_are_finite():
+            raise TrainingDiverged(_divergence_message("the weights became NaN or infinite", self.step, self.config))
         meta = {"step": self.step, "epoch": epoch}
-        save_weights(run_dir / "model.safetensors", self.model, meta)
+        blobs = {"model.safetensors": weights_bytes(self.model, meta)}
         if self.ema is not None:
-            save_weights(run_dir / "ema.safetensors", self.ema.model, meta)
-        save_optimizer(run_dir / "optimizer.safetensors", self.optimizer)
+            blobs["ema.safetensors"] = weights_bytes(self.ema.model, meta)
+        blobs["optimizer.safetensors"] = optimizer_bytes(self.optimizer)
         hardware = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else \
             f"cpu ({torch.get_num_threads()} threads)"
-        # state.json goes last: it names the step of a complete checkpoint.
-        atomic_write_text(run_dir / "state.json", json.dumps(
-            {"step": self.step, "epoch": epoch, "elapsed_s": elapsed_s,
-             "meta": {"hardware": hardware, "torch": torch.__version__}}))
+        checkpoint.write(run_dir, blobs, step=self.step, epoch=epoch, elapsed_s=elapsed_s,
+                         meta={"hardware": hardware, "torch": torch.__version__})
 
     def load_checkpoint(self, run_dir: Path) -> float:
-        """Restore weights, EMA, optimizer and step from the run's last checkpoint; returns the
-        training time it had used. A run that never checkpointed starts over."""
+        """Restore weights, EMA, optimizer and step from the run's last complete checkpoint (the one
+        before when the newest is torn); returns the training time it had used. A run that never
+        checkpointed starts over."""
         name = run_dir.name
-        if not (run_dir / "model.safetensors").exists():
+        saved = checkpoint.latest(run_dir, name)
+        if saved is None:
             return 0.0
-        load_weights(run_dir / "model.safetensors", self.model, name)
+        blobs = saved.blobs
+        load_weights_bytes(blobs["model.safetensors"], "model.safetensors", self.model, name)
         if self.ema is not None:
-            ema_file = run_dir / "ema.safetensors"
-            load_weights(ema_file if ema_file.exists() else run_dir / "model.safetensors", self.ema.model, name)
-        if (run_dir / "optimizer.safetensors").exists():
-            load_optimizer(run_dir / "optimizer.safetensors", self.optimizer, name)
-        self.step = int(weights_metadata(run_dir / "model.safetensors").get("step", 0))
-        try:
-            state = json.loads((run_dir / "state.json").read_text())
-            if int(state.get("step", -1)) == self.step:
-                return float(state.get("elapsed_s", 0.0))
-        except (OSError, ValueError):
-            pass
-        return 0.0
+            ema = "ema.safetensors" if "ema.safetensors" in blobs else "model.safetensors"
+            load_weights_bytes(blobs[ema], ema, self.ema.model, name)
+        if "optimizer.safetensors" in blobs:
+            load_optimizer_bytes(blobs["optimizer.safetensors"], "optimizer.safetensors", self.optimizer, name)
+        self.step = saved.step
+        return saved.elapsed_s
 
 
 def steps_per_epoch(n_images: int, batch_size: int) -> int:
@@ -220,7 +229,7 @@ def total_steps_for(config: RunConfig, n_images: int) -> int:
     return min(limits) if limits else 0  # 0: bounded by the time budget alone
 
 
-def _divergence_message(loss: float, step: int, config: RunConfig) -> str:
+def _divergence_message(symptom: str, step: int, config: RunConfig) -> str:
     decay = config.train.lr * config.train.weight_decay
     if config.train.optimizer == "adamw" and decay > 1:
         # AdamW multiplies the weights by (1 - lr·wd) each step: past 1 that factor flips their sign,
@@ -231,36 +240,48 @@ def _divergence_message(loss: float, step: int, config: RunConfig) -> str:
         hint = (f"the learning rate ({config.train.lr:g}) is probably too high; try 10x lower"
                 if config.train.lr > 3e-3 else
                 "try a lower learning rate or gradient clipping (--grad-clip 1.0)")
-    return f"loss became {loss} at step {step}: training diverged; {hint}"
+    return f"{symptom} at step {step}: training diverged; {hint}"
 
 
 def train_run(run_dir: Path, *, resume: bool = False, images: ImageSet | None = None,
               data_root: str | None = None, on_progress: ProgressFn | None = None,
-              stop_event: threading.Event | None = None) -> Progress:
+              stop_event: threading.Event | None = None, lock: runs.RunLock | None = None) -> Progress:
     """Train the run in `run_dir` (created with runs.create_run) until it finishes or is stopped.
 
+    Holds the run's lock for the whole job (taking it first thing, unless the caller passes the
+    lock it already holds), so a second trainer of the same run is refused with `runs.RunBusy`.
     Returns the final Progress; raises on failure after marking the run failed in status.json.
     """
     run_dir = Path(run_dir)
-    config = runs.load_config(run_dir)
-    progress = Progress(run_name=run_dir.name, run_dir=str(run_dir))
-    try:
-        result = _train(run_dir, config, resume, images, data_root, on_progress, stop_event, progress)
-    except BaseException as exc:
-        message = str(exc) if isinstance(exc, (TrainingDiverged, ConfigError, RunError)) else \
-            f"{type(exc).__name__}: {exc}"
-        progress.state, progress.error = "failed", message
-        runs.write_status(run_dir, "failed", error=message, step=progress.step)
-        if on_progress:
-            on_progress(progress)
-        raise
-    return result
+    with lock or runs.RunLock(run_dir):
+        checkpoint.remove_stale_temp_files(run_dir)
+        config = runs.load_config(run_dir)
+        progress = Progress(run_name=run_dir.name, run_dir=str(run_dir))
+        try:
+            return _train(run_dir, config, resume, images, data_root, on_progress, stop_event, progress)
+        except BaseException as exc:
+            if is_disk_full(exc):
+                folder = Path(exc.filename).parent if getattr(exc, "filename", None) else run_dir
+                raised: BaseException = DiskFull(f"disk full in {folder} ({exc.strerror}); the last complete "
+                                                 "checkpoint is kept: free some space, then resume the run")
+            else:
+                raised = exc
+            message = str(raised) if isinstance(raised, (TrainingDiverged, ConfigError, RunError, DiskFull)) else \
+                f"{type(raised).__name__}: {raised}"
+            progress.state, progress.error = "failed", message
+            runs.write_status(run_dir, "failed", error=message, step=progress.step)
+            if on_progress:
+                on_progress(progress)
+            if raised is exc:
+                raise
+            raise raised from None
 
 
 def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | None, data_root: str | None,
            on_progress: ProgressFn | None, stop_event: threading.Event | None, progress: Progress) -> Progress:
     train = config.train
     device = resolve_device(train.device)
+    budget.check_training_fits(config, device)  # before a byte is allocated: a shared config may ask for 100s of GB
     progress.device = str(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 28x28 shapes: autotuning pays off at once
@@ -303,13 +324,24 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
 
     start_time = time.perf_counter()
     last_checkpoint = last_heartbeat = start_time
+    # The first checkpoint comes early, so a run killed in its first minutes still resumes.
+    first_checkpoint_due = trainer.step == 0 and not checkpoint.exists(run_dir)
+    # Non-finite losses are collected on the device (no sync per step on a GPU) and checked at every
+    # log row and before every checkpoint; on the CPU a check costs nothing, so it happens every step.
+    diverged = torch.zeros((), dtype=torch.bool, device=device)
+    check_every_step = device.type == "cpu"
     window_loss, window_count, window_start, window_images = 0.0, 0, start_time, 0
     gen = torch.Generator(device="cpu")
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - start_time
 
-    def checkpoint(epoch: int) -> None:
+    def check_finite() -> None:
+        if bool(diverged):  # one device sync
+            raise TrainingDiverged(_divergence_message("loss became nan or inf", trainer.step, config))
+
+    def save(epoch: int) -> None:
+        check_finite()
         trainer.save_checkpoint(run_dir, epoch, elapsed())
 
     def out_of_budget() -> bool:
@@ -334,6 +366,12 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
                     raise StopRequested
                 idx = order[i * train.batch_size:(i + 1) * train.batch_size]
                 loss = trainer.train_step(trainer.batch(data[idx]))
+                if check_every_step:
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise TrainingDiverged(_divergence_message(f"loss became {value}", trainer.step, config))
+                else:
+                    diverged |= ~torch.isfinite(loss.detach())
                 window_loss += loss.detach()
                 window_count += 1
                 window_images += len(idx)
@@ -341,7 +379,7 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
                 if trainer.step % train.log_every == 0 or trainer.step == total:
                     mean_loss = float(window_loss / window_count)  # one device sync per log row
                     if not math.isfinite(mean_loss):
-                        raise TrainingDiverged(_divergence_message(mean_loss, trainer.step, config))
+                        raise TrainingDiverged(_divergence_message(f"loss became {mean_loss}", trainer.step, config))
                     now = time.perf_counter()
                     ips = window_images / max(now - window_start, 1e-9)
                     metrics.write({"step": trainer.step, "epoch": epoch + 1, "loss": mean_loss,
@@ -356,15 +394,17 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
                     if now - last_heartbeat > 10:
                         runs.write_status(run_dir, "running", step=trainer.step)
                         last_heartbeat = now
-                if train.checkpoint_every_s and time.perf_counter() - last_checkpoint >= train.checkpoint_every_s:
-                    checkpoint(epoch)
-                    last_checkpoint = time.perf_counter()
+                since = time.perf_counter() - last_checkpoint
+                if (train.checkpoint_every_s and since >= train.checkpoint_every_s) or \
+                        (first_checkpoint_due and since >= FIRST_CHECKPOINT_S):
+                    save(epoch)
+                    last_checkpoint, first_checkpoint_due = time.perf_counter(), False
                 if out_of_budget():
                     break
             else:
                 epoch += 1
-                checkpoint(epoch)
-                last_checkpoint = time.perf_counter()
+                save(epoch)
+                last_checkpoint, first_checkpoint_due = time.perf_counter(), False
                 if train.sample_every_epochs and epoch % train.sample_every_epochs == 0 and not out_of_budget():
                     preview(f"epoch_{epoch:03d}.png")
     except StopRequested:
@@ -375,7 +415,7 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
     progress.step, progress.elapsed_s = trainer.step, elapsed()
     progress.state, progress.message = "stopping" if stopped else "running", "saving"
     report()
-    checkpoint(epoch)
+    save(epoch)
     if trainer.step > 0:
         preview("final.png")
     progress.state, progress.message, progress.eta_s = ("stopped" if stopped else "finished"), "", 0.0
