@@ -369,7 +369,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     infos = []
     for path in args.runs:
         info = runs.run_info(Path(path))
-        if not info.readable:
+        if not info.readable or info.state == "damaged":
             raise CliError(info.error or f"run {path} cannot be read")
         infos.append(info)
     out = Path(args.out)

@@ -327,7 +327,11 @@ def read_eval(path: Path) -> list[dict[str, Any]]:
         return []
     if not isinstance(data, list):
         raise RunError(f"run {path.name!r}: eval.json is not a list of evaluation entries")
-    return [entry for entry in data if isinstance(entry, dict)]
+    for index, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise RunError(f"run {path.name!r}: eval.json entry {index} is not an object; delete the file "
+                           "or fix that entry, then evaluate again")
+    return data
 
 
 def run_info(path: Path) -> RunInfo:

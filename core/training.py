@@ -340,9 +340,12 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
         if bool(diverged):  # one device sync
             raise TrainingDiverged(_divergence_message("loss became nan or inf", trainer.step, config))
 
+    saved_at: list[int] = []  # steps checkpointed by this job
+
     def save(epoch: int) -> None:
         check_finite()
         trainer.save_checkpoint(run_dir, epoch, elapsed())
+        saved_at.append(trainer.step)
 
     def out_of_budget() -> bool:
         return (total and trainer.step >= total) or (train.time_budget_s and elapsed() >= train.time_budget_s)
@@ -415,7 +418,8 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
     progress.step, progress.elapsed_s = trainer.step, elapsed()
     progress.state, progress.message = "stopping" if stopped else "running", "saving"
     report()
-    save(epoch)
+    if not saved_at or saved_at[-1] != trainer.step:  # an epoch end may have just saved this very step
+        save(epoch)
     if trainer.step > 0:
         preview("final.png")
     progress.state, progress.message, progress.eta_s = ("stopped" if stopped else "finished"), "", 0.0
