@@ -106,6 +106,9 @@ def _verified(folder: Path, manifest: dict[str, Any], names: list[str], run: str
 def _candidates(run_dir: Path, run: str) -> list[tuple[Path, dict[str, Any] | None, RunError | None]]:
     found = []
     for folder in (run_dir, run_dir / PREVIOUS):
+        if folder.is_symlink():  # a planted previous/ -> elsewhere is never read (nor written, see below)
+            found.append((folder, None, RunError(f"run {run!r}: {PREVIOUS}/ is a symbolic link")))
+            continue
         try:
             found.append((folder, read_manifest(folder, run), None))
         except RunError as exc:
@@ -217,8 +220,7 @@ def _keep_as_previous(run_dir: Path, run: str) -> None:
     manifest = _root_is_complete(run_dir, run)
     if manifest is None:
         return  # torn or none: previous/ keeps the last complete one
-    previous = run_dir / PREVIOUS
-    previous.mkdir(exist_ok=True)
+    previous = real_folder(run_dir / PREVIOUS)
     (previous / MANIFEST).unlink(missing_ok=True)  # previous/ is incomplete until its manifest returns
     for name in TENSOR_FILES:
         target = previous / name
@@ -260,6 +262,15 @@ def write(run_dir: Path, blobs: dict[str, bytes], *, step: int, epoch: int, elap
     atomic_write_text(run_dir / MANIFEST, json.dumps({**record, "files": files}, indent=1))
     fsync_folder(run_dir)
     atomic_write_text(run_dir / "state.json", json.dumps(record))
+
+
+def real_folder(path: Path) -> Path:
+    """`path` as a real folder of the run: a symlink planted in its place is removed (writing through
+    it would write outside the run folder), then the folder is made if missing."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def remove_stale_temp_files(run_dir: Path) -> list[Path]:

@@ -344,10 +344,13 @@ def run_info(path: Path) -> RunInfo:
         return RunInfo(name, path, None, "damaged", error=str(exc), readable=False)
     try:
         return _run_info(path, config)
-    except RunError as exc:  # a hostile side file: the weights may still open
-        return RunInfo(name, path, config, "damaged", error=str(exc))
+    except RunError as exc:
+        # A hostile side file: the pages offer nothing on the run (readable=False) but say why; the
+        # weights may still open with `load_model`, which reads none of these files.
+        return RunInfo(name, path, config, "damaged", error=str(exc), readable=False)
     except (OSError, ValueError, RecursionError, OverflowError, MemoryError) as exc:  # never the whole list
-        return RunInfo(name, path, config, "damaged", error=f"run {name!r}: cannot be read ({type(exc).__name__})")
+        return RunInfo(name, path, config, "damaged", error=f"run {name!r}: cannot be read ({type(exc).__name__})",
+                       readable=False)
 
 
 def _run_info(path: Path, config: RunConfig) -> RunInfo:

@@ -256,6 +256,8 @@ def train_run(run_dir: Path, *, resume: bool = False, images: ImageSet | None = 
     with lock or runs.RunLock(run_dir):
         checkpoint.remove_stale_temp_files(run_dir)
         config = runs.load_config(run_dir)
+        if (run_dir / "samples").is_symlink():  # grids are written there: never through a planted link
+            checkpoint.real_folder(run_dir / "samples")
         progress = Progress(run_name=run_dir.name, run_dir=str(run_dir))
         try:
             return _train(run_dir, config, resume, images, data_root, on_progress, stop_event, progress)

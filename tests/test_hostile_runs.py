@@ -17,12 +17,14 @@ import subprocess
 import sys
 import zipfile
 import io as bytes_io
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from safetensors.torch import save
 
 from core import checkpoint, export, io, runs
+from core.config import override
 from core.jobs import JobManager
 from core.training import train_run
 from tests.conftest import REPO, make_tiny_images, tiny_config
@@ -40,6 +42,12 @@ def core(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPM_DATA_ROOT": str(REPO / "data")}
     return subprocess.run([sys.executable, "-m", "core", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout, preexec_fn=_limited)
+
+
+def core_many(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Independent commands two at a time (each pays for importing torch)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda args: core(*args), commands))
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *parts: str) -> str:
@@ -83,6 +91,8 @@ def as_legacy(run: Path) -> None:
 
 def reseal(run: Path) -> None:
     """Rewrite checkpoint.json for the files as they now are: what a hostile sharer can do too."""
+    if not (run / checkpoint.MANIFEST).exists():
+        return  # a run folder of the old format has nothing to reseal
     manifest = json.loads((run / checkpoint.MANIFEST).read_text())
     for name in manifest["files"]:
         data = (run / name).read_bytes()
@@ -187,10 +197,10 @@ GIANT = ["--model", "improved_unet", "--base-channels", "512", "--channel-mults"
 
 
 def test_a_config_that_cannot_fit_is_refused_before_anything_exists(tmp_path):
-    giant = core("train", *GIANT, "--runs-dir", str(tmp_path / "runs"), "--name", "giant", "--device", "cpu")
+    giant, wide = core_many(
+        ["train", *GIANT, "--runs-dir", str(tmp_path / "runs"), "--name", "giant", "--device", "cpu"],
+        ["train", "--batch-size", "60000", "--runs-dir", str(tmp_path / "runs"), "--name", "wide", "--device", "cpu"])
     one_line_error(giant, "86,344,657,921 parameters, over the limit of 500,000,000")
-    wide = core("train", "--batch-size", "60000", "--runs-dir", str(tmp_path / "runs"), "--name", "wide",
-                "--device", "cpu")
     one_line_error(wide, "batch_size = 60000 is not allowed: to train, it needs about", "use batch_size")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
@@ -249,16 +259,31 @@ def test_a_symlinked_run_folder_is_not_a_run(base, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in outside.iterdir()} == before  # nothing rewritten there
 
 
+def test_training_never_writes_through_planted_folder_links(base_two, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "runs").mkdir()
+    run = copy_run(base_two, tmp_path / "runs", "planted")
+    for folder in ("samples", checkpoint.PREVIOUS):
+        shutil.rmtree(run / folder)
+        os.symlink(outside, run / folder)
+    (run / "config.json").write_text(override(runs.load_config(run), max_steps=8).to_json())
+    train_run(run, resume=True, images=make_tiny_images())
+    assert list(outside.iterdir()) == []  # grids and the previous checkpoint went into real folders
+    assert checkpoint.latest(run, "planted").step == 8 and (run / "samples" / "final.png").is_file()
+
+
 # -- 10. output paths are checked before any work, and the real path is printed ----------------------
 def test_sample_output_paths_are_checked_first(base, tmp_path):
     out_dir = tmp_path / "existing"
     out_dir.mkdir()
     run = str(base)
     common = ["--run", run, "--device", "cpu", "--quiet", "--n", "2", "--sampler", "ddim", "--steps", "2"]
-    one_line_error(core("sample", *common, "--out", str(out_dir)), f"--out = '{out_dir}' is not allowed: it is a folder")
+    into_folder, frames_folder = core_many(["sample", *common, "--out", str(out_dir)],
+                                           ["sample", *common, "--out", str(tmp_path / "g.png"), "--frames", str(out_dir)])
+    one_line_error(into_folder, f"--out = '{out_dir}' is not allowed: it is a folder")
     assert list(out_dir.iterdir()) == []  # no .existing.PID.tmp left behind
-    one_line_error(core("sample", *common, "--out", str(tmp_path / "g.png"), "--frames", str(out_dir)),
-                   "--frames", "it is a folder")
+    one_line_error(frames_folder, "--frames", "it is a folder")
     assert not (tmp_path / "g.png").exists()  # refused before sampling, so nothing was written
     done = core("sample", *common, "--out", str(tmp_path / "g.png"), "--npy", str(tmp_path / "bad"))
     assert done.returncode == 0, done.stderr
@@ -269,12 +294,13 @@ def test_sample_output_paths_are_checked_first(base, tmp_path):
 def test_runs_dir_and_name_must_be_real(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    one_line_error(core("runs", "--runs-dir", str(afile)), "--runs-dir", "it is a file, not a folder")
-    one_line_error(core("train", "--preset", "tiny", "--runs-dir", str(afile), "--name", "x"),
-                   "it is a file, not a folder")
-    one_line_error(core("runs", "--runs-dir", ""), "--runs-dir = '' is not allowed")
-    one_line_error(core("train", "--preset", "tiny", "--runs-dir", str(tmp_path / "r"), "--name", ""),
-                   "name = '' is not allowed")
+    listing, training, empty_dir, empty_name = core_many(
+        ["runs", "--runs-dir", str(afile)], ["train", "--preset", "tiny", "--runs-dir", str(afile), "--name", "x"],
+        ["runs", "--runs-dir", ""], ["train", "--preset", "tiny", "--runs-dir", str(tmp_path / "r"), "--name", ""])
+    one_line_error(listing, "--runs-dir", "it is a file, not a folder")
+    one_line_error(training, "it is a file, not a folder")
+    one_line_error(empty_dir, "--runs-dir = '' is not allowed")
+    one_line_error(empty_name, "name = '' is not allowed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
