@@ -177,15 +177,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CliError(f"{', '.join(fixed)} cannot change on --resume: the run's config.json fixes them; "
                            "--resume accepts --epochs, --max-steps, --time-budget, --device, --checkpoint-every")
         saved = runs.load_config(run_dir)
-        # The lock comes before anything else: two resumes started together must not both train.
+        config = override(saved, epochs=args.epochs, max_steps=args.max_steps,
+                          time_budget_s=args.time_budget, device=args.device,
+                          checkpoint_every_s=args.checkpoint_every)
+        # Checks that touch nothing come first: a rejected resume leaves the run exactly as it was.
+        budget.check_training_fits(config, resolve_device(config.train.device))
+        # Then the lock, before the run is changed in any way: two resumes started together must
+        # not both train, nor both rewrite config.json.
         lock = runs.RunLock(run_dir).acquire()
         try:
-            config = override(saved, epochs=args.epochs, max_steps=args.max_steps,
-                              time_budget_s=args.time_budget, device=args.device,
-                              checkpoint_every_s=args.checkpoint_every)
-            # before touching config.json: a rejected resume changes nothing
-            budget.check_training_fits(config, resolve_device(config.train.device))
-            if config != saved:
+            if config != runs.load_config(run_dir):
                 io.atomic_write_text(run_dir / "config.json", config.to_json())
         except BaseException:
             lock.release()

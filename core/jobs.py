@@ -242,13 +242,9 @@ class JobManager:
             info = runs.run_info(run_dir)
             if not info.readable:
                 raise RunError(info.error or f"run {run_dir.name!r} cannot be read")
+            budget.check_training_fits(info.config, resolve_device(info.config.train.device))
             # The lock, not the listed state, decides: a CLI resume started a moment ago is refused too.
             lock = runs.RunLock(run_dir).acquire()
-            try:
-                budget.check_training_fits(info.config, resolve_device(info.config.train.device))
-            except BaseException:
-                lock.release()
-                raise
             self._job = TrainingJob(run_dir, resume=True, images=images, data_root=data_root, lock=lock)
             self._job.start()
             return self._job
