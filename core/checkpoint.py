@@ -234,6 +234,9 @@ def _keep_as_previous(run_dir: Path, run: str) -> None:
         except OSError:  # a filesystem without hard links: copy (the size check was done above)
             write_new_file(staged, (run_dir / name).read_bytes())
         os.replace(staged, target)
+        # rename(2) between two links of one file does nothing and leaves the source: when previous/
+        # already held this very file (a checkpoint that failed after this step), drop the extra link.
+        staged.unlink(missing_ok=True)
     atomic_write_text(previous / MANIFEST, (run_dir / MANIFEST).read_text(encoding="utf-8"))
 
 
