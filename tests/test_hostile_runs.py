@@ -150,7 +150,32 @@ LIST_CASES = [
     ("status-fifo", fifo("status.json"), "damaged", "status.json is not a regular file"),
     ("status-huge", lambda run: (run / "status.json").write_text(" " * (2 << 20) + "{}"), "damaged",
      "status.json holds 2,097,154 bytes, over the 1,048,576"),
+    # The hostile runs of the other items, as the list sees them (each item's own test covers the rest).
+    ("giant-config", lambda run: edit_config(run, "model", base_channels=512, channel_mults=[16, 16, 16],
+                                             num_res_blocks=8), "finished", None),
+    ("metrics-to-a-secret", planted_symlink("metrics.csv", "/etc/passwd"), "damaged", "metrics.csv is a symbolic link"),
+    ("stale-pid-1", lambda run: stale_running(run), "interrupted", None),
+    ("killed-before-checkpoint", lambda run: killed_before_checkpoint(run), "interrupted", None),
+    ("flipped-byte", lambda run: _flip_a_tensor_byte(run / "model.safetensors"), "finished", None),
+    ("eval-not-entries", lambda run: (run / "eval.json").write_text("[1, 2]"), "damaged",
+     "eval.json entry 0 is not an object"),
 ]
+
+
+def edit_config(run: Path, section: str, **changes) -> None:
+    config = json.loads((run / "config.json").read_text())
+    config[section].update(changes)
+    (run / "config.json").write_text(json.dumps(config))
+
+
+def stale_running(run: Path) -> None:
+    (run / "status.json").write_text(json.dumps({"state": "running", "pid": 1, "updated_at": 4e9}))
+
+
+def killed_before_checkpoint(run: Path) -> None:
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "checkpoint.json", "state.json"):
+        (run / name).unlink(missing_ok=True)
+    stale_running(run)
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +186,7 @@ def hostile_zoo(base, tmp_path_factory) -> Path:
     copy_run(base, root, "healthy-b")
     for case_id, damage, _, _ in LIST_CASES:
         damage(copy_run(base, root, case_id))
+    os.symlink(copy_run(base, root.parent, "outside"), root / "symlinked-run")  # not a run: never listed
     return root
 
 
@@ -178,6 +204,7 @@ def test_every_hostile_file_is_confined_to_its_run(hostile_zoo):
             assert info.error.startswith(f"run '{case_id}': ") and reason in info.error, (case_id, info.error)
             assert "\n" not in info.error
     assert listed["metrics-last-step-nan"].step == 0  # no state.json, the nan row skipped
+    assert listed["killed-before-checkpoint"].step == 0 and listed["killed-before-checkpoint"].readable
 
 
 def test_cli_runs_lists_the_healthy_runs_beside_the_hostile_ones(hostile_zoo):
@@ -185,7 +212,7 @@ def test_cli_runs_lists_the_healthy_runs_beside_the_hostile_ones(hostile_zoo):
     assert listing.returncode == 0, listing.stderr[-2000:]
     rows = {row["name"]: row for row in json.loads(listing.stdout)}
     assert rows["healthy-a"]["state"] == rows["healthy-b"]["state"] == "finished"
-    assert {case_id for case_id, *_ in LIST_CASES} <= set(rows)
+    assert set(rows) == {"healthy-a", "healthy-b"} | {case_id for case_id, *_ in LIST_CASES}
     text = core("runs", "--runs-dir", str(hostile_zoo), timeout=120)
     assert text.returncode == 0 and "damaged: " not in text.stderr
     assert "status.json is not a regular file" in text.stdout
