@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import budget, runs
-from .config import RunConfig, SampleConfig
+from .config import ConfigError, RunConfig, SampleConfig
 from .device import resolve_device
 from .data import ImageSet
 from .errors import RunError
@@ -215,6 +215,16 @@ class JobManager:
             raise JobBusy(f"run {self._job.run_dir.name!r} is still training: one run at a time. "
                           "Stop it (or wait for it to finish) before starting another.")
 
+    @staticmethod
+    def _check_memory(config: RunConfig) -> None:
+        """Refuse a run that cannot fit this machine's memory. A device that is missing is left to
+        the job, which marks the run failed with that message (as the page shows it)."""
+        try:
+            device = resolve_device(config.train.device)
+        except ConfigError:
+            return
+        budget.check_training_fits(config, device)
+
     def start_new(self, runs_dir: str | os.PathLike, name: str, config: RunConfig, *,
                   images: ImageSet | None = None, data_root: str | None = None) -> TrainingJob:
         """Create run folder `name` and train it in the background.
@@ -224,7 +234,7 @@ class JobManager:
         """
         with self._lock:
             self._refuse_if_busy()
-            budget.check_training_fits(config, resolve_device(config.train.device))  # before the folder exists
+            self._check_memory(config)  # before the folder exists
             run_dir = runs.create_run(runs_dir, name, config)
             lock = runs.RunLock(run_dir).acquire()
             self._job = TrainingJob(run_dir, images=images, data_root=data_root, lock=lock)
@@ -242,7 +252,7 @@ class JobManager:
             info = runs.run_info(run_dir)
             if not info.readable:
                 raise RunError(info.error or f"run {run_dir.name!r} cannot be read")
-            budget.check_training_fits(info.config, resolve_device(info.config.train.device))
+            self._check_memory(info.config)
             # The lock, not the listed state, decides: a CLI resume started a moment ago is refused too.
             lock = runs.RunLock(run_dir).acquire()
             self._job = TrainingJob(run_dir, resume=True, images=images, data_root=data_root, lock=lock)
