@@ -6,9 +6,12 @@ stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import io as bytes_io
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,13 +21,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import bench, distributed, export, io, report, runs
+from . import bench, budget, distributed, export, io, report, runs
 from .argtypes import number, whole_number
 from .bench.flops import model_costs
 from .config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES,
                      PIXEL_RANGES, PRESETS, SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES, ConfigError, RunConfig,
-                     SampleConfig, override,
-                     preset)
+                     SampleConfig, check_run_name, override, preset)
 from .data import DatasetNotFoundError, load_images
 from .device import resolve_device
 from .distributed import BACKEND_NAMES, DEFAULT_TIMEOUT_S, TIMEOUT_ENV, check_backend, launched_world, timeout_seconds
@@ -34,9 +36,12 @@ from .guidance import (Conditioning, check_conditional, check_guidance, class_in
                        describe_labels, even_labels, per_class_labels)
 from .sampling import collect, reverse_process, total_steps
 from .schedule import NoiseScheduler
-from .training import TrainingDiverged, check_data_fits, train_run
+from .training import DiskFull, TrainingDiverged, check_data_fits, train_run
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
+# The shell's convention for a process ended by a signal: 128 + its number (Ctrl-C 130, SIGTERM 143).
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 CONDITIONAL_CLASSES = 10  # both datasets have ten classes
 # What a resumed run cannot change: it would no longer match its weights, optimizer state or curve.
 RESUME_FIXED_FLAGS = ("model", "base_channels", "channel_mults", "num_res_blocks", "attention", "norm",
@@ -162,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- commands ----------------------------------------------------------------------------------------
+def runs_dir_of(args: argparse.Namespace) -> Path:
+    """--runs-dir, checked: an empty value or a path to a file is a mistake, not the default."""
+    if args.runs_dir is None:
+        return runs.DEFAULT_RUNS_DIR
+    if not args.runs_dir.strip():
+        raise CliError("--runs-dir = '' is not allowed: give a folder, or leave the flag out for checkpoints/")
+    path = Path(args.runs_dir)
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--runs-dir = {args.runs_dir!r} is not allowed: it is a file, not a folder")
+    return path
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one run, as one process or as every rank of a torchrun job (`torchrun --nproc-per-node N
     -m core train ...`): then --batch-size is per process, rank 0 alone decides, writes and prints,
@@ -200,7 +217,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_command(args: argparse.Namespace, config: RunConfig, world: distributed.World) -> int:
-    runs_dir = Path(args.runs_dir) if args.runs_dir else runs.DEFAULT_RUNS_DIR
+    runs_dir = runs_dir_of(args)
+    if args.name is not None:
+        check_run_name(args.name)  # "" is a mistake, not "pick a name for me"
+    lock: runs.RunLock | None = None  # rank 0 holds the run's lock for the whole job
 
     def plan() -> tuple[str, str, bool]:
         """Rank 0: which folder, with which config, and whether config.json must be (re)written."""
@@ -211,6 +231,8 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
             if run_dir.exists():
                 raise ConfigError(f"name = {name!r} is not allowed: a run of that name exists in {run_dir.parent}; "
                                   "pick another name, or resume it with --resume")
+            # before the folder exists: a run that cannot fit in memory leaves nothing
+            budget.check_training_fits(config, resolve_device(config.train.device))
             return str(run_dir), config.to_json(), True
         if not args.name:
             raise CliError("--resume needs --name of the run to continue")
@@ -222,13 +244,14 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
             raise CliError(f"{', '.join(fixed)} cannot change on --resume: the run's config.json fixes them; "
                            "--resume accepts --epochs, --max-steps, --time-budget, --device, --checkpoint-every")
         saved = runs.load_config(run_dir)
-        status = runs.read_status(run_dir)
-        if status.get("state") == "running":  # two writers would corrupt the run
-            raise CliError(f"run {args.name!r} is still training (pid {status.get('pid')}); stop it before "
-                           "resuming it")
         resumed = override(saved, epochs=args.epochs, max_steps=args.max_steps,
                            time_budget_s=args.time_budget, device=args.device,
                            checkpoint_every_s=args.checkpoint_every)
+        # Checks that touch nothing come first: a rejected resume leaves the run exactly as it was.
+        budget.check_training_fits(resumed, resolve_device(resumed.train.device))
+        if runs.is_locked(run_dir):  # said at once; prepare() takes the lock itself, which also settles races
+            raise runs.RunBusy(f"run {args.name!r} is still training; stop it (or wait for it to finish) before "
+                               "resuming or deleting it")
         return str(run_dir), resumed.to_json(), resumed != saved
 
     run_dir, config_json, write_config = distributed.agree(plan, world)
@@ -242,21 +265,59 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
     check_data_fits(n_images, config.train.batch_size, world.size)
 
     def prepare() -> None:
+        """Rank 0: the folder and its lock. The lock comes before the run is changed in any way: two
+        resumes started together must not both train, nor both rewrite config.json."""
+        nonlocal lock
         if not args.resume:
             runs.create_run(runs_dir, run_dir.name, config)
-        elif write_config:
-            io.atomic_write_text(run_dir / "config.json", config.to_json())
+        lock = runs.RunLock(run_dir).acquire()
+        try:
+            if args.resume and write_config:
+                io.atomic_write_text(run_dir / "config.json", config.to_json())
+        except BaseException:
+            lock.release()
+            raise
 
     distributed.agree(prepare, world)  # also the barrier: no rank trains before the folder exists
     bar = None if args.quiet or not world.is_main else _ProgressBar()
-    progress = train_run(run_dir, resume=args.resume, images=images, on_progress=bar.update if bar else None)
+    with _StopOnSignals() as stop:
+        progress = train_run(run_dir, resume=args.resume, images=images, on_progress=bar.update if bar else None,
+                             stop_event=stop.event, lock=lock)
     if bar:
         bar.close()
     if world.is_main:
         last = f"{progress.losses[-1]:.4f}" if progress.losses else "n/a"
         print(f"{progress.state}: {run_dir} step {progress.step}, last loss {last}, "
               f"{progress.elapsed_s:.0f} s on {progress.device}")
-    return 0
+    return EXIT_SIGNAL[stop.signal] if stop.signal is not None else 0
+
+
+class _StopOnSignals:
+    """While training, SIGINT (Ctrl-C) and SIGTERM stop the run as the dashboard's Stop button
+    does: the loop finishes its step, checkpoints, marks the run stopped; the command then exits
+    130 or 143. A second signal is handled the same way (the checkpoint is already under way)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is None:
+            self.signal = signum
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint",
+                  file=sys.stderr)
+        self.event.set()
+
+    def __enter__(self) -> "_StopOnSignals":
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for signum in EXIT_SIGNAL:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class _ProgressBar:
@@ -305,16 +366,41 @@ def conditioning(args: argparse.Namespace, config: RunConfig, run_name: str) -> 
     return Conditioning(labels, guidance, args.n, None)
 
 
+def _output_file(flag: str, value: str | None, suffix: str | None = None) -> Path | None:
+    """The file an output flag will write (numpy adds .npy itself, so say so), checked before any
+    work: not a folder, in a folder that exists and can be written."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise CliError(f"{flag} = '' is not allowed: give a file path")
+    path = Path(value)
+    if suffix and path.suffix != suffix:
+        path = path.with_name(path.name + suffix)
+    if path.is_dir():
+        raise CliError(f"{flag} = {value!r} is not allowed: it is a folder; give a file path inside it")
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise CliError(f"{flag} = {value!r} is not allowed: its folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise CliError(f"{flag} = {value!r} is not allowed: its folder {folder} is not writable")
+    return path
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     sample_config = SampleConfig(sampler=args.sampler, steps=args.steps, eta=args.eta, n=args.n,
                                  seed=args.seed, batch_size=args.batch_size, spacing=args.spacing, clip=args.clip)
-    for flag, value in (("--npy", args.npy), ("--frames", args.frames)):
-        # checked before sampling, which may take minutes, rather than failing when writing
-        if value and not Path(value).resolve().parent.is_dir():
-            raise CliError(f"{flag} = {value!r} is not allowed: its folder {Path(value).resolve().parent} "
-                           "does not exist")
+    # checked before sampling, which may take minutes, rather than failing when writing
+    out = _output_file("--out", args.out)
+    npy = _output_file("--npy", args.npy, suffix=".npy")
+    frames = _output_file("--frames", args.frames)
     device = resolve_device(args.device)
-    loaded = runs.load_model(Path(args.run), use_ema=not args.no_ema, device=device)
+    run_dir = Path(args.run)
+    budget_config = runs.load_config(run_dir)
+    try:
+        budget.check_sampling_fits(budget_config.model, min(sample_config.batch_size, sample_config.n), device)
+    except ConfigError as exc:
+        raise RunError(f"run {run_dir.name!r}: {exc}") from None
+    loaded = runs.load_model(run_dir, use_ema=not args.no_ema, device=device)
     cond = conditioning(args, loaded.config, loaded.name)
     sample_config = replace(sample_config, n=cond.n)
     scheduler = NoiseScheduler(loaded.config.schedule)
@@ -326,17 +412,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not args.quiet:
         process = tqdm(process, total=total_steps(sample_config, scheduler), unit="step",
                        desc=f"{args.sampler} {steps} steps", dynamic_ncols=True)
-    result = collect(process, pixel_range=train_config.pixel_range, record="all" if args.frames else "none")
-    out = Path(args.out) if args.out else loaded.path / "samples" / f"sample_{args.sampler}.png"
+    result = collect(process, pixel_range=train_config.pixel_range, record="all" if frames else "none")
+    out = out or loaded.path / "samples" / f"sample_{args.sampler}.png"
     export.save_grid(out, result.images, ncol=cond.ncol)
     written = [str(out)]
-    if args.npy:
-        np.save(args.npy, result.images)
-        written.append(args.npy)
-    if args.frames:
-        Path(args.frames).write_bytes(export.frames_npz(result.images, result.frame_timesteps,
+    if npy:
+        buffer = bytes_io.BytesIO()
+        np.save(buffer, result.images)
+        io.atomic_write_bytes(npy, buffer.getvalue())
+        written.append(str(npy))
+    if frames:
+        io.atomic_write_bytes(frames, export.frames_npz(result.images, result.frame_timesteps,
                                                         result.frames_xt, result.frames_x0))
-        written.append(args.frames)
+        written.append(str(frames))
     guidance = "" if cond.labels is None else f", {describe_labels(cond.labels, train_config.dataset)}, " \
         f"guidance {cond.guidance:g}"
     print(f"{len(result.images)} samples ({args.sampler}, {steps} steps, "
@@ -347,7 +435,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     if args.models:
         return _print_models(args.json)
-    infos = runs.list_runs(Path(args.runs_dir) if args.runs_dir else runs.DEFAULT_RUNS_DIR)
+    infos = runs.list_runs(runs_dir_of(args))
     rows = []
     for info in infos:
         cfg = info.config
@@ -389,7 +477,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     infos = []
     for path in args.runs:
         info = runs.run_info(Path(path))
-        if not info.readable:
+        if not info.readable or info.state == "damaged":
             raise CliError(info.error or f"run {path} cannot be read")
         infos.append(info)
     out = Path(args.out)
@@ -429,13 +517,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if main_rank:
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except TrainingDiverged as exc:  # the run is already marked failed in its folder
+    except (TrainingDiverged, DiskFull) as exc:  # the run is already marked failed in its folder
         if main_rank:
             print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except distributed.PeerFailure as exc:  # every rank says why it ends; the run is marked interrupted
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

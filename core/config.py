@@ -355,6 +355,10 @@ class RunConfig:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config.json is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except RecursionError:  # a hostile file nested 100,000 levels deep
+            raise ConfigError("config.json is nested too deeply to be a run file") from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise ConfigError(f"config.json is not valid JSON ({str(exc)[:120]})") from None
         return cls.from_dict(data)
 
 

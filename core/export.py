@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid as tv_make_grid
 
-from .io import atomic_write_bytes
+from .errors import RunError
+from .io import MAX_IMAGE_BYTES, MAX_METRICS_BYTES, MAX_TENSOR_BYTES, atomic_write_bytes, read_bounded_bytes
 
 BUNDLE_FILES = ("config.json", "metrics.csv", "model.safetensors", "ema.safetensors", "eval.json",
                 "state.json", "status.json")
@@ -106,14 +107,32 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 
 def run_bundle(run_dir: str | Path, include_optimizer: bool = False) -> bytes:
     """A zip of a run: config, metrics, weights, evaluation and sample grids; with `include_optimizer`
-    also the optimizer state, so a stopped run can be resumed where it is unpacked."""
+    also the optimizer state, so a stopped run can be resumed where it is unpacked.
+
+    Only regular files inside the run folder go in: a file planted as a symlink (metrics.csv ->
+    a secret, samples/x.png -> /etc/passwd) is left out, never followed, and so is a run folder
+    or samples folder that is itself a symlink.
+    """
     run_dir = Path(run_dir)
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        raise RunError(f"run {run_dir.name!r}: the run folder is a symbolic link or missing; nothing to bundle")
     buf = io.BytesIO()
     names = BUNDLE_FILES + ((OPTIMIZER_FILE,) if include_optimizer else ())
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for name in names:
-            if (run_dir / name).is_file():
-                zf.write(run_dir / name, f"{run_dir.name}/{name}")
-        for png in sorted((run_dir / "samples").glob("*.png")):
-            zf.write(png, f"{run_dir.name}/samples/{png.name}")
+            limit = MAX_TENSOR_BYTES if name.endswith(".safetensors") else MAX_METRICS_BYTES
+            _add(zf, run_dir / name, f"{run_dir.name}/{name}", limit, run_dir.name)
+        samples = run_dir / "samples"
+        if samples.is_dir() and not samples.is_symlink():
+            for png in sorted(samples.glob("*.png")):
+                _add(zf, png, f"{run_dir.name}/samples/{png.name}", MAX_IMAGE_BYTES, run_dir.name)
     return buf.getvalue()
+
+
+def _add(zf: zipfile.ZipFile, path: Path, arcname: str, limit: int, run: str) -> None:
+    try:
+        data = read_bounded_bytes(path, limit, run, missing_ok=True)  # O_NOFOLLOW, regular files only
+    except RunError:
+        return  # a symlink, a device, a pipe or an oversized file: not part of the bundle
+    if data is not None:
+        zf.writestr(arcname, data)

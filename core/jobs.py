@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import runs
-from .config import RunConfig, SampleConfig
+from . import budget, runs
+from .config import ConfigError, RunConfig, SampleConfig
 from .data import ImageSet, load_images
 from .device import resolve_device
 from .errors import RunError
@@ -86,11 +86,12 @@ class TrainingJob(BackgroundJob):
     """One training run (`training.train_run`) in the background, with start / stop / snapshot."""
 
     def __init__(self, run_dir: Path, *, resume: bool = False, images: ImageSet | None = None,
-                 data_root: str | None = None):
+                 data_root: str | None = None, lock: runs.RunLock | None = None):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.thread_name = f"train-{self.run_dir.name}"
         self._resume, self._images, self._data_root = resume, images, data_root
+        self._lock_of_run = lock  # taken by the caller, so a busy run is refused before the thread starts
         self._progress = Progress(run_name=self.run_dir.name, run_dir=str(self.run_dir))
 
     def _update(self, progress: Progress) -> None:
@@ -100,7 +101,7 @@ class TrainingJob(BackgroundJob):
 
     def work(self) -> None:
         train_run(self.run_dir, resume=self._resume, images=self._images, data_root=self._data_root,
-                  on_progress=self._update, stop_event=self._stop)
+                  on_progress=self._update, stop_event=self._stop, lock=self._lock_of_run)
 
     def failed(self, exc: BaseException) -> None:
         with self._lock:
@@ -218,6 +219,16 @@ class JobManager:
             raise JobBusy(f"run {self._job.run_dir.name!r} is still training: one run at a time. "
                           "Stop it (or wait for it to finish) before starting another.")
 
+    @staticmethod
+    def _check_memory(config: RunConfig) -> None:
+        """Refuse a run that cannot fit this machine's memory. A device that is missing is left to
+        the job, which marks the run failed with that message (as the page shows it)."""
+        try:
+            device = resolve_device(config.train.device)
+        except ConfigError:
+            return
+        budget.check_training_fits(config, device)
+
     def start_new(self, runs_dir: str | os.PathLike, name: str, config: RunConfig, *,
                   images: ImageSet | None = None, data_root: str | None = None) -> TrainingJob:
         """Create run folder `name` and train it in the background.
@@ -227,8 +238,10 @@ class JobManager:
         """
         with self._lock:
             self._refuse_if_busy()
+            self._check_memory(config)  # before the folder exists
             run_dir = runs.create_run(runs_dir, name, config)
-            self._job = TrainingJob(run_dir, images=images, data_root=data_root)
+            lock = runs.RunLock(run_dir).acquire()
+            self._job = TrainingJob(run_dir, images=images, data_root=data_root, lock=lock)
             self._job.start()
             return self._job
 
@@ -238,13 +251,15 @@ class JobManager:
         run_dir = Path(run_dir)
         with self._lock:
             self._refuse_if_busy()
+            if not runs.is_run_folder(run_dir, run_dir.parent):  # a symlink would train into its target
+                raise RunError(f"run {run_dir.name!r}: not a run folder inside {run_dir.parent} (a symbolic link?)")
             info = runs.run_info(run_dir)
             if not info.readable:
                 raise RunError(info.error or f"run {run_dir.name!r} cannot be read")
-            if info.state == "running":
-                raise JobBusy(f"run {run_dir.name!r} is being trained by another process "
-                              f"(pid {runs.read_status(run_dir).get('pid')}); wait for it or stop it there")
-            self._job = TrainingJob(run_dir, resume=True, images=images, data_root=data_root)
+            self._check_memory(info.config)
+            # The lock, not the listed state, decides: a CLI resume started a moment ago is refused too.
+            lock = runs.RunLock(run_dir).acquire()
+            self._job = TrainingJob(run_dir, resume=True, images=images, data_root=data_root, lock=lock)
             self._job.start()
             return self._job
 

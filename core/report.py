@@ -3,6 +3,8 @@ and a Markdown table of their evaluation figures. `python -m core report --runs 
 """
 from __future__ import annotations
 
+import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pandas as pd
 
 from . import runs
 from .config import run_label as recipe_label
+from .io import MAX_IMAGE_BYTES, read_bounded_bytes
 
 
 def ema_smooth(values, weight: float) -> np.ndarray:
@@ -123,7 +126,9 @@ def grids_side_by_side_png(grids: list[tuple[str, Path]], out: Path) -> Path:
     """Put existing grid PNGs next to each other with a caption above each."""
     from PIL import Image, ImageDraw
 
-    images = [(label, Image.open(path).convert("L")) for label, path in grids]
+    # bounded, regular files only: a grid planted as a symlink to /dev/zero must not hang the report
+    images = [(label, Image.open(io.BytesIO(read_bounded_bytes(path, MAX_IMAGE_BYTES, path.parent.parent.name)))
+               .convert("L")) for label, path in grids]
     gap, caption = 16, 22
     width = sum(im.width for _, im in images) + gap * (len(images) + 1)
     height = max(im.height for _, im in images) + caption + 2 * gap
@@ -146,10 +151,10 @@ def eval_table(infos: list[runs.RunInfo]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for info in infos:
         for e in info.evals:
-            shares = e.get("class_shares") or {}
-            share_text = f"{min(shares.values()):.1%} / {max(shares.values()):.1%}" if shares else "-"
+            shares = _shares(e.get("class_shares"))
+            share_text = f"{min(shares):.1%} / {max(shares):.1%}" if shares else "-"
             lines.append(
-                f"| {run_label(info)} | {e.get('setting', '?')} | {e.get('weights', '?')} | {e.get('n', '?')} | "
+                f"| {run_label(info)} | {_text(e.get('setting'))} | {_text(e.get('weights'))} | {_num(e.get('n'))} | "
                 f"{_num(e.get('fd'))} | {_num(e.get('fd_floor'))} | {_num(e.get('fd_ratio'))} | "
                 f"{_num(e.get('fd_noise'))} | {_num(e.get('class_entropy'))} | {share_text} | "
                 f"{_num(e.get('mean_confidence'))} |")
@@ -157,4 +162,17 @@ def eval_table(infos: list[runs.RunInfo]) -> str:
 
 
 def _num(value) -> str:
-    return f"{value:.3g}" if isinstance(value, (int, float)) else "-"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return f"{value:.3g}" if ok else "-"
+
+
+def _text(value) -> str:
+    """A string from eval.json, kept to one table cell (no '|' or line breaks from a hostile file)."""
+    return " ".join(value.replace("|", "/").split())[:60] if isinstance(value, str) else "?"
+
+
+def _shares(value) -> list[float]:
+    if not isinstance(value, dict):
+        return []
+    shares = [v for v in value.values() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    return shares if len(shares) == len(value) else []

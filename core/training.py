@@ -8,7 +8,6 @@ loses at most the work since its last checkpoint.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import threading
 import time
@@ -20,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import runs
+import contextlib
+
+from . import budget, checkpoint, runs
 from .config import ConfigError, RunConfig, SampleConfig
 from .data import ImageSet, load_images, to_model_range
 from .device import autocast_for, resolve_device
@@ -28,7 +29,7 @@ from .distributed import World, all_reduce_sum, broadcast_module, broadcast_obje
     is_peer_failure, peer_failure_message, wrap_model
 from .errors import RunError
 from .export import save_grid
-from .io import atomic_write_text, load_optimizer, load_weights, save_optimizer, save_weights, weights_metadata
+from .io import is_disk_full, load_optimizer_bytes, load_weights_bytes, optimizer_bytes, safetensors_metadata, weights_bytes
 from .guidance import even_labels
 from .models import NO_LABEL, build_model
 from .sampling import sample
@@ -36,11 +37,16 @@ from .schedule import NoiseScheduler
 
 GRID_SAMPLES = 16
 GRID_SEED = 1234
+FIRST_CHECKPOINT_S = 30.0  # a run's first checkpoint comes after this long or its first epoch, if sooner
 PREVIEW_GUIDANCE = 3.0  # the book's γ; a run trained without label dropout previews at γ = 1
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class DiskFull(RuntimeError):
+    """The disk (or quota) filled up while the run was writing; the last complete checkpoint stands."""
 
 
 class StopRequested(Exception):
@@ -146,6 +152,7 @@ class Trainer:
         self.alpha_bars = self.scheduler.alpha_bars.to(device=device, dtype=torch.float32)
         self.autocast = autocast_for(device)
         self.step = 0  # optimisation steps taken so far
+        self.resumed_metadata: dict[str, str] = {}  # the loaded checkpoint's weights metadata, on resume
         self.model.train()
 
     @property
@@ -212,45 +219,51 @@ class Trainer:
         return loss
 
     # -- checkpoints ---------------------------------------------------------------------------------
+    def weights_are_finite(self) -> bool:
+        """One device sync: every parameter (and EMA parameter) finite."""
+        params = list(self.model.parameters()) + (list(self.ema.model.parameters()) if self.ema else [])
+        return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+
     def save_checkpoint(self, run_dir: Path, epoch: int, elapsed_s: float, epoch_images: int | None = None) -> None:
-        """Rank 0's job alone (the weights are the same on every rank). `epoch_images`: how many
-        images of the current epoch's permutation were consumed, so a resume under another world
-        size (another global batch) continues at the very same image."""
+        """Write a complete checkpoint (see `checkpoint.write`). Rank 0's job alone (the weights are
+        the same on every rank). Refuses non-finite weights, which would replace the last good
+        checkpoint with one that samples black images. `epoch_images`: how many images of the
+        current epoch's permutation were consumed, so a resume under another world size (another
+        global batch) continues at the very same image."""
+        if not self.weights_are_finite():
+            raise TrainingDiverged(_divergence_message("the weights became NaN or infinite", self.step, self.config))
         meta = {"step": self.step, "epoch": epoch, "world_size": self.world.size,
                 "global_batch_size": self.config.train.batch_size * self.world.size}
         if epoch_images is not None:
             meta["epoch_images"] = epoch_images
-        save_weights(run_dir / "model.safetensors", self.model, meta)
+        blobs = {"model.safetensors": weights_bytes(self.model, meta)}
         if self.ema is not None:
-            save_weights(run_dir / "ema.safetensors", self.ema.model, meta)
-        save_optimizer(run_dir / "optimizer.safetensors", self.optimizer)
+            blobs["ema.safetensors"] = weights_bytes(self.ema.model, meta)
+        blobs["optimizer.safetensors"] = optimizer_bytes(self.optimizer)
         hardware = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else \
             f"cpu ({torch.get_num_threads()} threads)"
-        # state.json goes last: it names the step of a complete checkpoint.
-        atomic_write_text(run_dir / "state.json", json.dumps(
-            {**meta, "elapsed_s": elapsed_s,
-             "meta": {"hardware": hardware, "torch": torch.__version__, "world_size": self.world.size}}))
+        checkpoint.write(run_dir, blobs, step=self.step, epoch=epoch, elapsed_s=elapsed_s,
+                         meta={"hardware": hardware, "torch": torch.__version__, "world_size": self.world.size})
 
     def load_checkpoint(self, run_dir: Path) -> float:
-        """Restore weights, EMA, optimizer and step from the run's last checkpoint; returns the
-        training time it had used. A run that never checkpointed starts over."""
+        """Restore weights, EMA, optimizer and step from the run's last complete checkpoint (the one
+        before when the newest is torn); returns the training time it had used. A run that never
+        checkpointed starts over."""
         name = run_dir.name
-        if not (run_dir / "model.safetensors").exists():
+        saved = checkpoint.latest(run_dir, name)
+        if saved is None:
             return 0.0
-        load_weights(run_dir / "model.safetensors", self.model, name)
+        blobs = saved.blobs
+        load_weights_bytes(blobs["model.safetensors"], "model.safetensors", self.model, name)
         if self.ema is not None:
-            ema_file = run_dir / "ema.safetensors"
-            load_weights(ema_file if ema_file.exists() else run_dir / "model.safetensors", self.ema.model, name)
-        if (run_dir / "optimizer.safetensors").exists():
-            load_optimizer(run_dir / "optimizer.safetensors", self.optimizer, name)
-        self.step = int(weights_metadata(run_dir / "model.safetensors").get("step", 0))
-        try:
-            state = json.loads((run_dir / "state.json").read_text())
-            if int(state.get("step", -1)) == self.step:
-                return float(state.get("elapsed_s", 0.0))
-        except (OSError, ValueError):
-            pass
-        return 0.0
+            ema = "ema.safetensors" if "ema.safetensors" in blobs else "model.safetensors"
+            load_weights_bytes(blobs[ema], ema, self.ema.model, name)
+        if "optimizer.safetensors" in blobs:
+            load_optimizer_bytes(blobs["optimizer.safetensors"], "optimizer.safetensors", self.optimizer, name)
+        self.step = saved.step
+        # where in its epoch the loaded checkpoint stood (torchrun runs record it; see _checkpoint_position)
+        self.resumed_metadata = safetensors_metadata(blobs["model.safetensors"])
+        return saved.elapsed_s
 
     def sync_from_main(self) -> None:
         """After rank 0 alone read a checkpoint: its weights, optimizer state (Adam's moments and step
@@ -303,19 +316,22 @@ def total_steps_for(config: RunConfig, n_images: int, world_size: int = 1, *, st
     return min(limits) if limits else 0
 
 
-def _checkpoint_position(run_dir: Path, step: int, n_images: int, batch_size: int) -> tuple[int, int]:
-    """(completed epochs, images of the current epoch consumed) at the checkpoint of `step`."""
+def _checkpoint_position(meta: dict[str, str], step: int, n_images: int, batch_size: int) -> tuple[int, int]:
+    """(completed epochs, images of the current epoch consumed) at the checkpoint of `step`, from the
+    loaded weights' metadata."""
     try:
-        meta = weights_metadata(run_dir / "model.safetensors")
-        return int(meta["epoch"]), int(meta["epoch_images"])
-    except (OSError, KeyError, ValueError):
+        epoch, epoch_images = int(meta["epoch"]), int(meta["epoch_images"])
+        if epoch < 0 or not 0 <= epoch_images <= n_images:
+            raise ValueError("out of range")
+        return epoch, epoch_images
+    except (KeyError, ValueError):
         # A checkpoint from before world sizes existed was written by one process at `batch_size`.
         per_epoch = steps_per_epoch(n_images, batch_size)
         epoch = step // per_epoch
         return epoch, (step - epoch * per_epoch) * batch_size
 
 
-def _divergence_message(loss: float, step: int, config: RunConfig) -> str:
+def _divergence_message(symptom: str, step: int, config: RunConfig) -> str:
     decay = config.train.lr * config.train.weight_decay
     if config.train.optimizer == "adamw" and decay > 1:
         # AdamW multiplies the weights by (1 - lr·wd) each step: past 1 that factor flips their sign,
@@ -326,38 +342,56 @@ def _divergence_message(loss: float, step: int, config: RunConfig) -> str:
         hint = (f"the learning rate ({config.train.lr:g}) is probably too high; try 10x lower"
                 if config.train.lr > 3e-3 else
                 "try a lower learning rate or gradient clipping (--grad-clip 1.0)")
-    return f"loss became {loss} at step {step}: training diverged; {hint}"
+    return f"{symptom} at step {step}: training diverged; {hint}"
 
 
 def train_run(run_dir: Path, *, resume: bool = False, images: ImageSet | None = None,
               data_root: str | None = None, on_progress: ProgressFn | None = None,
-              stop_event: threading.Event | None = None) -> Progress:
+              stop_event: threading.Event | None = None, lock: runs.RunLock | None = None) -> Progress:
     """Train the run in `run_dir` (created with runs.create_run) until it finishes or is stopped.
 
-    Returns the final Progress; raises on failure after marking the run failed in status.json (or
+    Holds the run's lock for the whole job (taking it first thing, unless the caller passes the lock
+    it already holds), so a second trainer of the same run is refused with `runs.RunBusy`. Returns
+    the final Progress; raises on failure after marking the run failed in status.json (or
     interrupted, when another rank of a torchrun job died). Under torchrun every rank calls this;
-    rank 0 alone reads and writes the run folder and sends the others what they need.
+    rank 0 alone locks, reads and writes the run folder and sends the others what they need.
     """
     run_dir = Path(run_dir)
     world = current_world()
-    config = runs.load_config(run_dir) if world.is_main else None  # a missing folder: no status to write
-    config = RunConfig.from_json(broadcast_object(config.to_json() if config else None, world)) \
-        if world.distributed else config
-    progress = Progress(run_name=run_dir.name, run_dir=str(run_dir))
-    try:
-        result = _train(run_dir, config, resume, images, data_root, on_progress, stop_event, progress, world)
-    except BaseException as exc:
-        peer_failed = is_peer_failure(exc)
-        message = peer_failure_message(exc) if peer_failed else \
-            str(exc) if isinstance(exc, (TrainingDiverged, ConfigError, RunError)) else f"{type(exc).__name__}: {exc}"
-        progress.state, progress.error = "failed", message
-        if world.is_main:
-            # A dead peer is not this run's fault: it shows as interrupted and resumes from its checkpoint.
-            runs.write_status(run_dir, "interrupted" if peer_failed else "failed", error=message, step=progress.step)
-        if on_progress:
-            on_progress(progress)
-        raise
-    return result
+    held = (lock or runs.RunLock(run_dir)) if world.is_main else contextlib.nullcontext()
+    with held:
+        config = None
+        if world.is_main:  # a missing folder raises here, before any status could be written
+            checkpoint.remove_stale_temp_files(run_dir)
+            config = runs.load_config(run_dir)
+            if (run_dir / "samples").is_symlink():  # grids are written there: never through a planted link
+                checkpoint.real_folder(run_dir / "samples")
+        if world.distributed:
+            config = RunConfig.from_json(broadcast_object(config.to_json() if config else None, world))
+        progress = Progress(run_name=run_dir.name, run_dir=str(run_dir))
+        try:
+            return _train(run_dir, config, resume, images, data_root, on_progress, stop_event, progress, world)
+        except BaseException as exc:
+            peer_failed = is_peer_failure(exc)
+            if is_disk_full(exc):
+                folder = Path(exc.filename).parent if getattr(exc, "filename", None) else run_dir
+                raised: BaseException = DiskFull(f"disk full in {folder} ({exc.strerror}); the last complete "
+                                                 "checkpoint is kept: free some space, then resume the run")
+            else:
+                raised = exc
+            message = peer_failure_message(exc) if peer_failed else \
+                str(raised) if isinstance(raised, (TrainingDiverged, ConfigError, RunError, DiskFull)) else \
+                f"{type(raised).__name__}: {raised}"
+            progress.state, progress.error = "failed", message
+            if world.is_main:
+                # A dead peer is not this run's fault: it shows as interrupted and resumes from its checkpoint.
+                runs.write_status(run_dir, "interrupted" if peer_failed else "failed", error=message,
+                                  step=progress.step)
+            if on_progress:
+                on_progress(progress)
+            if raised is exc:
+                raise
+            raise raised from None
 
 
 def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | None, data_root: str | None,
@@ -365,6 +399,7 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
            world: World) -> Progress:
     train = config.train
     device = device_for(world, resolve_device(train.device))
+    budget.check_training_fits(config, device)  # before a byte is allocated: a shared config may ask for 100s of GB
     progress.device = str(device) if not world.distributed else f"{world.size} × {device.type}"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 28x28 shapes: autotuning pays off at once
@@ -394,8 +429,8 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
     if resume:
         if writes:
             elapsed_before = trainer.load_checkpoint(run_dir)
-            if (run_dir / "model.safetensors").exists():
-                epoch, cursor = _checkpoint_position(run_dir, trainer.step, len(data), batch)
+            if trainer.step > 0:
+                epoch, cursor = _checkpoint_position(trainer.resumed_metadata, trainer.step, len(data), batch)
             runs.truncate_metrics(run_dir, trainer.step)
         trainer.sync_from_main()
         elapsed_before, epoch, cursor = broadcast_object((elapsed_before, epoch, cursor), world)
@@ -420,9 +455,21 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - start_time
 
-    def checkpoint() -> None:
-        if writes:
-            trainer.save_checkpoint(run_dir, epoch, elapsed(), epoch_images=cursor)
+    # The first checkpoint comes early, so a run killed in its first minutes still resumes.
+    first_checkpoint_due = writes and trainer.step == 0 and not checkpoint.exists(run_dir)
+    # Non-finite losses are collected on the device (no sync per step on a GPU) and checked at every
+    # log row and before every checkpoint; on the CPU a check costs nothing, so it happens every step.
+    diverged = torch.zeros((), dtype=torch.bool, device=device)
+    check_every_step = device.type == "cpu"
+    saved_at: list[int] = []  # steps checkpointed by this job
+
+    def save() -> None:
+        if not writes:
+            return
+        if bool(diverged):  # one device sync
+            raise TrainingDiverged(_divergence_message("loss became nan or inf", trainer.step, config))
+        trainer.save_checkpoint(run_dir, epoch, elapsed(), epoch_images=cursor)
+        saved_at.append(trainer.step)
 
     def budget_spent() -> bool:
         nonlocal time_up
@@ -452,6 +499,12 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
                 idx = order[first:first + batch]
                 loss = trainer.train_step(trainer.batch(data[idx]), labels=None if labels is None else labels[idx])
                 cursor += global_batch
+                if check_every_step:
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise TrainingDiverged(_divergence_message(f"loss became {value}", trainer.step, config))
+                else:
+                    diverged |= ~torch.isfinite(loss.detach())
                 window_loss += loss.detach()
                 window_count += 1
                 window_images += len(idx)
@@ -468,7 +521,7 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
                     loss_sum, count, ips, stops = all_reduce_sum(sums, world).tolist()
                     mean_loss = loss_sum / count  # the loss averaged over ranks
                     if not math.isfinite(mean_loss):
-                        raise TrainingDiverged(_divergence_message(mean_loss, trainer.step, config))
+                        raise TrainingDiverged(_divergence_message(f"loss became {mean_loss}", trainer.step, config))
                     if world.distributed and stops > 0:  # every rank leaves the loop at this same step
                         if stop_event is not None and stop_event.is_set():
                             raise StopRequested
@@ -486,15 +539,17 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
                     if writes and now - last_heartbeat > 10:
                         runs.write_status(run_dir, "running", step=trainer.step, world_size=world.size)
                         last_heartbeat = now
-                if train.checkpoint_every_s and time.perf_counter() - last_checkpoint >= train.checkpoint_every_s:
-                    checkpoint()
-                    last_checkpoint = time.perf_counter()
+                since = time.perf_counter() - last_checkpoint
+                if (train.checkpoint_every_s and since >= train.checkpoint_every_s) or \
+                        (first_checkpoint_due and since >= FIRST_CHECKPOINT_S):
+                    save()
+                    last_checkpoint, first_checkpoint_due = time.perf_counter(), False
                 if budget_spent():
                     break
             else:
                 epoch, cursor = epoch + 1, 0
-                checkpoint()
-                last_checkpoint = time.perf_counter()
+                save()
+                last_checkpoint, first_checkpoint_due = time.perf_counter(), False
                 if train.sample_every_epochs and epoch % train.sample_every_epochs == 0 and not budget_spent():
                     preview(f"epoch_{epoch:03d}.png")
     except StopRequested:
@@ -506,7 +561,8 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
     progress.step, progress.elapsed_s = trainer.step, elapsed()
     progress.state, progress.message = "stopping" if stopped else "running", "saving"
     report()
-    checkpoint()
+    if not saved_at or saved_at[-1] != trainer.step:  # an epoch end may have just saved this very step
+        save()
     if trainer.step > 0:
         preview("final.png")
     progress.state, progress.message, progress.eta_s = ("stopped" if stopped else "finished"), "", 0.0

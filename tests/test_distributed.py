@@ -242,9 +242,11 @@ def test_killing_one_rank_ends_the_job_on_every_rank_and_the_run_resumes(tmp_pat
 ], ids=["nccl-on-cpu", "world-too-big-for-data", "resume-of-a-run-in-training"])
 def test_bad_input_under_torchrun_is_one_line_exit_2_on_every_rank_nothing_written(tmp_path, flags, message):
     runs_dir = tmp_path / "runs"
-    if "--resume" in flags:  # a run another job trains: status running, by a live process (this one)
+    lock = None
+    if "--resume" in flags:  # a run another job trains: this process holds its lock
         run = runs.create_run(runs_dir, "ddp", tiny_config())
         runs.write_status(run, "running", step=3)
+        lock = runs.RunLock(run).acquire()
     before = {p: p.read_bytes() for p in runs_dir.rglob("*") if p.is_file()}
     done = subprocess.run(_torchrun(runs_dir, *flags), cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=300)
@@ -253,6 +255,8 @@ def test_bad_input_under_torchrun_is_one_line_exit_2_on_every_rank_nothing_writt
     assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
     assert _refused_on_every_rank(done.stderr), done.stderr[-2000:]
     assert {p: p.read_bytes() for p in runs_dir.rglob("*") if p.is_file()} == before
+    if lock is not None:
+        lock.release()
 
 
 @pytest.mark.slow
