@@ -241,8 +241,10 @@ def _keep_as_previous(run_dir: Path, run: str) -> None:
 
 
 def write(run_dir: Path, blobs: dict[str, bytes], *, step: int, epoch: int, elapsed_s: float,
-          meta: dict[str, Any]) -> None:
-    """Save a checkpoint of `blobs` (file name -> safetensors bytes); see the module docstring."""
+          meta: dict[str, Any], position: dict[str, Any] | None = None) -> None:
+    """Save a checkpoint of `blobs` (file name -> safetensors bytes); see the module docstring.
+    `position`: more of where the run stands (world size, global batch, images of the epoch used),
+    recorded beside the step in the manifest and state.json."""
     run = run_dir.name
     _keep_as_previous(run_dir, run)
     staged = {name: temp_path(run_dir / name) for name in blobs}
@@ -260,7 +262,7 @@ def write(run_dir: Path, blobs: dict[str, bytes], *, step: int, epoch: int, elap
         if name not in blobs:  # e.g. an EMA file left by an older run; it is not part of this one
             (run_dir / name).unlink(missing_ok=True)
     fsync_folder(run_dir)
-    record = {"step": step, "epoch": epoch, "elapsed_s": elapsed_s, "meta": meta}
+    record = {**(position or {}), "step": step, "epoch": epoch, "elapsed_s": elapsed_s, "meta": meta}
     files = {name: {"sha256": sha256_hex(data), "size": len(data)} for name, data in blobs.items()}
     atomic_write_text(run_dir / MANIFEST, json.dumps({**record, "files": files}, indent=1))
     fsync_folder(run_dir)

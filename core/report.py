@@ -83,25 +83,32 @@ def steps_quality_png(infos: list[runs.RunInfo], out: Path) -> Path | None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     entries = comparable_evals(infos)
     series = sampler_series(entries)
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10.5, 4.5), dpi=120)
     for (label, sampler), points in series.items():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{sampler} · {label}")
     for info, e in entries:
         if e.get("sampler") == "ddpm" and e.get("clip") in (None, False):
             ax.axhline(e["fd"], linestyle="--", color="grey", linewidth=1)
-            ax.annotate(f"DDPM {e['steps']} steps · {run_label(info)}", (ax.get_xlim()[0], e["fd"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points", color="dimgrey")
+            # x in axes fraction, y in data: the label sits at the left end of its line
+            ax.text(0.01, e["fd"], f"DDPM {e['steps']} steps · {run_label(info)}", fontsize=7, color="dimgrey",
+                    transform=ax.get_yaxis_transform(), va="bottom")
     n, sha = entries[0][1].get("n"), entries[0][1].get("classifier_sha256")
     ax.set_xscale("log")
+    ax.set_yscale("log")  # runs far apart in quality stay readable on one chart
     ax.set_xlabel("network evaluations per image (steps)")
     ax.set_ylabel(f"Fréchet distance (N = {n}, classifier {sha})")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers on the log axes, not 2 × 10^1
+        axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yticks([t for t in (3, 4, 5, 6, 8, 10, 15, 20, 30, 50) if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]])
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Quality against sampling steps")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -243,7 +243,8 @@ class Trainer:
         hardware = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else \
             f"cpu ({torch.get_num_threads()} threads)"
         checkpoint.write(run_dir, blobs, step=self.step, epoch=epoch, elapsed_s=elapsed_s,
-                         meta={"hardware": hardware, "torch": torch.__version__, "world_size": self.world.size})
+                         meta={"hardware": hardware, "torch": torch.__version__, "world_size": self.world.size},
+                         position=meta)
 
     def load_checkpoint(self, run_dir: Path) -> float:
         """Restore weights, EMA, optimizer and step from the run's last complete checkpoint (the one

@@ -9,7 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
-from core.config import DEFAULT_FEW_STEP_SAMPLER
+from core.config import DEFAULT_FEW_STEP_SAMPLER, SAMPLER_LABELS
 from core import runs
 from core.config import SampleConfig
 from core.data import load_images
@@ -92,10 +92,10 @@ def test_evaluate_from_the_runs_page_then_see_it_on_compare(tiny_run, classifier
         time.sleep(0.3)
         at.run()
     (entry,) = json.loads((tiny_run / "eval.json").read_text())
-    assert entry["setting"] == "dpmpp2m-5" and entry["n"] == 32
+    assert entry["setting"] == f"{DEFAULT_FEW_STEP_SAMPLER}-5" and entry["n"] == 32
 
     at.switch_page("views/compare.py").run()
     assert not at.exception
     spec = json.loads(next(c for c in at.get("plotly_chart") if c.proto.id.endswith("cmp_quality_chart")).proto.spec)
     (line,) = spec["data"]
-    assert line["name"] == "tiny · DPM-Solver++(2M)" and line["y"][0] == pytest.approx(entry["fd"])
+    assert line["name"] == f"tiny · {SAMPLER_LABELS[DEFAULT_FEW_STEP_SAMPLER]}" and line["y"][0] == pytest.approx(entry["fd"])
