@@ -249,9 +249,7 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
                            checkpoint_every_s=args.checkpoint_every)
         # Checks that touch nothing come first: a rejected resume leaves the run exactly as it was.
         budget.check_training_fits(resumed, resolve_device(resumed.train.device))
-        if runs.is_locked(run_dir):  # said at once; prepare() takes the lock itself, which also settles races
-            raise runs.RunBusy(f"run {args.name!r} is still training; stop it (or wait for it to finish) before "
-                               "resuming or deleting it")
+        runs.refuse_if_locked(run_dir)  # said at once; prepare() takes the lock itself, which also settles races
         return str(run_dir), resumed.to_json(), resumed != saved
 
     run_dir, config_json, write_config = distributed.agree(plan, world)

@@ -133,8 +133,7 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunBusy(f"run {name!r} is still training ({_holder(path)}); stop it (or wait for it to "
-                          "finish) before resuming or deleting it") from None
+            raise RunBusy(busy_message(self.run_dir)) from None
         except BaseException:
             os.close(fd)
             raise
@@ -165,6 +164,17 @@ def _holder(lock_path: Path) -> str:
         return f"pid {int(pid)}"
     except (RunError, ValueError):
         return "another process"
+
+
+def busy_message(run_dir: Path) -> str:
+    return (f"run {run_dir.name!r} is still training ({_holder(run_dir / LOCK_FILE)}); stop it (or wait for it "
+            "to finish) before resuming or deleting it")
+
+
+def refuse_if_locked(run_dir: Path) -> None:
+    """RunBusy when a trainer holds the run's lock now; looks without taking it (or creating the file)."""
+    if is_locked(run_dir):
+        raise RunBusy(busy_message(run_dir))
 
 
 def is_locked(run_dir: Path) -> bool:
