@@ -53,6 +53,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> No
 
 
 DEMO_RUN = "demo-improved-unet-adamw"  # shipped; has EMA weights and T = 1000
+CFG_RUN = "demo-improved-cfg"          # shipped; class-conditional, trained with label dropout
 
 
 @pytest.fixture
@@ -63,7 +64,8 @@ def server(tmp_path):
     port = _free_port()
     runs_dir = tmp_path / "runs"
     runs_dir.mkdir()
-    shutil.copytree(REPO / "checkpoints" / DEMO_RUN, runs_dir / DEMO_RUN)
+    for shipped in (DEMO_RUN, CFG_RUN):
+        shutil.copytree(REPO / "checkpoints" / shipped, runs_dir / shipped)
     # A classifier fitted for a few steps (the same code path as the real one, seconds instead of minutes).
     classifiers = tmp_path / "classifiers"
     fitted = clf.fit(load_images("fashion_mnist", "train"), load_images("fashion_mnist", "test"),
@@ -100,6 +102,8 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
     def shot(page, name: str) -> None:
         page.screenshot(path=str(ARTIFACTS / f"journey-{name}.png"), full_page=True)
 
+    # A busy 2-core machine can take seconds to rerun a page after an input: wait longer than the default 5 s.
+    expect.set_options(timeout=20_000)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -233,5 +237,22 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             shot(page, "10-compare")
             legend = page.locator('[data-testid="stPlotlyChart"] .legendtext')
             expect(legend.filter(has_text=re.compile(re.escape(tiny_name) + r" · DPM-Solver"))).to_have_count(1)
+
+            # 9. Step 10: the shipped conditional run draws the class asked for, guided at the book's γ = 3.
+            page.get_by_role("link", name="Reverse process").click()
+            expect(page.get_by_role("heading", name="Reverse process")).to_be_visible()
+            pick_run(CFG_RUN)
+            page.locator('[data-testid="stSelectbox"]').filter(has_text=re.compile(r"^Class")).click()
+            page.get_by_role("option", name="7 · Sneaker").click()
+            guidance = page.locator('[data-testid="stSlider"]').filter(has_text="Guidance").get_by_role("slider")
+            expect(guidance).to_have_value("3")  # the book's γ is the run's default
+            images = page.get_by_role("spinbutton", name="Images", exact=True)
+            images.fill("8")
+            images.press("Enter")
+            expect(images).to_have_value("8")
+            page.get_by_role("button", name=re.compile("Generate")).click()
+            expect(page.get_by_text(re.compile(re.escape(CFG_RUN) + r" · .*class Sneaker · γ = 3"))) \
+                .to_be_visible(timeout=120_000)
+            shot(page, "11-sneakers")
         finally:
             browser.close()
