@@ -82,6 +82,25 @@ class BackgroundJob:
         return self._thread is not None and self._thread.is_alive()
 
 
+class ReportingJob(BackgroundJob):
+    """A background job that reports a state (running, finished, failed, cancelled), an error and
+    its own clock; cancelling is stopping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._state, self._error = "running", None
+        self._started = time.perf_counter()
+        self._ended: float | None = None
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self._state, self._error = "failed", f"{type(exc).__name__}: {exc}"
+            self._ended = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.stop()
+
+
 class TrainingJob(BackgroundJob):
     """One training run (`training.train_run`) in the background, with start / stop / snapshot."""
 
@@ -134,7 +153,7 @@ class SamplingStatus:
         return self.elapsed_s / self.done * (self.total - self.done)
 
 
-class SamplingJob(BackgroundJob):
+class SamplingJob(ReportingJob):
     """The reverse process in the background, with progress and cancel; keeps the result (images
     and every recorded frame) once it finishes."""
 
@@ -149,9 +168,6 @@ class SamplingJob(BackgroundJob):
                                           guidance=guidance)
         self._record = record
         self._done, self._total = 0, total_steps(config, scheduler)
-        self._state, self._error = "running", None
-        self._started = time.perf_counter()
-        self._ended: float | None = None
         self.result: SampleResult | None = None
 
     def _counted(self, steps):
@@ -175,14 +191,6 @@ class SamplingJob(BackgroundJob):
             else:
                 self.result, self._state = result, "finished"
             self._ended = time.perf_counter()
-
-    def failed(self, exc: BaseException) -> None:
-        with self._lock:
-            self._state, self._error = "failed", f"{type(exc).__name__}: {exc}"
-            self._ended = time.perf_counter()
-
-    def cancel(self) -> None:
-        self.stop()
 
     def snapshot(self) -> SamplingStatus:
         with self._lock:
@@ -334,7 +342,7 @@ def classifier_ready(dataset: str, directory: str | os.PathLike | None = None) -
     return classifier_path(dataset, directory).is_file()
 
 
-class EvaluationJob(BackgroundJob):
+class EvaluationJob(ReportingJob):
     """Score one run at one sampler setting in the background, as `python -m core eval` does, and add
     the entry to its eval.json. Fits the dataset's classifier first when it is missing."""
 
@@ -347,10 +355,9 @@ class EvaluationJob(BackgroundJob):
         self.run_dir, self.config = Path(run_dir), config
         self._use_ema, self._device = use_ema, resolve_device(device)
         self._classifier_dir, self._data_root, self._fit_config = classifier_dir, data_root, fit_config
-        self._state, self._phase, self._error = "running", "loading", None
+        self._phase = "loading"
         self._done, self._total = 0, 0
-        self._phase_started = self._started = time.perf_counter()
-        self._ended: float | None = None
+        self._phase_started = self._started
         self._entry: dict[str, Any] | None = None
         self._setting = config.setting
 
@@ -408,14 +415,6 @@ class EvaluationJob(BackgroundJob):
         with self._lock:
             self._state, self._phase = state, "done"
             self._ended = time.perf_counter()
-
-    def failed(self, exc: BaseException) -> None:
-        with self._lock:
-            self._state, self._error = "failed", f"{type(exc).__name__}: {exc}"
-            self._ended = time.perf_counter()
-
-    def cancel(self) -> None:
-        self.stop()
 
     def snapshot(self) -> EvaluationStatus:
         with self._lock:

@@ -727,9 +727,14 @@ def run(args: argparse.Namespace) -> int:
     result = run_bench(plan, args.device, channels_last=args.channels_last, compile=args.compile,
                        data_root=args.data_root, synthetic_data=args.synthetic_data,
                        reference=not args.no_reference, log=log)
+    return print_result(result, args.out)
+
+
+def print_result(result: dict, out: str | None) -> int:
+    """Print the bench's JSON object, and write the same text to `out` when given."""
     text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
     print(text)
     return 0

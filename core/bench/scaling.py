@@ -14,13 +14,11 @@ each draws seeded random pixels, since a step's speed does not depend on them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import socket
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,7 +27,7 @@ import torch.multiprocessing as mp
 from ..config import PRESETS, ConfigError, RunConfig
 from ..device import resolve_device, synchronize
 from ..distributed import World, all_reduce_sum, device_for, init_process_group, shutdown
-from .runner import FULL, QUICK, SMOKE, MODEL_PRESETS, ProductTrainer, _r, device_name
+from .runner import FULL, QUICK, SMOKE, MODEL_PRESETS, ProductTrainer, _r, device_name, print_result
 
 TIMEOUT_S = 300.0
 
@@ -119,9 +117,4 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         plan = replace(plan, batch_size=args.batch_size)
     result = measure_scaling(args.ddp, plan, args.device, args.ddp_model)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
+    return print_result(result, args.out)
