@@ -9,9 +9,7 @@ import argparse
 import io as bytes_io
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,9 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import bench, budget, distributed, export, io, report, runs
+from . import bench, budget, distributed, export, io, report, runs, sweep_cli
 from .argtypes import number, whole_number
 from .bench.flops import model_costs
+from .console import EXIT_SIGNAL, ProgressBar, StopOnSignals
 from .config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES,
                      PIXEL_RANGES, PRESETS, SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES, ConfigError, RunConfig,
                      SampleConfig, check_run_name, override, preset)
@@ -40,8 +39,6 @@ from .training import DiskFull, TrainingDiverged, check_data_fits, train_run
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-# The shell's convention for a process ended by a signal: 128 + its number (Ctrl-C 130, SIGTERM 143).
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 CONDITIONAL_CLASSES = 10  # both datasets have ten classes
 # What a resumed run cannot change: it would no longer match its weights, optimizer state or curve.
 RESUME_FIXED_FLAGS = ("model", "base_channels", "channel_mults", "num_res_blocks", "attention", "norm",
@@ -145,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="measure sample quality (Fréchet distance in a classifier's features)")
     evaluation_cli.add_arguments(ev)
+
+    sw = sub.add_parser("sweep", help="a grid or ablation path of runs on one budget, trained and scored in one go",
+                        description="Make a sweep (every combination of the --vary factors, or one change at a "
+                        "time along a path), train its runs one after another on the same budget, score each, "
+                        "and write results.csv / results.json in <runs>/sweeps/<name>/.")
+    sweep_cli.add_arguments(sw)
 
     be = sub.add_parser("bench", help="measure training and sampling speed on this device")
     bench.add_arguments(be)
@@ -277,8 +280,8 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
             raise
 
     distributed.agree(prepare, world)  # also the barrier: no rank trains before the folder exists
-    bar = None if args.quiet or not world.is_main else _ProgressBar()
-    with _StopOnSignals() as stop:
+    bar = None if args.quiet or not world.is_main else ProgressBar()
+    with StopOnSignals() as stop:
         progress = train_run(run_dir, resume=args.resume, images=images, on_progress=bar.update if bar else None,
                              stop_event=stop.event, lock=lock)
     if bar:
@@ -288,60 +291,6 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
         print(f"{progress.state}: {run_dir} step {progress.step}, last loss {last}, "
               f"{progress.elapsed_s:.0f} s on {progress.device}")
     return EXIT_SIGNAL[stop.signal] if stop.signal is not None else 0
-
-
-class _StopOnSignals:
-    """While training, SIGINT (Ctrl-C) and SIGTERM stop the run as the dashboard's Stop button
-    does: the loop finishes its step, checkpoints, marks the run stopped; the command then exits
-    130 or 143. A second signal is handled the same way (the checkpoint is already under way)."""
-
-    def __init__(self):
-        self.event = threading.Event()
-        self.signal: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is None:
-            self.signal = signum
-            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint",
-                  file=sys.stderr)
-        self.event.set()
-
-    def __enter__(self) -> "_StopOnSignals":
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            for signum in EXIT_SIGNAL:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-class _ProgressBar:
-    """tqdm over steps, updated from the loop's Progress reports."""
-
-    def __init__(self):
-        self._tqdm = tqdm(total=None, unit="step", dynamic_ncols=True)
-        self._last = 0
-
-    def update(self, progress) -> None:
-        if progress.total_steps and self._tqdm.total != progress.total_steps:
-            self._tqdm.total = progress.total_steps
-            self._tqdm.refresh()
-        if progress.step > self._last:
-            self._tqdm.update(progress.step - self._last)
-            self._last = progress.step
-        if progress.losses:
-            self._tqdm.set_postfix(epoch=progress.epoch, loss=f"{progress.losses[-1]:.4f}",
-                                   img_s=f"{progress.images_per_s:.0f}", refresh=False)
-        if progress.message:
-            self._tqdm.set_description(progress.message)
-        else:
-            self._tqdm.set_description("train")
-
-    def close(self) -> None:
-        self._tqdm.close()
 
 
 def conditioning(args: argparse.Namespace, config: RunConfig, run_name: str) -> Conditioning:
@@ -506,7 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "sample": cmd_sample, "runs": cmd_runs, "data": cmd_data,
-                "report": cmd_report, "eval": evaluation_cli.run, "bench": bench.run}
+                "report": cmd_report, "eval": evaluation_cli.run, "bench": bench.run,
+                "sweep": lambda a: sweep_cli.run(a, runs_dir_of(a))}
     # Under torchrun every rank runs this; rank 0 alone prints a user error, all exit alike.
     main_rank = os.environ.get("RANK", "0") == "0"
     try:

@@ -50,6 +50,7 @@ from .models import build_model
 DEFAULT_RUNS_DIR = Path(os.environ.get("DDPM_RUNS_DIR", "checkpoints"))
 METRIC_FIELDS = ("step", "epoch", "loss", "lr", "elapsed_s", "images_per_s")
 LOCK_FILE = ".lock"
+SWEEPS_FOLDER = "sweeps"  # <runs>/sweeps/<name>/ holds the sweeps (core.sweeps); never a run
 STATES = ("created", "running", "finished", "stopped", "failed", "interrupted")
 RESUMABLE_STATES = ("stopped", "interrupted", "failed")  # a finished run resumes too, given a longer limit
 
@@ -78,6 +79,8 @@ def is_run_folder(path: Path, root: Path) -> bool:
 def create_run(runs_dir: str | os.PathLike, name: str, config: RunConfig) -> Path:
     """Make a new run folder with its config; refuses to overwrite an existing run."""
     path = run_path(runs_dir, name)
+    if name == SWEEPS_FOLDER:
+        raise ConfigError(f"name = {name!r} is not allowed: the runs folder keeps its sweeps there; pick another name")
     if path.exists():
         raise ConfigError(f"name = {name!r} is not allowed: a run of that name exists in {path.parent}; "
                           "pick another name, or resume it with --resume")
@@ -390,7 +393,8 @@ def list_runs(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[RunInfo]:
     root = Path(runs_dir)
     if not root.is_dir():
         return []
-    infos = [run_info(p) for p in sorted(root.iterdir()) if not p.name.startswith(".") and is_run_folder(p, root)]
+    infos = [run_info(p) for p in sorted(root.iterdir()) if not p.name.startswith(".") and p.name != SWEEPS_FOLDER
+             and is_run_folder(p, root)]
     return sorted(infos, key=lambda i: (-i.updated_at, i.name))
 
 

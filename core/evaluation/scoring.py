@@ -14,6 +14,7 @@ import torch
 from .. import runs
 from ..config import SampleConfig
 from ..data import ImageSet, load_images
+from ..device import resolve_device
 from ..guidance import guided_nfe
 from ..sampling import ReverseStep, collect, reverse_process, total_steps
 from ..schedule import NoiseScheduler
@@ -89,3 +90,24 @@ def score_setting(config: SampleConfig, loaded: runs.LoadedRun, scheduler: Noise
             "started_at": started_at, "finished_at": now_stamp(), "seconds_sampling": round(sampling_s, 1),
             "seconds_eval": round(time.perf_counter() - eval_start, 1),
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def evaluate_run(run_dir: str | Path, config: SampleConfig, *, device: torch.device | str = "cpu",
+                 use_ema: bool = True, classifier_dir: str | Path | None = None, data_root: str | None = None,
+                 wrap: StepWrapper | None = None) -> dict[str, Any] | None:
+    """Score one unconditional run folder at one sampler setting and add the entry to its eval.json:
+    what the run queue and a sweep do after each training (the shipped classifier where there is one).
+    Returns the entry, or None when `wrap` ended the sampling early (nothing is written then)."""
+    run_dir, device = Path(run_dir), resolve_device(device)
+    loaded = runs.load_model(run_dir, use_ema=use_ema, device=device)
+    scheduler = NoiseScheduler(loaded.config.schedule)
+    config.resolved_steps(scheduler.num_timesteps)  # a step count above T fails before any work
+    dataset = loaded.config.train.dataset
+    classifier, _ = load_or_fit_classifier(dataset, classifier_dir, device, data_root)
+    evaluator = QualityEvaluator(classifier, load_images(dataset, "test", data_root), device)
+    raw_weights = not loaded.used_ema and (run_dir / "ema.safetensors").exists()
+    entry = score_setting(config, loaded, scheduler, evaluator, load_images(dataset, "train", data_root),
+                          raw_weights, device, wrap=wrap)
+    if entry is not None:
+        runs.append_eval(run_dir, entry)
+    return entry
