@@ -308,3 +308,100 @@ def test_queue_new_refuses_a_damaged_queue_before_creating_the_run(runs_dir):
     assert not (runs_dir / "fresh").exists()
     assert queue.queue_path(runs_dir).read_bytes() == b"{broken"
     assert os.listdir(runs_dir) == ["queue.json"] or set(os.listdir(runs_dir)) <= {"queue.json", ".queue.lock"}
+
+
+# -- the command line ---------------------------------------------------------------------------------
+def cli(capsys, *argv):
+    from core.cli import main
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_add_list_move_remove_eval_and_every_bad_input(runs_dir, capsys):
+    make_runs(runs_dir, "a", "b", "c")
+    d = ("--runs-dir", str(runs_dir))
+    code, out, _ = cli(capsys, "queue", "add", "a", "b", "c", *d)
+    assert code == 0 and "queued a (entry" in out
+    code, out, _ = cli(capsys, "queue", "list", "--json", *d)
+    listing = json.loads(out)
+    ids = [e["id"] for e in listing["entries"]]
+    assert [e["position"] for e in listing["entries"]] == [1, 2, 3]
+    assert cli(capsys, "queue", "move", ids[2], "--to", "1", *d)[0] == 0
+    assert order(runs_dir) == ["c", "a", "b"]
+    assert cli(capsys, "queue", "remove", ids[0], *d)[0] == 0
+    assert order(runs_dir) == ["c", "b"]
+    code, out, _ = cli(capsys, "queue", "eval", "--sampler", "ddim", "--steps", "5", "--n", "32", *d)
+    assert code == 0 and queue.read_queue(runs_dir).eval == queue.EvalSetting("ddim", 5, 32)
+    code, out, _ = cli(capsys, "queue", "list", *d)
+    assert "ddim-5, N = 32" in out and "  1 " + ids[2] in out and "c" in out
+
+    before = queue.queue_path(runs_dir).read_bytes()
+    bad = [
+        (("queue", "remove", "ffffffff"), "no queue entry with id 'ffffffff'"),
+        (("queue", "move", ids[1], "--to", "9"), "places 1 to 2"),
+        (("queue", "add", "ghost"), "no such run folder"),
+        (("queue", "add", "c"), "already queued"),
+        (("queue", "eval", "--sampler", "ddpm", "--steps", "5", "--n", "32"), "DDPM runs every step"),
+        (("queue", "eval", "--sampler", "ddim", "--steps", "5", "--n", "0"), "n = 0 is not allowed"),
+        (("queue", "eval", "--sampler", "ddim"), "needs --sampler, --steps and --n"),
+        (("queue", "eval", "--off", "--n", "3"), "do not go together"),
+    ]
+    for argv, message in bad:
+        code, out, err = cli(capsys, *argv, *d)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert queue.queue_path(runs_dir).read_bytes() == before
+    code, _, err = cli(capsys, "train", "--preset", "tiny", "--name", "c", "--queue", *d)
+    assert code == 2 and "exists" in err
+    assert cli(capsys, "queue", "eval", "--off", *d)[0] == 0
+    assert queue.read_queue(runs_dir).eval is None
+
+    # A damaged file: every command says so in one line, exit 2, and the bytes stay.
+    queue.queue_path(runs_dir).write_bytes(b'{"format_version": 1, "paused": 3}')
+    damaged = queue.queue_path(runs_dir).read_bytes()
+    for argv in (("queue", "list"), ("queue", "add", "a"), ("queue", "remove", ids[1]), ("queue", "resume"),
+                 ("queue", "move", ids[1], "--to", "1"), ("queue", "eval", "--off"), ("queue", "run"),
+                 ("train", "--preset", "tiny", "--name", "new", "--queue")):
+        code, _, err = cli(capsys, *argv, *d)
+        assert code == 2 and "is damaged" in err and "delete it" in err, (argv, err)
+        assert queue.queue_path(runs_dir).read_bytes() == damaged
+    assert not (runs_dir / "new").exists()
+
+
+def core_cli(*args, **popen):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPM_DATA_ROOT": str(REPO / "data")}
+    return subprocess.Popen([sys.executable, "-m", "core", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.mark.integration  # trains on the real dataset's first 512 images
+def test_cli_train_queue_then_queue_run_and_ctrl_c_leaves_the_run_stopped(runs_dir):
+    import signal
+
+    d = ("--runs-dir", str(runs_dir))
+    tiny = ("train", "--preset", "tiny", "--quiet", *d)
+    for name, steps in (("q1", "3"), ("q2", "3")):
+        made = core_cli(*tiny, "--max-steps", steps, "--name", name, "--queue")
+        out, err = made.communicate(timeout=120)
+        assert made.returncode == 0 and f"queued: {runs_dir / name}" in out, err
+        assert runs.run_info(runs_dir / name).state == "created"
+    worked = core_cli("queue", "run", *d)
+    out, err = worked.communicate(timeout=300)
+    assert worked.returncode == 0, err
+    assert "training q1" in out and "finished q2" in out and "queue done: 2 finished" in out
+    q1, q2 = queue.read_queue(runs_dir).entries
+    assert q1.ended_at <= q2.started_at and runs.run_info(runs_dir / "q2").step == 3
+
+    made = core_cli(*tiny, "--max-steps", "100000", "--epochs", "1000", "--name", "long", "--queue")
+    assert made.wait(120) == 0
+    worked = core_cli("queue", "run", *d)
+    deadline = time.monotonic() + 120
+    while not (runs_dir / "long" / "metrics.csv").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the training loop has started
+    worked.send_signal(signal.SIGINT)
+    out, err = worked.communicate(timeout=120)
+    assert worked.returncode == 130, err
+    current = queue.read_queue(runs_dir)
+    assert current.paused and current.entries[-1].state == "stopped"
+    assert runs.run_info(runs_dir / "long").state == "stopped"
+    assert "queue paused" in out
