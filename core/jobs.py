@@ -302,7 +302,7 @@ class JobManager:
         """The process's queue worker for `runs_dir`, started if it is not running. It idles (polling
         queue.json about once a second) for as long as the process lives, so runs queued from the CLI
         or another tab start without a click here. A worker of another runs folder (tests switch
-        folders) is told to end once its current run is done."""
+        folders) is stopped: its current run checkpoints and its entry is marked stopped."""
         runs_dir = Path(runs_dir)
         with self._lock:
             current = self._queue
