@@ -405,3 +405,30 @@ def test_cli_train_queue_then_queue_run_and_ctrl_c_leaves_the_run_stopped(runs_d
     assert current.paused and current.entries[-1].state == "stopped"
     assert runs.run_info(runs_dir / "long").state == "stopped"
     assert "queue paused" in out
+
+
+@pytest.mark.integration  # trains on the real dataset's first 512 images
+def test_a_killed_worker_leaves_the_run_interrupted_and_the_queue_waits_for_resume(runs_dir):
+    import signal
+
+    d = ("--runs-dir", str(runs_dir))
+    made = core_cli("train", "--preset", "tiny", "--quiet", "--max-steps", "100000", "--epochs", "1000",
+                    "--checkpoint-every", "1", "--name", "killed", "--queue", *d)
+    assert made.wait(120) == 0
+    made = core_cli("train", "--preset", "tiny", "--quiet", "--max-steps", "2", "--name", "waiting", "--queue", *d)
+    assert made.wait(120) == 0
+    worker = core_cli("queue", "run", *d)
+    deadline = time.monotonic() + 120
+    while not (runs_dir / "killed" / "checkpoint.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worker.send_signal(signal.SIGKILL)  # a killed server: no clean-up of any kind
+    worker.communicate(timeout=60)
+    current = queue.recover(runs_dir)  # what the dashboard (or the next `queue run`) does first
+    killed, waiting = current.entries
+    assert killed.state == "interrupted" and current.paused and waiting.state == "queued"
+    assert runs.run_info(runs_dir / "killed").state == "interrupted"
+    listed = core_cli("queue", "run", *d)
+    out, err = listed.communicate(timeout=60)
+    assert listed.returncode == 2 and "paused" in err  # it waits for the user
+    assert queue.read_queue(runs_dir).entries[1].state == "queued"
+    assert queue.resume(runs_dir).queued[0].run == "killed"
