@@ -1,4 +1,4 @@
-"""`python -m core train | sample | eval | bench | runs`: the same engine the dashboard uses.
+"""`python -m core train | sample | eval | bench | runs | queue`: the same engine the dashboard uses.
 
 Every user mistake (a bad flag value, a damaged run, a missing dataset) ends with one line on
 stderr and exit status 2, never a traceback.
@@ -9,6 +9,7 @@ import argparse
 import io as bytes_io
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -20,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from . import bench, budget, distributed, export, io, report, runs, sweep_cli
+from . import queue as run_queue
 from .argtypes import number, whole_number
 from .bench.flops import model_costs
 from .console import EXIT_SIGNAL, ProgressBar, StopOnSignals
@@ -103,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--runs-dir", default=None, help="folder of run folders (default checkpoints)")
     tr.add_argument("--name", help="run name (A-Z a-z 0-9 . _ -); default: preset-model-optimizer-time")
     tr.add_argument("--resume", action="store_true", help="continue the run --name from its last checkpoint")
+    tr.add_argument("--queue", action="store_true",
+                    help="create the run folder and add it to the run queue instead of training now "
+                    "(`python -m core queue run`, or the dashboard, trains it)")
     tr.add_argument("--data-root", help="folder holding FashionMNIST/raw or MNIST/raw (env DDPM_DATA_ROOT)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.add_argument("--dist-backend", choices=BACKEND_NAMES, default="auto",
@@ -162,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("--dataset", choices=DATASET_NAMES, default="fashion_mnist", help="which dataset")
     da.add_argument("--data-root", help="folder to prepare (default ./data or $DDPM_DATA_ROOT)")
 
+    add_queue_parser(sub)
+
     ru = sub.add_parser("runs", help="list runs (or --models: parameters and FLOPs of each network)")
     ru.add_argument("--runs-dir", default=None, help="folder of run folders (default checkpoints)")
     ru.add_argument("--models", action="store_true", help="print parameters and FLOPs per image of each model")
@@ -203,6 +210,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError("--label-dropout and --label-dropout-mode need a conditional run: add --conditional "
                        "(or use --preset improved-cfg, book-cfg)")
     world = launched_world()
+    if args.queue:
+        return _queue_new_run(args, config, world)
     # Refused before any process group exists: every rank sees the same flags and says the same.
     check_backend(args.dist_backend, args.device or ("auto" if args.resume else config.train.device))
     timeout_s = timeout_seconds(args.dist_timeout)
@@ -219,6 +228,39 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.shutdown()
 
 
+def default_run_name(args: argparse.Namespace, config: RunConfig) -> str:
+    return args.name or f"{args.preset}-{config.model.name}-{config.train.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _queue_new_run(args: argparse.Namespace, config: RunConfig, world: distributed.World) -> int:
+    """`train --queue`: the run folder, with its config, added to the queue; nothing trains now."""
+    if args.resume:
+        raise CliError("--queue and --resume do not go together: queue an existing run with "
+                       "`python -m core queue add NAME` (the queue resumes it from its checkpoint)")
+    if world.distributed:
+        raise CliError("--queue is not for torchrun: queue the run from one process")
+    runs_dir = runs_dir_of(args)
+    if args.name is not None:
+        check_run_name(args.name)
+    name = default_run_name(args, config)
+    run_dir = runs.run_path(runs_dir, name)
+    if run_dir.exists():
+        raise ConfigError(f"name = {name!r} is not allowed: a run of that name exists in {run_dir.parent}; "
+                          f"pick another name, or queue it with `python -m core queue add {name}`")
+    budget.check_training_fits(config, resolve_device(config.train.device))
+    run_queue.read_queue(runs_dir)  # a damaged queue file: refused before the folder exists
+    runs.create_run(runs_dir, name, config)
+    try:
+        entry = run_queue.add(runs_dir, [name])[0]
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # created a moment ago, never trained
+        raise
+    line = run_queue.read_queue(runs_dir).position(entry.id)
+    print(f"queued: {run_dir} (entry {entry.id}, place {line} in the queue); "
+          "`python -m core queue run` trains the queue")
+    return 0
+
+
 def _train_command(args: argparse.Namespace, config: RunConfig, world: distributed.World) -> int:
     runs_dir = runs_dir_of(args)
     if args.name is not None:
@@ -228,8 +270,7 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
     def plan() -> tuple[str, str, bool]:
         """Rank 0: which folder, with which config, and whether config.json must be (re)written."""
         if not args.resume:
-            name = args.name or \
-                f"{args.preset}-{config.model.name}-{config.train.optimizer}-{time.strftime('%Y%m%d-%H%M%S')}"
+            name = default_run_name(args, config)
             run_dir = runs.run_path(runs_dir, name)
             if run_dir.exists():
                 raise ConfigError(f"name = {name!r} is not allowed: a run of that name exists in {run_dir.parent}; "
@@ -451,11 +492,143 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the run queue ------------------------------------------------------------------------------------
+def add_queue_parser(sub) -> None:
+    qu = sub.add_parser("queue", help="queue runs to train one after another (shared with the dashboard)",
+                        description="The run queue: queue.json in the runs folder, shared with the dashboard's "
+                        "Train page. One run trains at a time; a failed run does not stop the queue.")
+    qs = qu.add_subparsers(dest="queue_command", required=True, parser_class=_Parser)
+
+    def with_runs_dir(parser):
+        parser.add_argument("--runs-dir", default=None, help="folder of run folders (default checkpoints)")
+        return parser
+
+    add = with_runs_dir(qs.add_parser("add", help="queue existing runs (in this order)"))
+    add.add_argument("runs", nargs="+", metavar="RUN", help="run names (folders in the runs folder)")
+    ls = with_runs_dir(qs.add_parser("list", help="the queue: position, id, run, state, error"))
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    rm = with_runs_dir(qs.add_parser("remove", help="take an entry off the queue (not the running one)"))
+    rm.add_argument("id", help="entry id, from `queue list`")
+    mv = with_runs_dir(qs.add_parser("move", help="move a queued entry to another place in line"))
+    mv.add_argument("id", help="entry id, from `queue list`")
+    mv.add_argument("--to", type=whole_number, required=True, metavar="N", help="1-based place in the waiting line")
+    with_runs_dir(qs.add_parser("resume", help="put stopped and interrupted entries back in line and unpause"))
+    with_runs_dir(qs.add_parser("pause", help="start no further run (the current one trains on)"))
+    with_runs_dir(qs.add_parser("clear", help="drop finished and failed entries (the runs stay)"))
+    ev = with_runs_dir(qs.add_parser("eval", help="evaluate every run the queue finishes (or --off)"))
+    ev.add_argument("--sampler", choices=SAMPLER_NAMES, help="sampler to score with")
+    ev.add_argument("--steps", type=whole_number, help="reverse steps (0 = T; ddpm always runs T)")
+    ev.add_argument("--n", type=whole_number, help="number of images scored (compare only at the same N)")
+    ev.add_argument("--off", action="store_true", help="no evaluation")
+    rn = with_runs_dir(qs.add_parser("run", help="work the queue here until nothing is queued or it pauses "
+                                     "(Ctrl-C stops the current run, which stays `stopped`)"))
+    rn.add_argument("--data-root", help="folder holding FashionMNIST/raw or MNIST/raw (env DDPM_DATA_ROOT)")
+    rn.add_argument("--device", choices=DEVICE_NAMES, default="auto", help="where to evaluate")
+
+
+def _format_time(value: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(value)) if value else "-"
+
+
+def _print_queue(current: run_queue.Queue) -> None:
+    state = "paused" if current.paused else "active"
+    evaluation = current.eval.label if current.eval else "off"
+    print(f"queue {state}; evaluation after each run: {evaluation}")
+    if not current.entries:
+        print("nothing queued: `python -m core queue add RUN`, or `python -m core train ... --queue`")
+        return
+    print(f"{'pos':>3} {'id':8} {'run':40} {'state':11} {'started':8} {'ended':8} error")
+    for entry in current.entries:
+        position = current.position(entry.id)
+        print(f"{position or '-':>3} {entry.id:8} {entry.run[:40]:40} {entry.state:11} "
+              f"{_format_time(entry.started_at):8} {_format_time(entry.ended_at):8} {entry.error or ''}")
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    runs_dir = runs_dir_of(args)
+    command = args.queue_command
+    if command == "add":
+        added = run_queue.add(runs_dir, args.runs)
+        print("queued " + ", ".join(f"{e.run} (entry {e.id})" for e in added))
+    elif command == "list":
+        current = run_queue.read_queue(runs_dir)
+        if args.json:
+            print(json.dumps({"paused": current.paused, "eval": current.eval.to_dict() if current.eval else None,
+                              "entries": [{**e.to_dict(), "position": current.position(e.id)}
+                                          for e in current.entries]}))
+        else:
+            _print_queue(current)
+    elif command == "remove":
+        entry = run_queue.remove(runs_dir, args.id)
+        print(f"removed entry {entry.id} ({entry.run}); the run folder stays")
+    elif command == "move":
+        run_queue.move(runs_dir, args.id, args.to)
+        print(f"moved entry {args.id} to place {args.to}")
+    elif command == "resume":
+        current = run_queue.resume(runs_dir)
+        print(f"queue resumed: {len(current.queued)} run(s) waiting")
+    elif command == "pause":
+        run_queue.pause(runs_dir)
+        print("queue paused: the current run trains on, no other starts until `queue resume`")
+    elif command == "clear":
+        before = len(run_queue.read_queue(runs_dir).entries)
+        after = len(run_queue.clear_finished(runs_dir).entries)
+        print(f"cleared {before - after} finished or failed entries")
+    elif command == "eval":
+        given = [f for f, v in (("--sampler", args.sampler), ("--steps", args.steps), ("--n", args.n)) if v is not None]
+        if args.off:
+            if given:
+                raise CliError(f"--off and {', '.join(given)} do not go together")
+            run_queue.set_eval(runs_dir, None)
+            print("evaluation after each run: off")
+        else:
+            if len(given) < 3:
+                raise CliError("queue eval needs --sampler, --steps and --n (or --off)")
+            setting = run_queue.check_eval_setting(args.sampler, args.steps, args.n)
+            run_queue.set_eval(runs_dir, setting)
+            print(f"evaluation after each run: {setting.label}")
+    elif command == "run":
+        return _work_queue(runs_dir, args)
+    return 0
+
+
+def _work_queue(runs_dir: Path, args: argparse.Namespace) -> int:
+    from .jobs import QueueRunner  # jobs imports the evaluation stack: only this command needs it
+
+    current = run_queue.read_queue(runs_dir)  # a damaged file is refused before anything starts
+    if current.paused:
+        raise CliError("the queue is paused: `python -m core queue resume` first" +
+                       (f" ({len(current.interrupted)} stopped or interrupted)" if current.interrupted else ""))
+    if not current.queued:
+        print("nothing queued")
+        return 0
+    stamp = lambda text: print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)  # noqa: E731
+    runner = QueueRunner(runs_dir, data_root=args.data_root, exit_when_idle=True, eval_device=args.device,
+                         on_event=stamp)
+    runner.start()
+    stopping = False
+    with StopOnSignals() as stop:
+        while runner.alive:
+            runner.join(0.2)
+            if stop.event.is_set() and not stopping:
+                stopping = True
+                runner.stop()  # the current run checkpoints and ends `stopped`; the queue pauses
+        runner.join()
+    if runner.traceback:
+        error = runner.snapshot().error or "the queue worker failed"
+        raise RunError(error)
+    final = run_queue.read_queue(runs_dir)
+    counts = {s: sum(e.state == s for e in final.entries) for s in run_queue.STATES}
+    print("queue " + ("paused" if final.paused else "done") + ": " +
+          ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    return EXIT_SIGNAL[stop.signal] if stop.signal is not None else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": cmd_train, "sample": cmd_sample, "runs": cmd_runs, "data": cmd_data,
-                "report": cmd_report, "eval": evaluation_cli.run, "bench": bench.run,
+                "report": cmd_report, "eval": evaluation_cli.run, "bench": bench.run, "queue": cmd_queue,
                 "sweep": lambda a: sweep_cli.run(a, runs_dir_of(a))}
     # Under torchrun every rank runs this; rank 0 alone prints a user error, all exit alike.
     main_rank = os.environ.get("RANK", "0") == "0"

@@ -37,5 +37,10 @@ with st.sidebar:
     if job is not None and job.alive and job.snapshot().active:
         st.info(f"Training **{job.run_dir.name}** in the background; its progress is on the Train page.",
                 icon=":material/model_training:")
+    queued = job_manager().queue_runner
+    training = queued.training_run if queued is not None else None
+    if training is not None:
+        st.info(f"The queue is training **{training}**; the queue and its progress are on the Train page.",
+                icon=":material/queue:")
 
 page.run()

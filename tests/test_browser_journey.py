@@ -3,7 +3,8 @@
 Switch the optimizer and see the run name follow, train the tiny preset and watch it finish; on the
 Reverse page switch between the tiny run and a shipped demo run and see each bring its own steps and
 EMA setting, generate, scrub the frames, download the final grid; evaluate the tiny run from the Runs
-page and see its figure on Compare. A screenshot of every step goes to test-artifacts/.
+page and see its figure on Compare; queue two tiny runs from the Train page and see the second start
+after the first finished. A screenshot of every step goes to test-artifacts/.
 Skipped (not failed) only where no `chromium` is installed; `make test` installs it.
 """
 from __future__ import annotations
@@ -254,5 +255,38 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             expect(page.get_by_text(re.compile(re.escape(CFG_RUN) + r" · .*class Sneaker · γ = 3"))) \
                 .to_be_visible(timeout=120_000)
             shot(page, "11-sneakers")
+
+            # 10. The run queue: add two tiny runs from the Train page; they train one after the other.
+            page.get_by_role("link", name="Train").click()
+            expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible()
+            page.locator('[data-testid="stSelectbox"]').filter(has_text="Preset").click()
+            page.get_by_role("option", name="Tiny smoke test").click()
+            expect(page.get_by_label("Timesteps T")).to_have_value("20")
+            max_steps = page.get_by_label("Max steps (0 = no limit)")
+            for queued_name in ("queued-one", "queued-two"):
+                max_steps.fill("6")
+                max_steps.press("Enter")
+                expect(max_steps).to_have_value("6")
+                name_box = page.get_by_role("textbox", name="Run name")
+                name_box.fill(queued_name)
+                name_box.press("Enter")
+                expect(name_box).to_have_value(queued_name)
+                page.get_by_role("button", name=re.compile(r"Add to queue$")).click()
+                expect(page.get_by_text(re.compile(r"Queued run " + queued_name))).to_be_visible()
+            shot(page, "12-queued")
+            from core import queue as run_queue
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                entries = run_queue.read_queue(tmp_path / "runs").entries
+                if [e.state for e in entries] == ["finished", "finished"]:
+                    break
+                time.sleep(1)
+            first, second = run_queue.read_queue(tmp_path / "runs").entries
+            assert (first.run, first.state, second.run, second.state) == \
+                ("queued-one", "finished", "queued-two", "finished"), (first.error, second.error)
+            assert first.ended_at <= second.started_at  # the second started after the first finished
+            expect(page.get_by_text("Queue (0 waiting)")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("queued-two", exact=True)).to_be_visible()
+            shot(page, "13-queue-done")
         finally:
             browser.close()

@@ -29,6 +29,10 @@ def runs_dir(tmp_path, monkeypatch):
     manager.stop()
     if manager.job is not None:
         assert manager.job.join(120)
+    runner = manager.queue_runner  # nor a queue worker
+    if runner is not None:
+        runner.stop()
+        assert runner.join(120)
 
 
 def train_page() -> AppTest:
@@ -208,3 +212,93 @@ def test_a_deleted_run_no_longer_shows(runs_dir):
     runs.delete_run(runs_dir, "gone")
     at.run()
     assert not any("gone" in m.value for m in at.markdown)
+
+
+# -- the run queue ------------------------------------------------------------------------------------
+def queue_entries(runs_dir):
+    from core import queue
+    return queue.read_queue(runs_dir).entries
+
+
+def test_add_to_queue_trains_two_runs_in_turn_with_reorder_remove_and_eval(runs_dir):
+    from core import queue
+
+    at = train_page()
+    assert any("Nothing queued" in i.value for i in at.info)
+    at.selectbox(key="train_preset").set_value("Tiny smoke test").run()
+    queue.pause(runs_dir)  # hold the queue while it is arranged, so nothing starts yet
+    for name in ("qa", "qb", "qc"):
+        at.text_input(key="f_run_name").set_value(name)
+        at.number_input(key="f_max_steps").set_value(3)
+        at.button(key="queue_add_button").click().run()
+        assert f"Queued run **{name}**" in at.success[0].value
+    assert not at.exception
+    ids = {e.run: e.id for e in queue_entries(runs_dir)}
+    assert [e.state for e in queue_entries(runs_dir)] == ["queued"] * 3
+    at.button(key=f"queue_up_{ids['qc']}").click().run()
+    assert [e.run for e in queue.read_queue(runs_dir).queued] == ["qa", "qc", "qb"]
+    at.button(key=f"queue_remove_{ids['qb']}").click().run()
+    assert [e.run for e in queue.read_queue(runs_dir).queued] == ["qa", "qc"]
+    assert (runs_dir / "qb").is_dir()  # removing an entry keeps the run
+    at.toggle(key="queue_eval_on").set_value(True)
+    at.selectbox(key="queue_eval_sampler").set_value("ddim")
+    at.number_input(key="queue_eval_steps").set_value(3)
+    at.number_input(key="queue_eval_n").set_value(32)
+    at.button(key="queue_eval_save").click().run()
+    assert queue.read_queue(runs_dir).eval == queue.EvalSetting("ddim", 3, 32)
+    assert any("Queue paused" in w.value for w in at.warning)
+    at.button(key="queue_resume").click().run()
+
+    deadline = time.monotonic() + 240
+    while any(e.state in ("queued", "running") for e in queue_entries(runs_dir)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    qa, qc = queue_entries(runs_dir)
+    assert (qa.run, qa.state, qc.run, qc.state) == ("qa", "finished", "qc", "finished"), (qa.error, qc.error)
+    assert qa.ended_at <= qc.started_at
+    assert runs.read_eval(runs_dir / "qc")[0]["setting"] == "ddim-3"
+    at.run()
+    assert not at.exception
+    assert any("finished" in m.value for m in at.markdown)
+
+
+def test_train_is_refused_while_the_queue_trains(runs_dir):
+    from core import queue
+
+    at = train_page()
+    at.selectbox(key="train_preset").set_value("Tiny smoke test").run()
+    at.text_input(key="f_run_name").set_value("queued-long")
+    at.number_input(key="f_max_steps").set_value(100_000)
+    at.number_input(key="f_epochs").set_value(1000)
+    at.button(key="queue_add_button").click().run()
+    runner = job_manager().queue_runner
+    deadline = time.monotonic() + 60
+    while (runner.snapshot().training is None or runner.snapshot().training.step < 1) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    at.text_input(key="f_run_name").set_value("direct")
+    at.button(key="train_button").click().run()
+    assert any("the queue is training run 'queued-long'" in w.value for w in at.warning)
+    assert not (runs_dir / "direct").exists()
+    at.run()
+    assert [b for b in at.button if b.key == "queue_stop"]
+    at.button(key="queue_stop").click().run()
+    while runner.training_run is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    at.run()
+    assert queue_entries(runs_dir)[0].state == "stopped"
+    assert any("Queue paused" in w.value and "was stopped" in w.value for w in at.warning)
+    runner.stop()
+    assert runner.join(60)
+
+
+def test_a_damaged_queue_file_is_shown_and_left_alone(runs_dir):
+    runs_dir.mkdir(parents=True)
+    path = runs_dir / "queue.json"
+    path.write_bytes(b'{"format_version": 1, "entries": 7}')
+    at = train_page()
+    assert any("is damaged" in e.value and "delete it" in e.value for e in at.error)
+    at.selectbox(key="train_preset").set_value("Tiny smoke test").run()
+    at.text_input(key="f_run_name").set_value("not-queued")
+    at.button(key="queue_add_button").click().run()
+    assert any("Not queued" in e.value and "is damaged" in e.value for e in at.error)
+    assert not (runs_dir / "not-queued").exists()
+    assert path.read_bytes() == b'{"format_version": 1, "entries": 7}'

@@ -1,7 +1,9 @@
-"""Train: a form (filled by presets) that starts one background training run, and its live progress.
+"""Train: a form (filled by presets) that starts one background training run or adds it to the run
+queue, the live progress of both, and the queue itself (order, remove, resume, evaluation setting).
 
-The job lives in the process-wide `JobManager`, so a reload or a second tab shows the same run;
-the page only polls snapshots with `st.fragment(run_every=...)` while the job is alive.
+The job and the queue worker live in the process-wide `JobManager`, so a reload or a second tab shows
+the same run; the queue is `queue.json` in the runs folder (`core.queue`), shared with the CLI. The
+page only polls snapshots with `st.fragment(run_every=...)`.
 """
 from __future__ import annotations
 
@@ -11,10 +13,10 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from core import runs
+from core import queue, runs
 from core.config import (DATASET_LABELS, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_LABELS, OPTIMIZER_LABELS,
                          OPTIMIZER_NAMES, PIXEL_RANGE_LABELS, PIXEL_RANGES, SAMPLER_LABELS, SAMPLER_NAMES,
-                         SCHEDULE_NAMES, ConfigError)
+                         SCHEDULE_NAMES, ConfigError, DEFAULT_FEW_STEP_SAMPLER)
 from core.jobs import JobBusy
 from core.training import Progress
 from dashboard import cache
@@ -73,6 +75,22 @@ def _start_training() -> None:
         st.session_state["train_feedback"] = ("error", f"Not started: {exc}")
     else:
         st.session_state["train_feedback"] = ("success", f"Started run **{name}**.")
+        _fresh_name(preset)
+
+
+def _queue_run() -> None:
+    """Add to queue: create the run folder with the form's config and queue it."""
+    preset = st.session_state["train_preset"]
+    name = str(st.session_state.get("f_run_name", "")).strip()
+    try:
+        config = config_from_form(preset, _form_values())
+        entry = manager.queue_new(runs_dir(), name, config, eval_device=cache.DEVICE)
+    except (ConfigError, runs.RunError, OSError) as exc:  # QueueDamaged and QueueError are RunErrors
+        st.session_state["train_feedback"] = ("error", f"Not queued: {exc}")
+    else:
+        place = queue.read_queue(runs_dir()).position(entry.id)
+        st.session_state["train_feedback"] = ("success", f"Queued run **{name}**" +
+                                              (f" (place {place} in the queue)." if place else "."))
         _fresh_name(preset)
 
 
@@ -173,8 +191,11 @@ def train_form_ui(preset: str) -> None:
                          help="for the sample grid at each epoch's end")
             a3.number_input("Preview steps", min_value=1, step=5, key="f_grid_steps")
         conditional_fields_ui()
-        st.button("Train", icon=":material/rocket_launch:", type="primary", on_click=_start_training,
-                  key="train_button")
+        b1, b2, _ = st.columns([1, 1, 4])
+        b1.button("Train", icon=":material/rocket_launch:", type="primary", on_click=_start_training,
+                  key="train_button", help="Train now (refused while the queue trains a run)")
+        b2.button("Add to queue", icon=":material/queue:", on_click=_queue_run, key="queue_add_button",
+                  help="Create the run and queue it: queued runs train one after another (see Queue below)")
     form_memory().update(preset=preset, values=_form_values())
 
 
@@ -253,7 +274,7 @@ def eta_ui_value(p: Progress) -> float | None:
     return eta if eta is not None else p.eta_s
 
 
-def progress_ui(p: Progress) -> None:
+def progress_ui(p: Progress, key: str = "train_loss_chart") -> None:
     eta = eta_ui_value(p)
     icon = STATE_ICONS.get(p.state, STATE_ICONS["running"])
     st.markdown(f"#### {icon} Run `{p.run_name}` — {p.state}" + (f" ({p.message})" if p.message else ""))
@@ -277,7 +298,7 @@ def progress_ui(p: Progress) -> None:
     with left:
         st.caption("Loss (MSE between ε and the model's ε̂), logged every few steps")
         if p.steps:
-            st.plotly_chart(live_loss_figure(p.steps, p.losses), key="train_loss_chart")
+            st.plotly_chart(live_loss_figure(p.steps, p.losses), key=key)
         else:
             st.info("The loss curve appears after the first logged steps.")
     with right:
@@ -336,6 +357,144 @@ def watch_for_other_tabs() -> None:
     watch()
 
 
+# -- the run queue -----------------------------------------------------------------------------------
+QUEUE_ICONS = {"queued": ":material/schedule:", "running": ":material/directions_run:",
+               "finished": ":material/check_circle:", "failed": ":material/error:",
+               "stopped": ":material/pause_circle:", "interrupted": ":material/warning:"}
+
+
+def _queue_action(action, *args) -> None:
+    try:
+        action(runs_dir(), *args)
+    except runs.RunError as exc:  # QueueDamaged, QueueError
+        st.session_state["queue_feedback"] = ("error", str(exc))
+
+
+def _resume_queue() -> None:
+    _queue_action(queue.resume)
+    manager.ensure_queue_runner(runs_dir(), eval_device=cache.DEVICE)
+
+
+def _save_eval_setting() -> None:
+    if not st.session_state.get("queue_eval_on"):
+        return _queue_action(queue.set_eval, None)
+    sampler = st.session_state["queue_eval_sampler"]
+    steps = 0 if sampler == "ddpm" else int(st.session_state["queue_eval_steps"])
+    try:
+        setting = queue.check_eval_setting(sampler, steps, int(st.session_state["queue_eval_n"]))
+    except ConfigError as exc:
+        st.session_state["queue_feedback"] = ("error", str(exc))
+        return
+    _queue_action(queue.set_eval, setting)
+
+
+def _pause_reason(current: queue.Queue) -> str:
+    interrupted = [e.run for e in current.entries if e.state == "interrupted"]
+    stopped = [e.run for e in current.entries if e.state == "stopped"]
+    if interrupted:
+        return (f"run **{interrupted[0]}** was interrupted (the server stopped while it trained). "
+                "Resume the queue to continue it from its last checkpoint.")
+    if stopped:
+        return f"run **{stopped[0]}** was stopped. Resume the queue to continue it, or remove it."
+    return "paused by hand. Resume the queue to start the next run."
+
+
+def queue_entries_ui(current: queue.Queue) -> None:
+    """One row per entry: place in line, run, state, and ↑ ↓ ✕ where they apply."""
+    line = current.queued
+    for entry in current.entries:
+        place = current.position(entry.id)
+        c0, c1, c2, c3, c4, c5 = st.columns([0.5, 4, 2, 0.6, 0.6, 0.6], vertical_alignment="center")
+        c0.markdown(f"**{place}**" if place else "·")
+        c1.markdown(f"`{entry.run}`" + (f"  \n:red[{entry.error}]" if entry.error and entry.state == "failed"
+                                        else f"  \n:gray[{entry.error}]" if entry.error else ""))
+        c2.markdown(f"{QUEUE_ICONS[entry.state]} {entry.state}")
+        if entry.state == "queued":
+            c3.button("↑", key=f"queue_up_{entry.id}", on_click=_queue_action, args=(queue.up, entry.id),
+                      disabled=place == 1, help="Move up")
+            c4.button("↓", key=f"queue_down_{entry.id}", on_click=_queue_action, args=(queue.down, entry.id),
+                      disabled=place == len(line), help="Move down")
+        if entry.state != "running":
+            c5.button("✕", key=f"queue_remove_{entry.id}", on_click=_queue_action, args=(queue.remove, entry.id),
+                      help="Remove from the queue (the run folder stays)")
+
+
+def queue_eval_ui(current: queue.Queue) -> None:
+    setting = current.eval
+    with st.expander("Evaluate each run when it finishes: " + (f"**{setting.label}**" if setting else "off")):
+        if "queue_eval_on" not in st.session_state:
+            st.session_state["queue_eval_on"] = setting is not None
+            st.session_state["queue_eval_sampler"] = setting.sampler if setting else DEFAULT_FEW_STEP_SAMPLER
+            st.session_state["queue_eval_steps"] = (setting.steps or 20) if setting else 20
+            st.session_state["queue_eval_n"] = setting.n if setting else 1000
+        st.toggle("Evaluate after training", key="queue_eval_on")
+        c1, c2, c3 = st.columns([3, 1, 1])
+        c1.selectbox("Sampler", SAMPLER_NAMES, format_func=SAMPLER_LABELS.get, key="queue_eval_sampler")
+        c2.number_input("Steps", min_value=1, max_value=10_000, key="queue_eval_steps",
+                        help="DDPM always runs all T steps; at most the run's T")
+        c3.number_input("Images (N)", min_value=2, max_value=10_000, step=100, key="queue_eval_n",
+                        help="Compare only figures taken at the same N (the CLI uses 1000)")
+        st.caption("Scored with the shipped classifier, as Evaluate on the Runs page; the entry goes into each "
+                   "run's eval.json.")
+        st.button("Save evaluation setting", key="queue_eval_save", on_click=_save_eval_setting)
+
+
+def queue_panel() -> None:
+    """The queue: its entries, the running one's progress, resume and the evaluation setting."""
+    try:
+        first = queue.recover(runs_dir())  # a run left `running` by a killed server shows as interrupted
+    except queue.QueueDamaged as exc:
+        st.subheader("Queue")
+        st.error(str(exc), icon=":material/broken_image:")
+        return
+    polling = bool(first.queued or first.running)
+
+    @st.fragment(run_every=POLL_S if polling else IDLE_POLL_S)
+    def live() -> None:
+        try:
+            current = queue.read_queue(runs_dir())
+        except queue.QueueDamaged as exc:
+            st.error(str(exc), icon=":material/broken_image:")
+            return
+        runner = manager.queue_runner
+        if current.queued and (runner is None or not runner.alive or runner.runs_dir != runs_dir().resolve()):
+            # queued here, from another tab or from the CLI: this server's worker takes them on
+            manager.ensure_queue_runner(runs_dir(), eval_device=cache.DEVICE)
+        st.subheader(f"Queue ({len(current.queued)} waiting)")
+        st.caption("Queued runs train one after another on this server; the queue is a file in the runs folder, "
+                   "so it survives a restart and `python -m core queue` sees it too. While the queue trains, "
+                   "**Train** is refused (add the run to the queue); a run started with Train makes the queue "
+                   "wait until it ends.")
+        feedback = st.session_state.pop("queue_feedback", None)
+        if feedback:
+            getattr(st, feedback[0])(feedback[1])
+        if current.paused:
+            st.warning("Queue paused: " + _pause_reason(current), icon=":material/pause_circle:")
+            st.button("Resume queue", icon=":material/play_arrow:", key="queue_resume", on_click=_resume_queue)
+        if not current.entries:
+            st.info("Nothing queued. Fill the form and click **Add to queue**.")
+        else:
+            queue_entries_ui(current)
+            if any(e.state in queue.DONE_STATES for e in current.entries):
+                st.button("Clear finished", key="queue_clear", on_click=_queue_action, args=(queue.clear_finished,))
+        status = manager.queue_runner.snapshot() if manager.queue_runner is not None else None
+        if status is not None and status.active and status.training is not None:
+            with st.container(border=True):
+                progress_ui(status.training, key="queue_loss_chart")
+                if status.phase == "evaluating" and status.evaluation is not None:
+                    ev = status.evaluation
+                    st.progress(ev.fraction, text=f"Evaluating `{ev.run_name}` ({ev.setting}): {ev.phase}")
+                st.button("Stop", icon=":material/stop:", key="queue_stop", on_click=manager.stop_queue_run,
+                          help="Saves a checkpoint, stops the run and pauses the queue; Resume queue continues it.")
+        if status is not None and status.error:
+            st.error(status.error)
+        queue_eval_ui(current)
+        if polling and not (current.queued or current.running):
+            st.rerun()  # the queue just emptied: a full rerun refreshes the run lists and slows the polling
+
+    live()
+
+
 st.title("Train")
 st.caption("Pick a preset, adjust the settings, click **Train**. Training runs in the background on this "
            "server, one run at a time; reloading the page or opening a second tab shows the same run.")
@@ -349,3 +508,5 @@ preset = preset_ui()
 train_form_ui(preset)
 feedback_ui()
 resume_ui()
+st.divider()
+queue_panel()
