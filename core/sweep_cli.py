@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="sweep name (A-Z a-z 0-9 . _ -); default sweep-<time>")
     parser.add_argument("--resume", metavar="NAME", help="continue the sweep NAME (untrained or stopped runs, "
                         "missing scores)")
+    parser.add_argument("--queue", action="store_true", help="make the sweep and add its runs to the run queue "
+                        "(trained by the dashboard or `python -m core queue run`) instead of training them now")
     parser.add_argument("--create-only", action="store_true", help="make the sweep and its run folders, train "
                         "nothing (train them later with --resume)")
     parser.add_argument("--runs-dir", default=None, help="folder of run folders (default checkpoints)")
@@ -85,9 +87,10 @@ def run(args: argparse.Namespace, runs_dir: Path) -> int:
     else:
         sweep = definition_of(args)
         name = sweep.name
-        folder = sweeps.create(runs_dir, sweep)
-        print(f"sweep {name}: {len(sweep.runs)} runs, {sweep.budget.describe()}, in {folder}", flush=True)
-        if args.create_only:
+        folder = (sweeps.enqueue if args.queue else sweeps.create)(runs_dir, sweep)
+        print(f"sweep {name}: {len(sweep.runs)} runs, {sweep.budget.describe()}, in {folder}"
+              + (" (queued)" if args.queue else ""), flush=True)
+        if args.create_only or args.queue:
             sweeps.write_results(runs_dir, name)
             return 0
     loaded_images: dict[str, object] = {}

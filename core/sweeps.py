@@ -25,9 +25,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from . import runs
+from . import budget as memory, queue, runs
 from .config import (DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, MAX_SAMPLES, ConfigError, ModelConfig, RunConfig,
                      SampleConfig, ScheduleConfig, TrainConfig, check_run_name, override, preset)
+from .device import resolve_device
 from .errors import RunError
 from .io import MAX_JSON_BYTES, atomic_write_text, read_json_file
 
@@ -329,10 +330,30 @@ def create(runs_dir: str | Path, sweep: Sweep) -> Path:
     if taken:
         raise SweepError(f"name = {sweep.name!r} is not allowed: the run {taken[0]!r} exists already; pick another "
                          "sweep name")
+    for run in sweep.runs:  # a grid may hold one network too big for this machine: say so before anything exists
+        memory.check_training_fits(run.config, resolve_device(run.config.train.device))
     folder.mkdir(parents=True)
     atomic_write_text(folder / "sweep.json", json.dumps(sweep.to_dict(), indent=2))
     for run in sweep.runs:
         runs.create_run(runs_dir, run.name, run.config)
+    return folder
+
+
+def enqueue(runs_dir: str | Path, sweep: Sweep) -> Path:
+    """Create the sweep and put its runs in the run queue (they train one after another, in the
+    dashboard's queue worker or `python -m core queue run`). The queue scores every run it finishes
+    at one setting: it becomes the sweep's, and a queue set to another setting is refused (the table
+    would miss its scores), before anything is created."""
+    current = queue.read_queue(runs_dir)  # QueueDamaged before anything exists
+    wanted = None if sweep.evaluation is None else queue.check_eval_setting(
+        sweep.evaluation.sampler, sweep.evaluation.steps, sweep.evaluation.n)
+    if wanted is not None and current.eval is not None and current.eval != wanted:
+        raise SweepError(f"the run queue scores at {current.eval.label}, this sweep at {wanted.label}: give the "
+                         "sweep the queue's setting, or change the queue's (queue eval), then try again")
+    folder = create(runs_dir, sweep)
+    if wanted is not None and current.eval is None:
+        queue.set_eval(runs_dir, wanted)
+    queue.add(runs_dir, [r.name for r in sweep.runs])
     return folder
 
 

@@ -353,3 +353,24 @@ def plain_number(value: float, digits: int = 2) -> str:
         return text.rstrip("0").rstrip(".") if decimals else text
     mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
     return f"{float(mantissa):g} × 10{str(int(exponent)).translate(SUPERSCRIPT)}"
+
+
+def sweep_fd_figure(rows: Sequence[dict[str, Any]], height: int = 380) -> go.Figure | None:
+    """Fréchet distance per run of a sweep, in the sweep's order, each bar labelled with the change
+    it made (a path's step, or a grid cell's factors), the floor (real images against the test split)
+    dashed. None when no run has a score yet."""
+    scored = [r for r in rows if r.get("fd") is not None]
+    if not scored:
+        return None
+    labels = [f"{i + 1}. {r['label']}" for i, r in enumerate(rows) if r.get("fd") is not None]
+    text = [f"{r['fd']:.1f}" + (f" ({r['fd_ratio']:.1f}×)" if r.get("fd_ratio") is not None else "") for r in scored]
+    fig = go.Figure(go.Bar(x=labels, y=[r["fd"] for r in scored], text=text, textposition="outside",
+                           marker_color=PALETTE[0], hovertext=[r["run"] for r in scored]))
+    floors = [r["floor"] for r in scored if r.get("floor") is not None]
+    if floors:
+        fig.add_hline(y=floors[0], line_dash="dash", line_color=PALETTE[2],
+                      annotation_text=f"floor {floors[0]:.2f} (real images)", annotation_position="top left")
+    n = scored[0].get("n")
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10), showlegend=False,
+                      yaxis_title=f"Fréchet distance, N = {n} (lower is better)", xaxis_tickangle=-20)
+    return fig
