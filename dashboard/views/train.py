@@ -12,9 +12,9 @@ import streamlit as st
 from PIL import Image
 
 from core import runs
-from core.config import (DATASET_LABELS, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_LABELS, OPTIMIZER_LABELS,
-                         OPTIMIZER_NAMES, PIXEL_RANGE_LABELS, PIXEL_RANGES, SAMPLER_LABELS, SAMPLER_NAMES,
-                         SCHEDULE_NAMES, ConfigError)
+from core.config import (DATASET_LABELS, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MAX_MIN_SNR_GAMMA,
+                         MODEL_LABELS, OPTIMIZER_LABELS, OPTIMIZER_NAMES, PIXEL_RANGE_LABELS, PIXEL_RANGES,
+                         PREDICTION_NAMES, SAMPLER_LABELS, SAMPLER_NAMES, SCHEDULE_NAMES, ConfigError)
 from core.jobs import JobBusy
 from core.training import Progress
 from dashboard import cache
@@ -172,6 +172,14 @@ def train_form_ui(preset: str) -> None:
             a2.selectbox("Preview sampler", SAMPLER_NAMES, format_func=SAMPLER_LABELS.get, key="f_grid_sampler",
                          help="for the sample grid at each epoch's end")
             a3.number_input("Preview steps", min_value=1, step=5, key="f_grid_steps")
+            a1, a2, _, _ = st.columns(4)
+            a1.selectbox("Network predicts", PREDICTION_NAMES, key="f_prediction",
+                         format_func=lambda p: {"eps": "noise ε (the book)", "v": "velocity v"}[p],
+                         help="v = √ᾱ·ε − √(1−ᾱ)·x₀ (Salimans & Ho 2022); every sampler converts it to ε̂")
+            a2.number_input("Min-SNR-γ (0 = off)", min_value=0.0, max_value=MAX_MIN_SNR_GAMMA, step=1.0,
+                            format="%g", key="f_min_snr_gamma",
+                            help="loss weight min(SNR, γ) over the target's SNR factor (Hang et al. 2023, who "
+                                 "use γ = 5); 0 is the book's plain MSE")
         conditional_fields_ui()
         st.button("Train", icon=":material/rocket_launch:", type="primary", on_click=_start_training,
                   key="train_button")
