@@ -26,7 +26,7 @@ from .argtypes import number, whole_number
 from .bench.flops import model_costs
 from .config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES,
                      PIXEL_RANGES, PREDICTION_NAMES, PRESETS, SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES,
-                     ConfigError, RunConfig, SampleConfig, check_run_name, override, preset)
+                     ConfigError, RunConfig, SampleConfig, check_run_name, objective_label, override, preset)
 from .data import DatasetNotFoundError, load_images
 from .device import resolve_device
 from .distributed import BACKEND_NAMES, DEFAULT_TIMEOUT_S, TIMEOUT_ENV, check_backend, launched_world, timeout_seconds
@@ -448,6 +448,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             "name": info.name, "state": info.state,
             "model": cfg.model.name if cfg else "?", "optimizer": cfg.train.optimizer if cfg else "?",
             "dataset": cfg.train.dataset if cfg else "?", "step": info.step,
+            "objective": objective_label(cfg.train) if cfg else "?",  # '' for the book's ε + MSE
             "last_loss": info.last_loss, "error": info.error,
         })
     if args.json:
@@ -459,8 +460,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     print(f"{'name':40} {'state':11} {'model':14} {'optimizer':9} {'dataset':13} {'step':>7} {'loss':>8}")
     for r in rows:
         loss = f"{r['last_loss']:.4f}" if r["last_loss"] is not None else "-"
+        objective = f"  ({r['objective']})" if r["objective"] else ""  # only where not the book's
         print(f"{r['name'][:40]:40} {r['state']:11} {r['model']:14} {r['optimizer']:9} {r['dataset']:13} "
-              f"{r['step']:>7} {loss:>8}")
+              f"{r['step']:>7} {loss:>8}{objective}")
         if r["error"] and r["state"] in ("damaged", "failed"):
             print(f"    {r['error']}")
     return 0

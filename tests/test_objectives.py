@@ -258,6 +258,11 @@ def test_cli_flags_reach_config_json(tmp_path, images, monkeypatch, capsys):
     saved = json.loads((runs_dir / "obj" / "config.json").read_text())
     assert saved["format_version"] == 4
     assert saved["train"]["prediction"] == "v" and saved["train"]["min_snr_gamma"] == 5.0
+    capsys.readouterr()
+    assert cli.main(["runs", "--runs-dir", str(runs_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["objective"] == "v-pred, Min-SNR-5"
+    assert cli.main(["runs", "--runs-dir", str(runs_dir)]) == 0
+    assert "(v-pred, Min-SNR-5)" in capsys.readouterr().out
     # the objective shapes what the weights mean: a resume cannot change it
     code = cli.main(["train", "--resume", "--name", "obj", "--prediction", "eps", "--runs-dir", str(runs_dir),
                      "--quiet"])
