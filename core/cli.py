@@ -26,8 +26,8 @@ from .argtypes import number, whole_number
 from .bench.flops import model_costs
 from .console import EXIT_SIGNAL, ProgressBar, StopOnSignals
 from .config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES,
-                     PIXEL_RANGES, PRESETS, SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES, ConfigError, RunConfig,
-                     SampleConfig, check_run_name, override, preset)
+                     PIXEL_RANGES, PREDICTION_NAMES, PRESETS, SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES,
+                     ConfigError, RunConfig, SampleConfig, check_run_name, objective_label, override, preset)
 from .data import DatasetNotFoundError, load_images
 from .device import resolve_device
 from .distributed import BACKEND_NAMES, DEFAULT_TIMEOUT_S, TIMEOUT_ENV, check_backend, launched_world, timeout_seconds
@@ -46,7 +46,8 @@ CONDITIONAL_CLASSES = 10  # both datasets have ten classes
 RESUME_FIXED_FLAGS = ("model", "base_channels", "channel_mults", "num_res_blocks", "attention", "norm",
                       "optimizer", "dataset", "batch_size", "lr", "weight_decay", "warmup_steps", "timesteps",
                       "schedule", "pixel_range", "ema_decay", "grad_clip", "limit_images", "seed", "compile",
-                      "channels_last", "conditional", "label_dropout", "label_dropout_mode")
+                      "channels_last", "conditional", "label_dropout", "label_dropout_mode", "prediction",
+                      "min_snr_gamma")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "0 = conditional only)")
     tr.add_argument("--label-dropout-mode", choices=LABEL_DROPOUT_MODES,
                     help="conditional: drop labels per sample (default) or the whole batch at once (the book)")
+    tr.add_argument("--prediction", choices=PREDICTION_NAMES,
+                    help="what the network learns to predict: eps, the noise (the book), or v = "
+                    "sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0 (Salimans & Ho 2022); every sampler handles both")
+    tr.add_argument("--min-snr-gamma", type=number, metavar="GAMMA",
+                    help="Min-SNR-γ loss weighting (Hang et al. 2023; the paper uses 5): each sample's MSE "
+                    "weighted by min(SNR, γ) over its target's SNR factor (0 = off, the book's plain MSE)")
     tr.add_argument("--runs-dir", default=None, help="folder of run folders (default checkpoints)")
     tr.add_argument("--name", help="run name (A-Z a-z 0-9 . _ -); default: preset-model-optimizer-time")
     tr.add_argument("--resume", action="store_true", help="continue the run --name from its last checkpoint")
@@ -205,7 +212,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         limit_images=args.limit_images, checkpoint_every_s=args.checkpoint_every, seed=args.seed,
         device=args.device, compile=flags(args.compile), channels_last=flags(args.channels_last),
         num_classes=CONDITIONAL_CLASSES if args.conditional else None, label_dropout=args.label_dropout,
-        label_dropout_mode=args.label_dropout_mode)
+        label_dropout_mode=args.label_dropout_mode, prediction=args.prediction, min_snr_gamma=args.min_snr_gamma)
     if not config.model.conditional and (args.label_dropout is not None or args.label_dropout_mode is not None):
         raise CliError("--label-dropout and --label-dropout-mode need a conditional run: add --conditional "
                        "(or use --preset improved-cfg, book-cfg)")
@@ -396,7 +403,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     train_config = loaded.config.train
     process = reverse_process(loaded.model, scheduler, sample_config, pixel_range=train_config.pixel_range,
                               clip_default=train_config.clip_denoised, device=device, labels=cond.labels,
-                              guidance=cond.guidance)
+                              guidance=cond.guidance, prediction=train_config.prediction)
     if not args.quiet:
         process = tqdm(process, total=total_steps(sample_config, scheduler), unit="step",
                        desc=f"{args.sampler} {steps} steps", dynamic_ncols=True)
@@ -431,6 +438,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             "name": info.name, "state": info.state,
             "model": cfg.model.name if cfg else "?", "optimizer": cfg.train.optimizer if cfg else "?",
             "dataset": cfg.train.dataset if cfg else "?", "step": info.step,
+            "objective": objective_label(cfg.train) if cfg else "?",  # '' for the book's ε + MSE
             "last_loss": info.last_loss, "error": info.error,
         })
     if args.json:
@@ -442,8 +450,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     print(f"{'name':40} {'state':11} {'model':14} {'optimizer':9} {'dataset':13} {'step':>7} {'loss':>8}")
     for r in rows:
         loss = f"{r['last_loss']:.4f}" if r["last_loss"] is not None else "-"
+        objective = f"  ({r['objective']})" if r["objective"] else ""  # only where not the book's
         print(f"{r['name'][:40]:40} {r['state']:11} {r['model']:14} {r['optimizer']:9} {r['dataset']:13} "
-              f"{r['step']:>7} {loss:>8}")
+              f"{r['step']:>7} {loss:>8}{objective}")
         if r["error"] and r["state"] in ("damaged", "failed"):
             print(f"    {r['error']}")
     return 0

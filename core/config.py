@@ -17,7 +17,9 @@ from typing import Any
 # 2: the linear schedule scales with T (`scale_to_timesteps`); format-1 files keep the unscaled one.
 # 3: class-conditional runs (`model.num_classes`, `train.label_dropout*`); formats 1 and 2 read as
 #    unconditional runs. An older reader refuses the new fields, so a format-3 folder says so first.
-FORMAT_VERSION = 3
+# 4: the training objective (`train.prediction`, `train.min_snr_gamma`); formats 1-3 read as the
+#    book's ε-prediction with the plain MSE.
+FORMAT_VERSION = 4
 
 MODEL_NAMES = ("unet", "improved_unet")
 NORM_NAMES = ("group", "batch")
@@ -32,6 +34,10 @@ PIXEL_RANGES = ("unit", "symmetric")  # [0, 1] as in the book, or [-1, 1]
 # Classifier-free guidance drops labels while training: per sample (the default, every batch mixes
 # both tasks) or, as the book's step 10 does, the whole batch at once.
 LABEL_DROPOUT_MODES = ("sample", "batch")
+# What the network predicts: the noise ε (the book) or the velocity v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x_0
+# (Salimans & Ho 2022). Samplers convert either to ε̂ in one place (NoiseScheduler.pred_eps).
+PREDICTION_NAMES = ("eps", "v")
+MAX_MIN_SNR_GAMMA = 1000.0
 MAX_CLASSES = 1000
 
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
@@ -44,6 +50,7 @@ DATASET_LABELS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
 SAMPLER_LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)",
                   "dpmpp2m-sde": "DPM-Solver++(2M) SDE"}
 PIXEL_RANGE_LABELS = {"unit": "[0, 1]", "symmetric": "[-1, 1]"}
+PREDICTION_LABELS = {"eps": "ε", "v": "v"}
 # The few-step setting used wherever a cheap sample is wanted (per-epoch previews, the dashboard's
 # defaults). Chosen from the step sweep on the improved demo run (docs/results.md): at 20 steps the
 # stochastic DPM-Solver++(2M) scores far closer to DDPM-1000 than the ODE solvers at any step count.
@@ -204,6 +211,12 @@ class TrainConfig:
     # per batch); 0 trains a purely conditional model (the book's UNetCond).
     label_dropout: float = 0.1
     label_dropout_mode: str = "sample"
+    # The training objective, both ablations of the book's (ε-prediction, plain MSE), for either network:
+    # `prediction` "v" regresses the velocity v (Salimans & Ho 2022, "Progressive Distillation");
+    # `min_snr_gamma` γ > 0 weights each sample's MSE by min(SNR_t, γ) over its target's SNR factor
+    # (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"); 0 = off.
+    prediction: str = "eps"
+    min_snr_gamma: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.betas, (list, tuple)):
@@ -244,6 +257,8 @@ class TrainConfig:
             _fail("label_dropout", self.label_dropout, "it must be at least 0 and below 1 (1 would never "
                   "show the network a label)")
         _check_choice("label_dropout_mode", self.label_dropout_mode, LABEL_DROPOUT_MODES)
+        _check_choice("prediction", self.prediction, PREDICTION_NAMES)
+        _check_float("min_snr_gamma", self.min_snr_gamma, 0.0, MAX_MIN_SNR_GAMMA)
         for flag in ("channels_last", "compile", "clip_denoised"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "it must be true or false")
@@ -374,7 +389,8 @@ REQUIRED_FIELDS = {
 
 # Fields a format introduced: an older file that holds one was not written by this project (or was
 # edited by hand), and a newer file must hold the ones that shape its weights.
-FIELDS_SINCE = {("model", "num_classes"): 3, ("train", "label_dropout"): 3, ("train", "label_dropout_mode"): 3}
+FIELDS_SINCE = {("model", "num_classes"): 3, ("train", "label_dropout"): 3, ("train", "label_dropout_mode"): 3,
+                ("train", "prediction"): 4, ("train", "min_snr_gamma"): 4}
 REQUIRED_SINCE = {("model", "num_classes"): 3}
 
 
@@ -385,7 +401,7 @@ def _check_fields_of_format(data: Any, section: str, version: int) -> None:
                    and name in data)
     if early:
         raise ConfigError(f"config section {section!r} has fields that format {version} does not know: "
-                          f"{', '.join(early)} (a format-3 run with an edited format_version?)")
+                          f"{', '.join(early)} (a newer run with an edited format_version?)")
     missing = sorted(name for (sec, name), since in REQUIRED_SINCE.items() if sec == section and version >= since
                      and name not in data)
     if missing:
@@ -410,9 +426,20 @@ def _dataclass_from_dict(kind: type, data: Any, section: str) -> Any:
         raise ConfigError(f"config section {section!r}: {exc}") from None
 
 
+def objective_label(train: TrainConfig) -> str:
+    """e.g. "v-pred, Min-SNR-5": the training objective where it is not the book's ('' for ε + MSE)."""
+    parts = [f"{PREDICTION_LABELS[train.prediction]}-pred"] if train.prediction != "eps" else []
+    if train.min_snr_gamma:
+        parts.append(f"Min-SNR-{train.min_snr_gamma:g}")
+    return ", ".join(parts)
+
+
 def run_label(config: "RunConfig") -> str:
-    """e.g. "ImprovedUNet + AdamW": what the run list and the charts call a run's recipe."""
-    return f"{MODEL_LABELS[config.model.name]} + {OPTIMIZER_LABELS[config.train.optimizer]}"
+    """e.g. "ImprovedUNet + AdamW" (or "ImprovedUNet + AdamW (v-pred, Min-SNR-5)"): what the run list and
+    the charts call a run's recipe."""
+    label = f"{MODEL_LABELS[config.model.name]} + {OPTIMIZER_LABELS[config.train.optimizer]}"
+    objective = objective_label(config.train)
+    return f"{label} ({objective})" if objective else label
 
 
 # Presets. DDPM with x̂0 clipped to the data range measured a little better on the improved demo run

@@ -163,11 +163,12 @@ class SamplingJob(ReportingJob):
 
     def __init__(self, model: nn.Module, scheduler: NoiseScheduler, config: SampleConfig, *,
                  pixel_range: str, clip_default: bool = False, record: str = "all",
-                 device: torch.device | str = "cpu", labels: torch.Tensor | None = None, guidance: float = 1.0):
+                 device: torch.device | str = "cpu", labels: torch.Tensor | None = None, guidance: float = 1.0,
+                 prediction: str = "eps"):
         super().__init__()
         self._args: dict[str, Any] = dict(model=model, scheduler=scheduler, config=config, pixel_range=pixel_range,
                                           clip_default=clip_default, device=device, labels=labels,
-                                          guidance=guidance)
+                                          guidance=guidance, prediction=prediction)
         self._record = record
         self._done, self._total = 0, total_steps(config, scheduler)
         self.result: SampleResult | None = None

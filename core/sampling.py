@@ -18,14 +18,14 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .config import ConfigError, SampleConfig
+from .config import PREDICTION_NAMES, ConfigError, SampleConfig
 from .data import IMAGE_SHAPE, data_range, to_uint8
 from .device import resolve_device
 from .guidance import guided
 from .schedule import NoiseScheduler, StepOutput
 
-# The network as the loop sees it: (x_t (B,1,28,28), t (B,) long) -> ε̂ (B,1,28,28). A plain
-# model fits; so does a wrapper that adds labels or guidance.
+# The network as the loop sees it: (x_t (B,1,28,28), t (B,) long) -> its prediction (B,1,28,28), ε̂ or v̂
+# as `prediction` says. A plain model fits; so does a wrapper that adds labels or guidance.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++: below this many steps the last step is first order (Lu et al.)
@@ -135,14 +135,18 @@ def batch_generator(seed: int, batch_start: int) -> torch.Generator:
 def reverse_process(model: Denoiser, scheduler: NoiseScheduler, config: SampleConfig = SampleConfig(), *,
                     pixel_range: str = "unit", clip_default: bool = False, device: torch.device | str = "cpu",
                     channels_last: bool = False, labels: torch.Tensor | None = None,
-                    guidance: float = 1.0) -> Iterator[ReverseStep]:
+                    guidance: float = 1.0, prediction: str = "eps") -> Iterator[ReverseStep]:
     """Run the reverse process for `config.n` images in batches, yielding every step.
 
     `model` is an nn.Module (put in eval mode for the duration, restored after) or any Denoiser.
     channels_last is off by default: it does not pay for sampling (the bench measures it).
     `labels` (n,) makes it class-conditional: each batch samples a conditional network guided
     towards its slice of the labels at scale `guidance` (core.guidance); None is unconditional.
+    `prediction` is what the network was trained to predict (the run's `train.prediction`): its
+    output becomes ε̂ here, once, before any Stepper sees it, so every sampler handles every target.
     """
+    if prediction not in PREDICTION_NAMES:
+        raise ConfigError(f"prediction = {prediction!r} is not allowed: choose one of {', '.join(PREDICTION_NAMES)}")
     if labels is not None and len(labels) != config.n:
         raise ConfigError(f"labels = {len(labels)} labels is not allowed: give one per sample (n = {config.n})")
     device = resolve_device(device)
@@ -163,7 +167,10 @@ def reverse_process(model: Denoiser, scheduler: NoiseScheduler, config: SampleCo
                 denoise = model if labels is None else guided(model, labels[start:start + b].to(device), guidance)
                 for index, t in enumerate(timesteps):
                     t_batch = torch.full((b,), t, device=device, dtype=torch.long)
-                    eps = denoise(x, t_batch).float()
+                    model_output = denoise(x, t_batch).float()
+                    # Guidance mixed the outputs linearly, with weights summing to 1, and for a fixed
+                    # x_t the conversion to ε̂ is affine in the output: guiding v̂ equals guiding ε̂.
+                    eps = scheduler.pred_eps(model_output, x, t_batch, prediction)
                     out = stepper.step(eps, index, x, gen)
                     yield ReverseStep(start, index, len(timesteps), t, x, out.pred_original_sample, out.prev_sample)
                     x = out.prev_sample
@@ -221,8 +228,10 @@ def collect(steps: Iterable[ReverseStep], *, pixel_range: str, record: str | Ite
 def sample(model: Denoiser, scheduler: NoiseScheduler, config: SampleConfig = SampleConfig(), *,
            pixel_range: str = "unit", clip_default: bool = False, device: torch.device | str = "cpu",
            record: str | Iterable[int] = "none", channels_last: bool = False,
-           labels: torch.Tensor | None = None, guidance: float = 1.0) -> SampleResult:
-    """The final images of `config.n` samples (and frames, see `collect`); labels: see reverse_process."""
+           labels: torch.Tensor | None = None, guidance: float = 1.0, prediction: str = "eps") -> SampleResult:
+    """The final images of `config.n` samples (and frames, see `collect`); labels, prediction: see
+    reverse_process."""
     steps = reverse_process(model, scheduler, config, pixel_range=pixel_range, clip_default=clip_default,
-                            device=device, channels_last=channels_last, labels=labels, guidance=guidance)
+                            device=device, channels_last=channels_last, labels=labels, guidance=guidance,
+                            prediction=prediction)
     return collect(steps, pixel_range=pixel_range, record=record)

@@ -11,6 +11,8 @@ References
 - Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models" (DDIM): eqs. (12), (16).
 - Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models": the cosine schedule,
   and the linear schedule scaled by 1000/T so that any T ends in noise.
+- Salimans, Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models": the velocity
+  v = α_t·ε − σ_t·x_0 as a prediction target (section 4, appendix D).
 - Lu, Zhou, Bao, Chen, Li, Zhu 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
   Probabilistic Models": Algorithm 2 (multistep second order, data prediction) and its SDE form.
 """
@@ -21,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from .config import ConfigError, ScheduleConfig
+from .config import PREDICTION_NAMES, ConfigError, ScheduleConfig
 
 
 MAX_BETA = 0.999  # the cosine schedule's cap (Nichol & Dhariwal 2021); beta = 1 would erase x_{t-1} whole
@@ -112,6 +114,22 @@ class NoiseScheduler:
         """Invert eq. (4) with the predicted noise: x̂0 = (x_t − sqrt(1 − ᾱ_t)·ε̂) / sqrt(ᾱ_t)."""
         alpha_bar = _per_sample(self.alpha_bars, t, x_t)
         return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+    def velocity(self, x_0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target (Salimans & Ho 2022): v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x_0."""
+        alpha_bar = _per_sample(self.alpha_bars, t, x_0)
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x_0
+
+    def pred_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int,
+                 prediction: str) -> torch.Tensor:
+        """The network's output as ε̂, what every reverse step takes: the output itself for "eps"; for "v"
+        ε̂ = sqrt(ᾱ_t)·v̂ + sqrt(1 − ᾱ_t)·x_t (since x_t = α_t·x_0 + σ_t·ε and α_t² + σ_t² = 1)."""
+        if prediction == "eps":
+            return model_output
+        if prediction == "v":
+            alpha_bar = _per_sample(self.alpha_bars, t, x_t)
+            return alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * x_t
+        raise ConfigError(f"prediction = {prediction!r} is not allowed: choose one of {', '.join(PREDICTION_NAMES)}")
 
     # -- reverse steps -----------------------------------------------------------------------------
     def ddpm_step(self, eps: torch.Tensor, t: int, x_t: torch.Tensor,

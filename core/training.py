@@ -1,7 +1,8 @@
 """The trainer (model, optimizer, EMA, one step) and the training loop (`train_run`).
 
 Network, diffusion process and trainer are separate: the loop only draws batches, noises them
-with the scheduler and regresses the model's ε̂ on ε (the book's MSE). It writes everything to
+with the scheduler and regresses the model's ε̂ on ε (the book's MSE), or, as the run's objective
+says, v̂ on v and / or with Min-SNR-γ weights. It writes everything to
 the run folder, so the CLI and the dashboard share one engine, and a run killed at any moment
 loses at most the work since its last checkpoint.
 """
@@ -118,6 +119,20 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimize
     return kind(model.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
 
 
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy"): the x_0-space weight min(SNR_t, γ) written for the target regressed.
+
+    The MSE of ε̂ equals SNR_t times that of x̂0, and the MSE of v̂ equals (SNR_t + 1) times it, so
+        ε-prediction: w_t = min(SNR_t, γ) / SNR_t       (≤ 1: only the low-noise steps are turned down)
+        v-prediction: w_t = min(SNR_t, γ) / (SNR_t + 1)
+    The ε form is computed as min(1, γ / SNR_t), which stays 1 where SNR_t underflows to 0.
+    """
+    if prediction == "v":
+        return snr.clamp(max=gamma) / (snr + 1)
+    return (gamma / snr).clamp(max=1.0)
+
+
 class Trainer:
     """Everything one optimisation step needs, built once from a run's config: the model (in its
     memory format, optionally compiled), the optimizer, the EMA, the learning-rate schedule, the
@@ -188,7 +203,8 @@ class Trainer:
     def train_step(self, x_0: torch.Tensor, timesteps: torch.Tensor | None = None,
                    noise: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """One optimisation step on a clean batch x_0: draw t and ε (unless given, as a test of
-        equivalence does), noise x_0 to x_t, regress ε̂ on ε (the book's MSE), step the optimizer and
+        equivalence does), noise x_0 to x_t, regress the network's output on its target (ε with the
+        book's MSE unless the run's objective says otherwise, see `loss`), step the optimizer and
         the EMA. Returns this rank's loss, 0-d and unsynced. A conditional run passes the batch's
         labels (B,); they are dropped as `drop_labels` says."""
         lr = self.lr_at(self.step)
@@ -198,16 +214,17 @@ class Trainer:
             timesteps = torch.randint(1, len(self.alpha_bars) + 1, (len(x_0),), device=x_0.device)
         if noise is None:
             noise = torch.randn_like(x_0)
-        alpha_bar = self.alpha_bars[timesteps - 1].view(-1, 1, 1, 1)
+        alpha_bars = self.alpha_bars[timesteps - 1]  # (B,)
+        alpha_bar = alpha_bars.view(-1, 1, 1, 1)
         x_t = alpha_bar.sqrt() * x_0 + (1 - alpha_bar).sqrt() * noise
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with self.autocast:
             if self.config.model.conditional:
-                eps = self.forward(x_t, timesteps, self.drop_labels(labels))
+                model_output = self.forward(x_t, timesteps, self.drop_labels(labels))
             else:  # the unconditional call stays the step-9 one, draw for draw
-                eps = self.forward(x_t, timesteps)
-        loss = F.mse_loss(eps.float(), noise)
+                model_output = self.forward(x_t, timesteps)
+        loss = self.loss(model_output.float(), x_0, noise, alpha_bars)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.train.grad_clip:
@@ -217,6 +234,26 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, self.step)
         return loss
+
+    def loss(self, model_output: torch.Tensor, x_0: torch.Tensor, noise: torch.Tensor,
+             alpha_bars: torch.Tensor) -> torch.Tensor:
+        """The training loss of one batch; alpha_bars (B,) holds ᾱ_t of each sample.
+
+        target: ε (the book) or v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x_0 (Salimans & Ho 2022). Without
+        Min-SNR-γ it is the plain MSE; the book's case is exactly `F.mse_loss(ε̂, ε)`, as it always was.
+        With γ > 0 each sample's MSE is weighted by `min_snr_weight`.
+        """
+        train = self.config.train
+        if train.prediction == "v":
+            alpha_bar = alpha_bars.view(-1, 1, 1, 1)
+            target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x_0
+        else:
+            target = noise
+        if not train.min_snr_gamma:
+            return F.mse_loss(model_output, target)
+        snr = alpha_bars / (1 - alpha_bars)  # SNR_t = ᾱ_t / (1 − ᾱ_t), (B,)
+        per_sample = (model_output - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        return (min_snr_weight(snr, train.min_snr_gamma, train.prediction) * per_sample).mean()
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def weights_are_finite(self) -> bool:
@@ -605,5 +642,6 @@ def _preview_grid(run_dir: Path, trainer: Trainer, filename: str) -> Path:
                     SampleConfig(sampler=train.grid_sampler, steps=steps, n=GRID_SAMPLES, seed=GRID_SEED),
                     pixel_range=train.pixel_range, clip_default=train.clip_denoised, device=trainer.device,
                     labels=even_labels(GRID_SAMPLES, trainer.config.model.num_classes) if conditional else None,
-                    guidance=PREVIEW_GUIDANCE if conditional and train.label_dropout > 0 else 1.0)
+                    guidance=PREVIEW_GUIDANCE if conditional and train.label_dropout > 0 else 1.0,
+                    prediction=train.prediction)
     return save_grid(run_dir / "samples" / filename, result.images, ncol=4)

@@ -76,7 +76,8 @@ def preview_samples(run_dir: str, mtime: float, seed: int, steps: int = DEFAULT_
     steps = 0 if sampler == "ddpm" else min(steps, sched.num_timesteps)
     config = SampleConfig(sampler=sampler, steps=steps, n=n, seed=seed)
     return sample(loaded.model, sched, config, pixel_range=loaded.config.train.pixel_range,
-                  clip_default=loaded.config.train.clip_denoised, device=DEVICE).images
+                  clip_default=loaded.config.train.clip_denoised, device=DEVICE,
+                  prediction=loaded.config.train.prediction).images
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -88,7 +89,7 @@ def timestep_losses(run_dir: str, mtime: float, buckets: int = 10, n_images: int
     test = dataset(loaded.config.train.dataset, "test")
     result = loss_by_timestep(loaded.model, scheduler_for(loaded.config), test.images[:n_images],
                               pixel_range=loaded.config.train.pixel_range, buckets=buckets, seed=seed,
-                              device=DEVICE)
+                              device=DEVICE, prediction=loaded.config.train.prediction)
     return [(b.t_low, b.t_high, b.loss if space == "eps" else b.x0_loss) for b in result]
 
 

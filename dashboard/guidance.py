@@ -76,7 +76,8 @@ def guided_grids(run_dir: str, mtime: float, use_ema: bool, sampler: str, steps:
     config = SampleConfig(sampler=sampler, steps=steps, n=len(labels), seed=seed)
     train = loaded.config.train
     return [sample(loaded.model, sched, config, pixel_range=train.pixel_range, clip_default=train.clip_denoised,
-                   device=cache.DEVICE, labels=torch.tensor(labels), guidance=g).images for g in scales]
+                   device=cache.DEVICE, labels=torch.tensor(labels), guidance=g, prediction=train.prediction).images
+            for g in scales]
 
 
 def explorer_ui(info: runs.RunInfo, params: dict) -> None:

@@ -57,6 +57,8 @@ ADVANCED_FIELDS: dict[str, tuple[str, str]] = {
     "clip_denoised": ("train", "clip_denoised"),
     "grid_sampler": ("train", "grid_sampler"),
     "grid_steps": ("train", "grid_steps"),
+    "prediction": ("train", "prediction"),        # the training objective: ε (the book) or v
+    "min_snr_gamma": ("train", "min_snr_gamma"),  # Min-SNR-γ loss weights; 0 = the book's plain MSE
 }
 FORM_FIELDS.update(ADVANCED_FIELDS)
 # Fields a network ignores: the form hides them for that model, the tables show them as "not used".

@@ -302,3 +302,17 @@ def test_a_damaged_queue_file_is_shown_and_left_alone(runs_dir):
     assert any("Not queued" in e.value and "is damaged" in e.value for e in at.error)
     assert not (runs_dir / "not-queued").exists()
     assert path.read_bytes() == b'{"format_version": 1, "entries": 7}'
+
+
+def test_objective_fields_come_from_the_preset_and_reach_the_config(runs_dir):
+    """Issue 10: the v-prediction target and Min-SNR-γ sit in Advanced, the book's objective by default."""
+    from dashboard.presets import config_from_form
+    at = train_page()
+    assert at.selectbox(key="f_prediction").value == "eps" and at.number_input(key="f_min_snr_gamma").value == 0.0
+    at.selectbox(key="f_prediction").set_value("v")
+    at.number_input(key="f_min_snr_gamma").set_value(5.0).run()
+    assert not at.exception
+    config = config_from_form(at.selectbox(key="train_preset").value, form_memory()["values"])
+    assert (config.train.prediction, config.train.min_snr_gamma) == ("v", 5.0)
+    at.selectbox(key="train_preset").set_value("Book").run()  # a preset puts the book's objective back
+    assert at.selectbox(key="f_prediction").value == "eps" and at.number_input(key="f_min_snr_gamma").value == 0.0

@@ -96,11 +96,12 @@ def test_shipped_unconditional_runs_still_load_and_sample():
 # -- config --------------------------------------------------------------------------------------------
 def test_old_formats_read_as_unconditional_and_new_fields_need_format_3():
     old = PRESETS["book"].to_dict()
-    for section, name in (("model", "num_classes"), ("train", "label_dropout"), ("train", "label_dropout_mode")):
+    for section, name in (("model", "num_classes"), ("train", "label_dropout"), ("train", "label_dropout_mode"),
+                          ("train", "prediction"), ("train", "min_snr_gamma")):  # format 4's too
         del old[section][name]
     for version in (1, 2):
         config = RunConfig.from_dict({**old, "format_version": version})
-        assert config.model.num_classes == 0 and config.format_version == FORMAT_VERSION == 3
+        assert config.model.num_classes == 0 and config.format_version == FORMAT_VERSION == 4
     with pytest.raises(ConfigError, match="format 2 does not know: num_classes"):
         RunConfig.from_dict({**PRESETS["improved-cfg"].to_dict(), "format_version": 2})
     with pytest.raises(ConfigError, match="misses the fields: num_classes"):

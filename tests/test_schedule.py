@@ -13,9 +13,10 @@ from core.schedule import NoiseScheduler, cosine_beta_schedule
 
 # A tiny run's config.json as format 1 wrote it: no scale_to_timesteps field.
 PRESETS_TINY_FORMAT_1 = {**PRESETS["tiny"].to_dict(), "format_version": 1}
-# Fields that came after format 1 (the T-scaled schedule, step 10's labels) are not in such a file.
+# Fields that came after format 1 (the T-scaled schedule, step 10's labels, the training objective) are
+# not in such a file.
 for _section, _later in (("schedule", ("scale_to_timesteps",)), ("model", ("num_classes",)),
-                         ("train", ("label_dropout", "label_dropout_mode"))):
+                         ("train", ("label_dropout", "label_dropout_mode", "prediction", "min_snr_gamma"))):
     PRESETS_TINY_FORMAT_1[_section] = {k: v for k, v in PRESETS_TINY_FORMAT_1[_section].items() if k not in _later}
 
 

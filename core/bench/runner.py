@@ -396,7 +396,8 @@ def measure_guidance(device: torch.device, plan: BenchPlan, channels_last: bool)
         _sync(device)
         start = time.perf_counter()
         steps = reverse_process(model, scheduler, sample_config, pixel_range=config.train.pixel_range, device=device,
-                                channels_last=channels_last, labels=labels, guidance=guidance)
+                                channels_last=channels_last, labels=labels, guidance=guidance,
+                                prediction=config.train.prediction)
         for _ in itertools.islice(steps, timed):
             pass
         steps.close()

@@ -40,8 +40,11 @@ def timestep_buckets(timesteps: int, buckets: int) -> list[tuple[int, int]]:
 @torch.inference_mode()
 def loss_by_timestep(model: nn.Module, scheduler: NoiseScheduler, images: torch.Tensor, *,
                      pixel_range: str, buckets: int = 10, seed: int = 0,
-                     device: torch.device | str = "cpu") -> list[BucketLoss]:
-    """The MSE between ε and model(x_t, t) on a fixed batch, one number per timestep bucket.
+                     device: torch.device | str = "cpu", prediction: str = "eps") -> list[BucketLoss]:
+    """The MSE between ε and the model's ε̂ on a fixed batch, one number per timestep bucket.
+
+    `prediction` is the run's target: a v-prediction run's output is converted to ε̂ first
+    (NoiseScheduler.pred_eps), so the figures compare with ε-prediction runs.
 
     images: uint8 (N, 28, 28), e.g. the first N test images. Every bucket uses all N images,
     each at its own t drawn uniformly from the bucket, with noise fixed by `seed`.
@@ -60,7 +63,7 @@ def loss_by_timestep(model: nn.Module, scheduler: NoiseScheduler, images: torch.
             t = torch.randint(t_low, t_high + 1, (len(images),), generator=gen)
             noise = torch.randn(x_0.shape, generator=gen).to(device)
             x_t = scheduler.add_noise(x_0, t.to(device), noise)
-            eps = model(x_t, t.to(device)).float()
+            eps = scheduler.pred_eps(model(x_t, t.to(device)).float(), x_t, t.to(device), prediction)
             low = -1.0 if pixel_range == "symmetric" else 0.0
             x0_hat = scheduler.pred_x0(x_t, t.to(device), eps).clamp(low, 1.0)
             width = 1.0 - low  # to [0, 1] pixel units

@@ -61,7 +61,7 @@ def score_setting(config: SampleConfig, loaded: runs.LoadedRun, scheduler: Noise
     started_at, started = now_stamp(), time.perf_counter()
     process = reverse_process(loaded.model, scheduler, config, pixel_range=train_config.pixel_range,
                               clip_default=train_config.clip_denoised, device=device, labels=labels,
-                              guidance=guidance)
+                              guidance=guidance, prediction=train_config.prediction)
     total = total_steps(config, scheduler)
     if wrap is not None:
         process = wrap(process, total, f"{config.sampler} {steps} steps, {config.n} images"

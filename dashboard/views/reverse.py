@@ -45,7 +45,8 @@ def _generate(run_dir: str, params: dict) -> None:
     labels = torch.tensor(params["labels"]) if params.get("labels") else None  # conditional runs (step 10)
     job = SamplingJob(loaded.model, cache.scheduler_for(loaded.config), config,
                       pixel_range=loaded.config.train.pixel_range, clip_default=loaded.config.train.clip_denoised,
-                      record="all", device=cache.DEVICE, labels=labels, guidance=params.get("guidance", 1.0)).start()
+                      record="all", device=cache.DEVICE, labels=labels, guidance=params.get("guidance", 1.0),
+                      prediction=loaded.config.train.prediction).start()
     meta = dict(params, run=loaded.name, used_ema=loaded.used_ema, timesteps=loaded.config.schedule.timesteps,
                 dataset=loaded.config.train.dataset)
     st.session_state["rev_job"] = {"job": job, "meta": meta}

@@ -14,9 +14,10 @@ import streamlit as st
 from PIL import Image
 
 from core import queue, runs
-from core.config import (DATASET_LABELS, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_LABELS, OPTIMIZER_LABELS,
-                         OPTIMIZER_NAMES, PIXEL_RANGE_LABELS, PIXEL_RANGES, SAMPLER_LABELS, SAMPLER_NAMES,
-                         SCHEDULE_NAMES, ConfigError, DEFAULT_FEW_STEP_SAMPLER)
+from core.config import (DATASET_LABELS, DATASET_NAMES, DEFAULT_FEW_STEP_SAMPLER, DEVICE_NAMES, LABEL_DROPOUT_MODES,
+                         MAX_MIN_SNR_GAMMA, MODEL_LABELS, OPTIMIZER_LABELS, OPTIMIZER_NAMES, PIXEL_RANGE_LABELS,
+                         PIXEL_RANGES, PREDICTION_LABELS, PREDICTION_NAMES, SAMPLER_LABELS, SAMPLER_NAMES,
+                         SCHEDULE_NAMES, ConfigError)
 from core.jobs import JobBusy
 from core.training import Progress
 from dashboard import cache
@@ -190,6 +191,14 @@ def train_form_ui(preset: str) -> None:
             a2.selectbox("Preview sampler", SAMPLER_NAMES, format_func=SAMPLER_LABELS.get, key="f_grid_sampler",
                          help="for the sample grid at each epoch's end")
             a3.number_input("Preview steps", min_value=1, step=5, key="f_grid_steps")
+            a1, a2, _, _ = st.columns(4)
+            a1.selectbox("Network predicts", PREDICTION_NAMES, key="f_prediction",
+                         format_func=lambda p: {"eps": "noise ε (the book)", "v": "velocity v"}.get(p, p),
+                         help="v = √ᾱ·ε − √(1−ᾱ)·x₀ (Salimans & Ho 2022); every sampler converts it to ε̂")
+            a2.number_input("Min-SNR-γ (0 = off)", min_value=0.0, max_value=MAX_MIN_SNR_GAMMA, step=1.0,
+                            format="%g", key="f_min_snr_gamma",
+                            help="loss weight min(SNR, γ) over the target's SNR factor (Hang et al. 2023, who "
+                                 "use γ = 5); 0 is the book's plain MSE")
         conditional_fields_ui()
         b1, b2, _ = st.columns([1, 1, 4])
         b1.button("Train", icon=":material/rocket_launch:", type="primary", on_click=_start_training,
@@ -274,6 +283,19 @@ def eta_ui_value(p: Progress) -> float | None:
     return eta if eta is not None else p.eta_s
 
 
+def _loss_description(p: Progress) -> str:
+    """What the run's loss measures: the book's MSE between ε and ε̂, or the run's objective."""
+    try:
+        train = runs.load_config(Path(p.run_dir)).train
+    except runs.RunError:
+        train = None
+    target = PREDICTION_LABELS[train.prediction] if train is not None else "ε"
+    text = f"MSE between {target} and the model's {target}̂"
+    if train is not None and train.min_snr_gamma:
+        text += f", Min-SNR-{train.min_snr_gamma:g} weighted"
+    return text
+
+
 def progress_ui(p: Progress, key: str = "train_loss_chart") -> None:
     eta = eta_ui_value(p)
     icon = STATE_ICONS.get(p.state, STATE_ICONS["running"])
@@ -296,7 +318,7 @@ def progress_ui(p: Progress, key: str = "train_loss_chart") -> None:
                  .replace("--resume", "Resume below"))
     left, right = st.columns([3, 2])
     with left:
-        st.caption("Loss (MSE between ε and the model's ε̂), logged every few steps")
+        st.caption(f"Loss ({_loss_description(p)}), logged every few steps")
         if p.steps:
             st.plotly_chart(live_loss_figure(p.steps, p.losses), key=key)
         else:
