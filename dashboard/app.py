@@ -26,6 +26,7 @@ pages = [
     st.Page(VIEWS / "train.py", title="Train", icon=":material/model_training:", url_path="train"),
     st.Page(VIEWS / "compare.py", title="Compare", icon=":material/stacked_line_chart:", url_path="compare"),
     st.Page(VIEWS / "reverse.py", title="Reverse process", icon=":material/movie:", url_path="reverse"),
+    st.Page(VIEWS / "experiments.py", title="Experiments", icon=":material/science:", url_path="experiments"),
     st.Page(VIEWS / "runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
 ]
 page = st.navigation(pages)

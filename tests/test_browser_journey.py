@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from core import sweeps
+
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = shutil.which("chromium")
@@ -55,6 +57,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> No
 
 DEMO_RUN = "demo-improved-unet-adamw"  # shipped; has EMA weights and T = 1000
 CFG_RUN = "demo-improved-cfg"          # shipped; class-conditional, trained with label dropout
+SHIPPED_SWEEP = "blog-ablation"        # shipped; the blog's changes one at a time, scored
 
 
 @pytest.fixture
@@ -67,6 +70,10 @@ def server(tmp_path):
     runs_dir.mkdir()
     for shipped in (DEMO_RUN, CFG_RUN):
         shutil.copytree(REPO / "checkpoints" / shipped, runs_dir / shipped)
+    # the shipped ablation: its sweep folder and its runs, as the repository has them
+    shutil.copytree(REPO / "checkpoints" / "sweeps" / SHIPPED_SWEEP, runs_dir / "sweeps" / SHIPPED_SWEEP)
+    for run in sweeps.load(REPO / "checkpoints", SHIPPED_SWEEP)["runs"]:
+        shutil.copytree(REPO / "checkpoints" / run["name"], runs_dir / run["name"])
     # A classifier fitted for a few steps (the same code path as the real one, seconds instead of minutes).
     classifiers = tmp_path / "classifiers"
     fitted = clf.fit(load_images("fashion_mnist", "train"), load_images("fashion_mnist", "test"),
@@ -288,5 +295,15 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             expect(page.get_by_text("Queue (0 waiting)")).to_be_visible(timeout=30_000)
             expect(page.get_by_text("queued-two", exact=True)).to_be_visible()
             shot(page, "13-queue-done")
+
+            # 11. Experiments: the shipped ablation, its Fréchet distance per change and its loss curves.
+            page.get_by_role("link", name="Experiments").click()
+            expect(page.get_by_role("heading", name="Experiments")).to_be_visible()
+            expect(page.get_by_text("Fréchet distance per run")).to_be_visible(timeout=60_000)
+            expect(page.get_by_text(re.compile(r"\+ ImprovedUNet")).first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text(re.compile(r"floor \d")).first).to_be_visible()
+            expect(page.get_by_role("button", name=re.compile("Results as CSV"))).to_be_visible()
+            page.get_by_text("Loss curves", exact=True).scroll_into_view_if_needed()
+            shot(page, "14-experiments")
         finally:
             browser.close()

@@ -22,8 +22,8 @@ from dashboard.widgets import show_grid
 
 SHIPPED_SWEEP = "blog-ablation"
 BUDGET_LABELS = {"images": "training images", "steps": "optimizer steps", "seconds": "seconds of training"}
-MODE_LABELS = {"blog": "the blog's ablation path (book → improved)", "grid": "grid: every combination",
-               "path": "path: one change at a time, in the order written"}
+MODE_LABELS = {"grid": "grid: every combination", "path": "path: one change at a time, in the order written",
+               "blog": "the blog's ablation path (book → improved; ignores the preset and factors)"}
 
 
 def sweep_picker_ui(names: list[str]) -> str:

@@ -1,0 +1,102 @@
+"""Dashboard, Experiments page: a sweep's results table, the Fréchet distance per run labelled with
+its change, overlaid loss curves and downloads; the form plans a sweep and queues its runs, and a bad
+definition or a damaged sweep file is reported with nothing created or changed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import REPO, make_tiny_images
+from core import queue, runs, sweeps
+from core.evaluation.frechet import QualityReport
+from core.training import train_run
+from dashboard.state import job_manager
+
+APP = str(REPO / "dashboard" / "app.py")
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch):
+    path = tmp_path / "runs"
+    monkeypatch.setenv("DDPM_RUNS_DIR", str(path))
+    yield path
+    runner = job_manager().queue_runner  # never leave a queue worker into the next test
+    if runner is not None:
+        runner.stop()
+        assert runner.join(120)
+
+
+def trained_sweep(runs_dir) -> sweeps.Sweep:
+    """A two-step path on tiny data, trained, the second run scored (an entry as the scorer writes it)."""
+    sweep = sweeps.plan("abl", "tiny", sweeps.Budget("steps", 6), mode="path",
+                        factors=[sweeps.parse_factor("ema_decay=0.9")], evaluation=sweeps.default_evaluation(64))
+    sweeps.create(runs_dir, sweep)
+    images = make_tiny_images()
+    for run in sweep.runs:
+        train_run(runs_dir / run.name, images=images)
+    report = QualityReport(n=64, fd=40.5, fd_floor=12.5, fd_noise=300.0, class_shares={"Bag": 1.0},
+                           class_entropy=0.0, mean_confidence=0.9)
+    runs.append_eval(runs_dir / sweep.runs[1].name, {"setting": "dpmpp2m-sde-20", "sampler": "dpmpp2m-sde",
+                                                     "steps": 20, **report.to_dict()})
+    sweeps.write_results(runs_dir, "abl")
+    return sweep
+
+
+def experiments_page() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/experiments.py").run()
+    assert not at.exception
+    return at
+
+
+def test_a_sweep_shows_its_table_chart_curves_and_downloads(runs_dir):
+    sweep = trained_sweep(runs_dir)
+    at = experiments_page()
+    assert at.selectbox(key="exp_sweep").value == "abl"
+    table = at.dataframe[0].value
+    assert list(table["run"]) == [r.name for r in sweep.runs]
+    assert list(table["label"]) == ["base", "+ ema_decay=0.9"]
+    assert list(table["steps"]) == [6, 6] and list(table["state"]) == ["finished", "finished"]
+    assert table["fd"].isna().tolist() == [True, False] and table["fd"].iloc[1] == 40.5
+    charts = {c.key for c in at.get("plotly_chart")} if at.get("plotly_chart") else set()
+    bars = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    fd_chart = next(b for b in bars if b["data"][0]["type"] == "bar")
+    assert fd_chart["data"][0]["x"] == ["2. + ema_decay=0.9"] and fd_chart["data"][0]["y"] == [40.5]
+    assert len(bars) == 2, charts  # the bar chart and the loss curves
+    assert [b.proto.label for b in at.get("download_button")] == ["Results as CSV", "Results as JSON"]
+
+
+def test_the_form_queues_a_sweep_and_bad_definitions_create_nothing(runs_dir):
+    runs_dir.mkdir(parents=True)
+    queue.pause(runs_dir)  # hold the queue: this test checks what is queued, not the training
+    at = experiments_page()
+    assert any("No sweeps yet" in i.value for i in at.info)
+    at.text_input(key="exp_new_name").set_value("bad")
+    at.text_area(key="exp_new_factors").set_value("optimiser=adam,adamw")
+    at.button[0].click().run()  # the form's submit button
+    assert any("Not created" in e.value and "unknown factor" in e.value for e in at.error)
+    assert sweeps.list_sweeps(runs_dir) == [] and queue.read_queue(runs_dir).entries == ()
+
+    at.text_input(key="exp_new_name").set_value("opt")
+    at.text_area(key="exp_new_factors").set_value("optimizer=adam,adamw")
+    at.number_input(key="exp_new_budget").set_value(4.0)
+    at.selectbox(key="exp_new_budget_kind").set_value("steps")
+    at.number_input(key="exp_new_eval_n").set_value(32)
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("2 runs queued" in s.value for s in at.success)
+    assert [e.run for e in queue.read_queue(runs_dir).queued] == ["opt-00-optimizer-adam", "opt-01-optimizer-adamw"]
+    assert queue.read_queue(runs_dir).eval == queue.EvalSetting("dpmpp2m-sde", 20, 32)
+    assert runs.load_config(runs_dir / "opt-01-optimizer-adamw").train.max_steps == 4
+    assert list(at.dataframe[0].value["state"]) == ["created", "created"]
+
+
+def test_a_damaged_sweep_file_is_reported_and_left_alone(runs_dir):
+    sweep = sweeps.plan("dam", "tiny", sweeps.Budget("steps", 2), factors=[sweeps.parse_factor("seed=0,1")])
+    folder = sweeps.create(runs_dir, sweep)
+    (folder / "sweep.json").write_bytes(b'{"format_version": 1, "runs": 7}')
+    at = experiments_page()
+    assert any("sweep.json" in e.value and "restore it or delete" in e.value for e in at.error)
+    assert (folder / "sweep.json").read_bytes() == b'{"format_version": 1, "runs": 7}'
