@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import bench, budget, distributed, export, io, report, runs, sweep_cli
+from . import bench, budget, distributed, export, io, report, runs, sweep_cli, sweeps
 from . import queue as run_queue
 from .argtypes import number, whole_number
 from .bench.flops import model_costs
@@ -165,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(be)
 
     rp = sub.add_parser("report", help="results page of runs: loss curves PNG, grids side by side, eval table")
-    rp.add_argument("--runs", nargs="+", required=True, help="run folders to compare")
+    rp_what = rp.add_mutually_exclusive_group(required=True)
+    rp_what.add_argument("--runs", nargs="+", help="run folders to compare")
+    rp_what.add_argument("--sweep", metavar="NAME", help="a sweep instead: <NAME>_fd.png, <NAME>_loss.png and "
+                         "<NAME>_table.md from its results (see `sweep`)")
+    rp.add_argument("--runs-dir", default=None, help="with --sweep: folder of run folders (default checkpoints)")
     rp.add_argument("--out", default="docs", help="folder for loss_curves.png, sample_grids.png, results_table.md "
                     "and, once runs have step sweeps, steps_quality.png and sweep_table.md")
     rp.add_argument("--grid", default="final.png", help="which samples/*.png of each run to show")
@@ -471,6 +475,8 @@ def _print_models(as_json: bool) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.sweep:
+        return _report_sweep(args)
     infos = []
     for path in args.runs:
         info = runs.run_info(Path(path))
@@ -490,6 +496,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     if curve is not None:  # only once some run has few-step evaluations
         (out / "sweep_table.md").write_text(report.sweep_table(infos) + "\n", encoding="utf-8")
         written += [curve, out / "sweep_table.md"]
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _report_sweep(args: argparse.Namespace) -> int:
+    runs_dir, out, name = runs_dir_of(args), Path(args.out), args.sweep
+    rows = sweeps.write_results(runs_dir, name)
+    table = out / f"{name}_table.md"
+    out.mkdir(parents=True, exist_ok=True)
+    table.write_text(report.sweep_results_table(rows) + "\n", encoding="utf-8")
+    written = [table]
+    chart = report.sweep_fd_png(rows, out / f"{name}_fd.png", title=name)
+    if chart is not None:
+        written.append(chart)
+    infos = [runs.run_info(runs.run_path(runs_dir, r["run"])) for r in rows if r["state"] != "missing"]
+    readable = [i for i in infos if i.readable]
+    if readable:
+        written.append(report.loss_curves_png(readable, out / f"{name}_loss.png", x_axis="step"))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -183,3 +183,55 @@ def _shares(value) -> list[float]:
         return []
     shares = [v for v in value.values() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
     return shares if len(shares) == len(value) else []
+
+
+# -- a sweep -----------------------------------------------------------------------------------------
+def sweep_results_table(rows: list[dict]) -> str:
+    """Markdown: one row per run of a sweep (core.sweeps.results), in the sweep's order, with the
+    change from the row before in Fréchet distance."""
+    lines = ["| # | change | steps | images | training time | final loss | Fréchet distance | ratio to floor | "
+             "vs the row before | class entropy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    previous = None
+    for index, row in enumerate(rows, 1):
+        fd = row.get("fd")
+        delta = f"{(fd - previous) / previous:+.0%}" if fd is not None and previous else "-"
+        minutes = f"{row['train_s'] / 60:.1f} min" if row.get("train_s") is not None else "-"
+        lines.append(f"| {index} | {_text(row.get('label'))} | {row.get('steps', 0)} | {row.get('images', 0):,} | "
+                     f"{minutes} | {_num(row.get('final_loss'))} | {_num(fd)} | {_num(row.get('fd_ratio'))} | {delta} | "
+                     f"{_num(row.get('class_entropy'))} |")
+        previous = fd if fd is not None else previous
+    return "\n".join(lines)
+
+
+def sweep_fd_png(rows: list[dict], out: Path, title: str = "") -> Path | None:
+    """A bar per scored run of a sweep, labelled with the change it made, the floor dashed."""
+    scored = [(i, r) for i, r in enumerate(rows, 1) if isinstance(r.get("fd"), (int, float))]
+    if not scored:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
+    labels = [f"{i}. {_text(r.get('label'))}" for i, r in scored]
+    values = [r["fd"] for _, r in scored]
+    bars = ax.bar(range(len(values)), values, color="#4C6EF5")
+    for bar, (_, r) in zip(bars, scored):
+        ratio = f"\n{r['fd_ratio']:.1f}×" if isinstance(r.get("fd_ratio"), (int, float)) else ""
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r['fd']:.1f}{ratio}", ha="center",
+                va="bottom", fontsize=8)
+    floor = next((r["floor"] for _, r in scored if isinstance(r.get("floor"), (int, float))), None)
+    if floor is not None:
+        ax.axhline(floor, color="#2B8A3E", linestyle="--", linewidth=1, label=f"floor {floor:.2f} (real images)")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xticks(range(len(values)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(f"Fréchet distance, N = {scored[0][1].get('n')} (lower is better)")
+    ax.set_ylim(0, max(values) * 1.2)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
