@@ -190,20 +190,7 @@ class WorkerLock:
 
 def worker_active(runs_dir: str | os.PathLike) -> bool:
     """Whether some queue worker (this process or another) holds the worker lock now."""
-    path = Path(runs_dir) / WORKER_LOCK
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return runs.lock_file_held(Path(runs_dir) / WORKER_LOCK)
 
 
 # -- reading and validating ----------------------------------------------------------------------------

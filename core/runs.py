@@ -182,8 +182,14 @@ def refuse_if_locked(run_dir: Path) -> None:
 
 def is_locked(run_dir: Path) -> bool:
     """Whether a trainer holds the run's lock right now (never creates the lock file)."""
+    return lock_file_held(run_dir / LOCK_FILE)
+
+
+def lock_file_held(path: Path) -> bool:
+    """Whether some process holds an flock on `path` now; looks without taking it or creating the
+    file, and never through a link (a missing or planted file counts as not held)."""
     try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return False
     try:

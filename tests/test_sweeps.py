@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from core import runs, sweeps
+from core.cli import main
 from core.config import ConfigError, preset
 from core.errors import RunError
 
@@ -67,11 +68,15 @@ def test_one_command_makes_two_runs_and_a_results_table(tmp_path):
      "between 1 and T = 20"),
     (["--resume", "nope"], "no such sweep"),
 ])
-def test_bad_definitions_are_one_line_exit_2_and_create_nothing(tmp_path, flags, says):
+def test_bad_definitions_are_one_line_exit_2_and_create_nothing(tmp_path, capsys, flags, says):
     runs_dir = tmp_path / "runs"
-    result = core("sweep", *flags, "--runs-dir", str(runs_dir))
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    try:  # in-process: the same main as `python -m core`; argparse's own refusals exit through SystemExit
+        status = main(["sweep", *flags, "--runs-dir", str(runs_dir)])
+    except SystemExit as exc:
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert says in err and len(err.strip().splitlines()) == 1, err
     assert not runs_dir.exists() or not any(runs_dir.iterdir())
 
 
