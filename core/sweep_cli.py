@@ -1,7 +1,7 @@
 """`python -m core sweep`: make a sweep (grid or ablation path) and train and score its runs in one command.
 
     python -m core sweep --preset tiny --vary optimizer=adam,adamw --budget-steps 20 --eval-n 64
-    python -m core sweep --path blog --budget-images 128000 --eval-n 1000 --name blog-ablation
+    python -m core sweep --path blog-demo --budget-images 96000 --eval-n 1000 --name blog-ablation
     python -m core sweep --resume blog-ablation      # continue after Ctrl-C or a crash
 
 Every bad definition (unknown factor, empty grid, more than 64 runs, a budget of 0) is refused
@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "giving the value it moves to, in the order given")
     parser.add_argument("--path", choices=sorted(sweeps.ABLATION_PATHS),
                         help="a named ablation path: blog = book -> +ImprovedUNet -> +AdamW -> +lr -> +[-1,1] -> "
-                        "+EMA -> +clip/warm-up (= improved)")
+                        "+EMA -> +clip/warm-up (= improved), at the presets' widths; blog-demo = the same at the "
+                        "demo runs' widths (book 16, improved 12)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-s", type=number, metavar="SECONDS", help="training time per run (wall clock, "
                         "evaluation not counted)")

@@ -157,14 +157,18 @@ class PathStep:
 
 
 _IMPROVED = preset("improved")
-# The blog's changes taken apart, from the book's step 9 to the `improved` preset, one at a time.
-# AdamW's step brings the weight decay that makes it differ from Adam; the learning rate the
-# improved preset uses is a step of its own, so a gain is not credited to the wrong change.
-ABLATION_PATHS: dict[str, tuple[str, tuple[PathStep, ...]]] = {
-    "blog": ("book", (
-        PathStep("book (UNet, Adam, [0, 1])", "book"),
-        PathStep("+ ImprovedUNet", "improved-unet", {
-            "model": "improved_unet", "base_channels": _IMPROVED.model.base_channels,
+
+
+def blog_path(book_width: int, improved_width: int) -> tuple[PathStep, ...]:
+    """The blog's changes taken apart, from the book's step 9 to the `improved` preset, one at a time,
+    with the two networks at the given widths. AdamW's step brings the weight decay that makes it
+    differ from Adam; the improved preset's learning rate is a step of its own, so a gain is not
+    credited to the wrong change."""
+    book_step = {} if book_width == preset("book").model.base_channels else {"base_channels": book_width}
+    return (
+        PathStep(f"book (UNet {book_width} wide, Adam, [0, 1])", "book", book_step),
+        PathStep(f"+ ImprovedUNet ({improved_width} wide)", "improved-unet", {
+            "model": "improved_unet", "base_channels": improved_width,
             "channel_mults": _IMPROVED.model.channel_mults, "num_res_blocks": _IMPROVED.model.num_res_blocks,
             "attention": _IMPROVED.model.attention, "norm": _IMPROVED.model.norm}),
         PathStep("+ AdamW (weight decay 0.01)", "adamw",
@@ -175,7 +179,14 @@ ABLATION_PATHS: dict[str, tuple[str, tuple[PathStep, ...]]] = {
         PathStep("+ grad clip, warm-up, clipped x̂0 (= improved)", "clip-warmup",
                  {"grad_clip": _IMPROVED.train.grad_clip, "warmup_steps": _IMPROVED.train.warmup_steps,
                   "clip_denoised": _IMPROVED.train.clip_denoised}),
-    )),
+    )
+
+
+# name -> (base preset, steps). `blog`: the presets' widths (book 64, improved 32); `blog-demo`: the
+# widths of the shipped demo pair (book 16, improved 12; docs/results.md), cheap enough for a CPU.
+ABLATION_PATHS: dict[str, tuple[str, tuple[PathStep, ...]]] = {
+    "blog": ("book", blog_path(preset("book").model.base_channels, _IMPROVED.model.base_channels)),
+    "blog-demo": ("book", blog_path(16, 12)),
 }
 
 

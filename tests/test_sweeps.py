@@ -13,7 +13,7 @@ import pytest
 
 from core import runs, sweeps
 from core.cli import main
-from core.config import ConfigError, preset
+from core.config import ConfigError, override, preset
 from core.errors import RunError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +90,10 @@ def test_the_blog_path_goes_from_the_book_to_improved_one_change_at_a_time():
         assert all(after.changes.get(k) == v for k, v in before.changes.items())
         assert len(after.changes) > len(before.changes)
     assert all(c.train.max_steps == 1000 and c.train.epochs == 0 for c in configs)  # 128,000 / batch 128
+    # the shipped ablation: the same path at the demo pair's widths (book 16, improved 12)
+    demo = [r.config for r in sweeps.plan("d", None, budget, path="blog-demo").runs]
+    assert demo[0] == budget.apply(override(preset("book"), base_channels=16))
+    assert demo[-1] == budget.apply(override(preset("improved"), base_channels=12))
 
 
 def test_a_path_from_factors_adds_one_change_per_run():
