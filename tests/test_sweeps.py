@@ -47,6 +47,15 @@ def test_one_command_makes_two_runs_and_a_results_table(tmp_path):
     # The sweep folder is not a run: the run list shows the two runs only.
     assert sorted(i.name for i in runs.list_runs(runs_dir)) == ["opt-00-optimizer-adam", "opt-01-optimizer-adamw"]
 
+    # the report of a sweep: its table in Markdown, the bar chart and the loss curves as PNG
+    docs = tmp_path / "docs"
+    written = core("report", "--sweep", "opt", "--runs-dir", str(runs_dir), "--out", str(docs))
+    assert written.returncode == 0, written.stderr
+    table = (docs / "opt_table.md").read_text().splitlines()
+    assert len(table) == 4 and "| optimizer=adam |" in table[2] and "| optimizer=adamw |" in table[3]
+    for png in ("opt_fd.png", "opt_loss.png"):
+        assert (docs / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 @pytest.mark.parametrize("flags, says", [
     (["--preset", "tiny", "--vary", "optimiser=adam,adamw", "--budget-steps", "5"], "unknown factor"),
