@@ -513,7 +513,9 @@ def _report_sweep(args: argparse.Namespace) -> int:
     infos = [runs.run_info(runs.run_path(runs_dir, r["run"])) for r in rows if r["state"] != "missing"]
     readable = [i for i in infos if i.readable]
     if readable:
-        written.append(report.loss_curves_png(readable, out / f"{name}_loss.png", x_axis="step"))
+        labels = {r["run"]: f"{i}. {r['label']}" for i, r in enumerate(rows, 1)}
+        written.append(report.loss_curves_png(readable, out / f"{name}_loss.png", x_axis="step", labels=labels,
+                                              title=f"Training loss of the sweep {name}"))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

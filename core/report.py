@@ -29,24 +29,33 @@ def run_label(info: runs.RunInfo) -> str:
     return f"{recipe_label(info.config)} ({info.name})"
 
 
-def loss_curves_png(infos: list[runs.RunInfo], out: Path, x_axis: str = "elapsed_s", smoothing: float = 0.9) -> Path:
+def loss_curves_png(infos: list[runs.RunInfo], out: Path, x_axis: str = "elapsed_s", smoothing: float = 0.9,
+                    labels: dict[str, str] | None = None,
+                    title: str = "Training loss: the book's UNet + Adam vs ImprovedUNet + AdamW") -> Path:
+    """Overlaid smoothed loss curves; `labels` names runs (default: recipe and run name). A curve
+    hidden under an identical one (a change that does not touch training, like EMA) is dashed."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    drawn: list[np.ndarray] = []
     for info in infos:
         rows = runs.read_metrics(info.path)
         if not rows:
             continue
         x = np.array([r[x_axis] for r in rows]) / (60.0 if x_axis == "elapsed_s" else 1.0)
-        ax.plot(x, ema_smooth([r["loss"] for r in rows], smoothing), label=run_label(info), linewidth=1.6)
+        y = ema_smooth([r["loss"] for r in rows], smoothing)
+        twin = any(len(d) == len(y) and np.allclose(d, y) for d in drawn)
+        drawn.append(y)
+        ax.plot(x, y, label=(labels or {}).get(info.name, run_label(info)), linewidth=1.6,
+                linestyle="--" if twin else "-")
     ax.set_yscale("log")
     ax.set_xlabel({"elapsed_s": "wall-clock training time (minutes)", "step": "step", "epoch": "epoch"}[x_axis])
     ax.set_ylabel(f"MSE loss (EMA-smoothed, {smoothing})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    ax.set_title("Training loss: the book's UNet + Adam vs ImprovedUNet + AdamW")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
