@@ -48,12 +48,24 @@ def conditional_ui(info: runs.RunInfo, n: int) -> dict:
                           else f"{k} · {names[k]}")
     guidance = c2.slider("Guidance γ", 0.0, 10.0, float(default_guidance(config)), 0.5, key="rev_guidance",
                          persist_state="session", help=GUIDANCE_HELP)
-    per_class = c3.number_input("Images per class", min_value=1, max_value=MAX_PER_CLASS, value=4,
-                                key="rev_per_class", disabled=picked != ALL_CLASSES, persist_state="session")
+    c3.number_input("Images per class", min_value=1, max_value=MAX_PER_CLASS, value=4,
+                    key="rev_per_class", disabled=picked != ALL_CLASSES, persist_state="session")
+    del guidance
+    return conditional_params(info, n)
+
+
+def conditional_params(info: runs.RunInfo, n: int) -> dict:
+    """What `conditional_ui`'s widgets hold now (session state); {} for an unconditional run."""
+    config = info.config
+    if config is None or not config.model.conditional or "rev_class" not in st.session_state:
+        return {}
+    state = st.session_state
+    picked, guidance = state["rev_class"], float(state["rev_guidance"])
     if picked == ALL_CLASSES:
-        labels = per_class_labels(range(len(names)), int(per_class)).tolist()
-        return {"labels": labels, "guidance": float(guidance), "n": len(labels), "ncol": int(per_class)}
-    return {"labels": [int(picked)] * n, "guidance": float(guidance), "n": n, "ncol": None}
+        per_class = int(state["rev_per_class"])
+        labels = per_class_labels(range(len(class_names(config.train.dataset))), per_class).tolist()
+        return {"labels": labels, "guidance": guidance, "n": len(labels), "ncol": per_class}
+    return {"labels": [int(picked)] * n, "guidance": guidance, "n": n, "ncol": None}
 
 
 def describe(meta: dict, dataset: str | None) -> str:

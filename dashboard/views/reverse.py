@@ -30,7 +30,10 @@ SAMPLER_HELP = {"ddpm": "all T steps", "ddim": "few steps", "dpmpp2m": "few step
 
 
 # -- callbacks -------------------------------------------------------------------------------------------
-def _generate(run_dir: str, params: dict) -> None:
+def _generate(run_dir: str) -> None:
+    # The settings as they are at the click, not as the last completed rerun drew them: a click that
+    # interrupts the rerun of a class or count change would otherwise generate the old setting.
+    params = current_params(runs.run_info(Path(run_dir)))
     previous = st.session_state.get("rev_job")
     if previous is not None:
         previous["job"].cancel()
@@ -128,8 +131,25 @@ def sampler_ui(info: runs.RunInfo) -> dict:
                         else "This run was trained without EMA")
     st.session_state["rev_per_run"][info.name] = {"rev_sampler": sampler, "rev_steps": int(steps),
                                                   "rev_eta": float(eta), "rev_ema": bool(use_ema)}
-    return {"sampler": sampler, "steps": int(steps) if few_steps else 0, "eta": float(eta) if ddim else 0.0,
-            "seed": int(seed), "n": int(n), "use_ema": bool(use_ema and has_ema)}
+    del seed, n
+    return sampler_params(info)
+
+
+def sampler_params(info: runs.RunInfo) -> dict:
+    """The sampler settings the widgets hold now (read from session state, so a click's callback sees
+    the values of the last widget change even when the rerun that drew the button was cut short)."""
+    state = st.session_state
+    sampler = state["rev_sampler"]
+    has_ema = (info.path / "ema.safetensors").exists()
+    return {"sampler": sampler, "steps": int(state["rev_steps"]) if sampler != "ddpm" else 0,
+            "eta": float(state["rev_eta"]) if sampler == "ddim" else 0.0, "seed": int(state["rev_seed"]),
+            "n": int(state["rev_n"]), "use_ema": bool(state["rev_ema"] and has_ema)}
+
+
+def current_params(info: runs.RunInfo) -> dict:
+    params = sampler_params(info)
+    params.update(guidance.conditional_params(info, params["n"]))
+    return params
 
 
 def estimate_seconds(info: runs.RunInfo, params: dict) -> float:
@@ -250,7 +270,7 @@ info = run_picker_ui(candidates, key="rev_run", help="Runs with saved weights")
 params = sampler_ui(info)
 params.update(guidance.conditional_ui(info, params["n"]))  # class, γ and row-per-class grid: step 10 runs only
 c1, c2 = st.columns([1, 5], vertical_alignment="center")
-c1.button("Generate", icon=":material/auto_awesome:", type="primary", on_click=_generate, args=(str(info.path), params),
+c1.button("Generate", icon=":material/auto_awesome:", type="primary", on_click=_generate, args=(str(info.path),),
           key="rev_generate", help="Runs in the background; the page stays usable.")
 c2.caption(f"About {format_duration(max(1.0, estimate_seconds(info, params)))} here.")
 _collect_finished()
