@@ -461,13 +461,15 @@ PRESETS: dict[str, RunConfig] = {
                           pixel_range="symmetric", ema_decay=0.999, grad_clip=1.0, warmup_steps=200,
                           clip_denoised=True),
     ),
+    # Retuned from the ablation (docs/ablation.md): the ImprovedUNet and the EMA do the work, at the demo
+    # width 12 with attention; Min-SNR-5 measured 10.4 against 11.9 without it at the same 300 s.
     "quick": RunConfig(
-        model=ModelConfig(name="improved_unet", base_channels=16, channel_mults=(1, 2, 2),
-                          num_res_blocks=1, attention=False, norm="group"),
+        model=ModelConfig(name="improved_unet", base_channels=12, channel_mults=(1, 2, 2),
+                          num_res_blocks=1, attention=True, norm="group"),
         schedule=ScheduleConfig(timesteps=1000, schedule="linear"),
         train=TrainConfig(optimizer="adamw", lr=2e-3, weight_decay=0.01, batch_size=128, epochs=0,
-                          time_budget_s=300.0, pixel_range="symmetric", ema_decay=0.995, grad_clip=1.0,
-                          warmup_steps=100, clip_denoised=True),
+                          time_budget_s=300.0, pixel_range="symmetric", ema_decay=0.999, grad_clip=1.0,
+                          warmup_steps=100, clip_denoised=True, min_snr_gamma=5.0),
     ),
     # Step 10's two scripts: UNetCond trained with labels always, then the same network with the
     # whole batch's labels dropped 10 % of the time for classifier-free guidance.

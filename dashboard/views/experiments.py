@@ -105,13 +105,17 @@ st.markdown(f"**{definition['mode']}** from `{definition['base']}`, {len(rows)} 
                if evaluation else "not scored."))
 
 # -- results ---------------------------------------------------------------------------------------------
-table = pd.DataFrame(rows, columns=list(sweeps.RESULT_FIELDS))
+# The answer first (what changed, its score), the bookkeeping after; the CSV keeps the file's order.
+SHOWN = ("label", "fd", "fd_ratio", "final_loss", "state", "steps", "images", "train_s", "class_entropy", "floor",
+         "setting", "n", "run", "changes", "error")
+table = pd.DataFrame(rows, columns=list(SHOWN))
 st.dataframe(table, hide_index=True, key="exp_table", width="stretch",
              column_config={c: st.column_config.NumberColumn(format="%.4g")
                             for c in ("final_loss", "fd", "fd_ratio", "floor", "class_entropy", "train_s")})
 c1, c2 = st.columns(2)
-c1.download_button("Results as CSV", data=table.to_csv(index=False).encode("utf-8"), file_name=f"{name}-results.csv",
-                   mime="text/csv", icon=":material/download:", on_click="ignore", key="exp_csv")
+as_csv = pd.DataFrame(rows, columns=list(sweeps.RESULT_FIELDS)).to_csv(index=False)
+c1.download_button("Results as CSV", data=as_csv.encode("utf-8"), file_name=f"{name}-results.csv", mime="text/csv",
+                   icon=":material/download:", on_click="ignore", key="exp_csv")
 c2.download_button("Results as JSON", data=json.dumps(rows, indent=2).encode("utf-8"),
                    file_name=f"{name}-results.json", mime="application/json", icon=":material/download:",
                    on_click="ignore", key="exp_json")
