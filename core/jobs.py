@@ -102,6 +102,19 @@ class ReportingJob(BackgroundJob):
     def cancel(self) -> None:
         self.stop()
 
+    def _counted(self, steps):
+        """Pass reverse-process steps through, counting them in `_done`, and end the iteration when
+        cancelled."""
+        try:
+            for step in steps:
+                yield step
+                with self._lock:
+                    self._done += 1
+                if self.stop_requested:
+                    return
+        finally:
+            steps.close()  # runs the reverse process's clean-up (the model's train/eval mode) now
+
 
 class TrainingJob(BackgroundJob):
     """One training run (`training.train_run`) in the background, with start / stop / snapshot."""
@@ -172,18 +185,6 @@ class SamplingJob(ReportingJob):
         self._record = record
         self._done, self._total = 0, total_steps(config, scheduler)
         self.result: SampleResult | None = None
-
-    def _counted(self, steps):
-        """Pass the steps through, counting them, and end the iteration when cancelled."""
-        try:
-            for step in steps:
-                yield step
-                with self._lock:
-                    self._done += 1
-                if self.stop_requested:
-                    return
-        finally:
-            steps.close()  # runs the reverse process's clean-up (the model's train/eval mode) now
 
     def work(self) -> None:
         result = collect(self._counted(reverse_process(**self._args)), pixel_range=self._args["pixel_range"],
@@ -429,19 +430,13 @@ class EvaluationJob(ReportingJob):
         with self._lock:
             self._done, self._total = done, total
 
-    def _counted(self, steps, total: int, description: str):
+    def _sampling_phase(self, steps, total: int, description: str):
+        """score_setting's step wrapper: the sampling phase, counted, then the scoring phase."""
         del description
         self._set_phase("sampling", total)
-        try:
-            for step in steps:
-                yield step
-                with self._lock:
-                    self._done += 1
-                if self.stop_requested:
-                    return
+        yield from self._counted(steps)
+        if not self.stop_requested:
             self._set_phase("scoring")  # features of the samples, the floor and the noise ceiling
-        finally:
-            steps.close()
 
     def work(self) -> None:
         loaded = runs.load_model(self.run_dir, use_ema=self._use_ema, device=self._device)
@@ -461,7 +456,7 @@ class EvaluationJob(ReportingJob):
         evaluator = QualityEvaluator(classifier, load_images(dataset, "test", self._data_root), self._device)
         train = load_images(dataset, "train", self._data_root)
         entry = score_setting(self.config, loaded, scheduler, evaluator, train, raw_weights, self._device,
-                              wrap=self._counted)
+                              wrap=self._sampling_phase)
         if entry is None:
             return self._finish("cancelled")
         runs.append_eval(self.run_dir, entry)

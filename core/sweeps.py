@@ -432,8 +432,8 @@ def evaluation_of(definition: dict[str, Any]) -> SampleConfig | None:
 
 
 # -- results -----------------------------------------------------------------------------------------
-def _final_loss(run_dir: Path) -> float | None:
-    rows = runs.read_metrics(run_dir, run_dir.name)
+def _final_loss(rows: list[dict[str, float]]) -> float | None:
+    """The mean loss of the last logged metrics rows (one row is one noisy batch)."""
     if not rows:
         return None
     tail = [r["loss"] for r in rows[-FINAL_LOSS_ROWS:]]
@@ -472,8 +472,9 @@ def results(runs_dir: str | Path, definition: dict[str, Any]) -> list[dict[str, 
             if info.readable and info.config is not None:
                 row["steps"] = info.step
                 row["images"] = info.step * info.config.train.batch_size
-                row["train_s"] = _train_seconds(run_dir)
-                row["final_loss"] = _final_loss(run_dir)
+                metrics = runs.read_metrics(run_dir, run_dir.name)  # read once for both figures
+                row["train_s"] = round(metrics[-1]["elapsed_s"], 1) if metrics else None
+                row["final_loss"] = _final_loss(metrics)
                 found = _eval_entry(info, evaluation)
                 if found is not None:
                     row.update(setting=found.get("setting"), n=found.get("n"), fd=_number(found.get("fd")),
@@ -481,11 +482,6 @@ def results(runs_dir: str | Path, definition: dict[str, Any]) -> list[dict[str, 
                                class_entropy=_number(found.get("class_entropy")))
         rows.append(row)
     return rows
-
-
-def _train_seconds(run_dir: Path) -> float | None:
-    rows = runs.read_metrics(run_dir, run_dir.name)
-    return round(rows[-1]["elapsed_s"], 1) if rows else None
 
 
 def write_results(runs_dir: str | Path, name: str) -> list[dict[str, Any]]:
