@@ -1,7 +1,7 @@
 """Entry point: `python -m core ...` (see core/cli.py)."""
 import sys
 
-from .cli import main
+from .cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

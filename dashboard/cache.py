@@ -11,15 +11,15 @@ import numpy as np
 import streamlit as st
 import torch
 
-from core import runs
+from core.store import runs
 from core.bench.flops import model_cost
 from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, ModelConfig, SampleConfig, ScheduleConfig
-from core.data import ImageSet, load_images, to_model_range, to_uint8
+from core.data.datasets import ImageSet, load_images, to_model_range, to_uint8
 from core.device import resolve_device
 from core.evaluation.diagnostics import loss_by_timestep
-from core.jobs import measure_call_seconds
-from core.sampling import sample
-from core.schedule import NoiseScheduler
+from core.work.jobs import measure_call_seconds
+from core.diffusion.sampling import sample
+from core.diffusion.schedule import NoiseScheduler
 
 # Sampling and scoring run on the best device here (a GPU when there is one); training picks its own.
 DEVICE = resolve_device("auto")

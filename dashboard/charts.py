@@ -15,10 +15,10 @@ from plotly.subplots import make_subplots
 
 from core.config import PIXEL_RANGE_LABELS, SAMPLER_LABELS, RunConfig
 from core.config import run_label as recipe_label
-from core.export import make_grid
-from core.report import ema_smooth as smooth
-from core.runs import RunInfo
-from core.training import steps_per_epoch
+from core.store.export import make_grid
+from core.store.report import ema_smooth as smooth
+from core.store.runs import RunInfo
+from core.train.training import steps_per_epoch
 
 from .presets import UNUSED_MODEL_FIELDS
 

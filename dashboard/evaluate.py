@@ -9,10 +9,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import runs
+from core.store import runs
 from core.config import (DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, SAMPLER_NAMES, ConfigError,
                          SampleConfig)
-from core.jobs import JobBusy, classifier_ready, estimate_evaluation_seconds
+from core.work.jobs import JobBusy, classifier_ready, estimate_evaluation_seconds
 from dashboard import cache
 from dashboard.charts import format_duration
 from dashboard.state import evaluation_manager

@@ -16,10 +16,10 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 
-from core import runs
+from core.store import runs
 from core.config import ConfigError, SampleConfig
-from core.sampling import sample
-from core.guidance import check_guidance, class_names, default_guidance, per_class_labels
+from core.diffusion.sampling import sample
+from core.diffusion.guidance import check_guidance, class_names, default_guidance, per_class_labels
 from dashboard import cache
 from dashboard.charts import scaled_grid
 

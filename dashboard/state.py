@@ -11,7 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.jobs import EvaluationManager, JobManager
+from core.work.jobs import EvaluationManager, JobManager
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_RUNS_DIR = "DDPM_RUNS_DIR"

@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 import streamlit as st
 
-from core.runs import RunInfo
+from core.store.runs import RunInfo
 
 from .charts import run_label, scaled_grid
 

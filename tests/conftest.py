@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core.config import ModelConfig, RunConfig, ScheduleConfig, TrainConfig
-from core.data import ImageSet
+from core.data.datasets import ImageSet
 
 REPO = Path(__file__).resolve().parents[1]
 # Tests share 2 cores with each other's subprocesses; one thread each avoids oversubscription.
@@ -50,8 +50,8 @@ def tiny_images() -> ImageSet:
 @pytest.fixture
 def tiny_run(tmp_path, tiny_images) -> Path:
     """A finished tiny run folder (with EMA) in a temporary runs dir."""
-    from core import runs
-    from core.training import train_run
+    from core.store import runs
+    from core.train.training import train_run
     run_dir = runs.create_run(tmp_path / "runs", "tiny", tiny_config(ema_decay=0.9))
     train_run(run_dir, images=tiny_images)
     return run_dir

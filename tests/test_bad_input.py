@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import runs
+from core.store import runs
 from core.config import (ConfigError, ModelConfig, RunConfig, SampleConfig, ScheduleConfig, TrainConfig,
                          check_run_name, override, preset)
-from core.data import ImageSet
+from core.data.datasets import ImageSet
 from core.models import build_model
-from core.sampling import sample
-from core.schedule import NoiseScheduler
+from core.diffusion.sampling import sample
+from core.diffusion.schedule import NoiseScheduler
 from core.device import resolve_device
-from core.training import train_run
+from core.train.training import train_run
 from tests.conftest import REPO, make_tiny_images, tiny_config
 
 NO_CUDA = not torch.cuda.is_available()

@@ -14,12 +14,12 @@ import torch
 
 from core.bench import reference
 from core.bench.runner import BenchPlan, ProductTrainer, run_bench
-from core.cli import main
+from core.cli.main import main
 from core.config import ModelConfig, RunConfig, SampleConfig, ScheduleConfig, TrainConfig
 from core.models import UNet, build_model
 from core.models.embedding import sinusoidal_encoding
-from core.sampling import sample
-from core.schedule import NoiseScheduler
+from core.diffusion.sampling import sample
+from core.diffusion.schedule import NoiseScheduler
 
 from conftest import make_tiny_images
 
@@ -217,8 +217,8 @@ def test_channels_last_forward_matches_within_float_tolerance():
 
 def test_training_step_is_what_the_loop_runs(tmp_path):
     """train_run's losses equal ProductTrainer's over the same batches: the bench times the loop's step."""
-    from core import runs
-    from core.training import train_run
+    from core.store import runs
+    from core.train.training import train_run
     images = make_tiny_images(64)
     config = _tiny_run("improved_unet", False)
     config = replace(config, train=replace(config.train, log_every=1, sample_every_epochs=0, checkpoint_every_s=0.0,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from core import sweeps
+from core.work import sweeps
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -62,7 +62,7 @@ SHIPPED_SWEEP = "blog-ablation"        # shipped; the blog's changes one at a ti
 
 @pytest.fixture
 def server(tmp_path):
-    from core.data import load_images
+    from core.data.datasets import load_images
     from core.evaluation import classifier as clf
 
     port = _free_port()
@@ -281,7 +281,7 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
                 page.get_by_role("button", name=re.compile(r"Add to queue$")).click()
                 expect(page.get_by_text(re.compile(r"Queued run " + queued_name))).to_be_visible()
             shot(page, "12-queued")
-            from core import queue as run_queue
+            from core.work import queue as run_queue
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
                 entries = run_queue.read_queue(tmp_path / "runs").entries

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from core import runs
+from core.store import runs
 from core.config import FORMAT_VERSION
-from core.training import train_run
+from core.train.training import train_run
 from tests.conftest import REPO, make_tiny_images, tiny_config
 
 

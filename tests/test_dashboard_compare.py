@@ -13,8 +13,8 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, make_tiny_images, tiny_config
 from core.config import DEFAULT_FEW_STEP_SAMPLER
-from core import runs
-from core.training import train_run
+from core.store import runs
+from core.train.training import train_run
 from core.evaluation.frechet import QualityReport
 from dashboard.charts import metrics_frame
 

@@ -10,12 +10,12 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
 from core.config import DEFAULT_FEW_STEP_SAMPLER, SAMPLER_LABELS
-from core import runs
+from core.store import runs
 from core.config import SampleConfig
-from core.data import load_images
+from core.data.datasets import load_images
 from core.evaluation import classifier as clf
-from core.jobs import EvaluationJob, classifier_ready, estimate_evaluation_seconds
-from core.schedule import NoiseScheduler
+from core.work.jobs import EvaluationJob, classifier_ready, estimate_evaluation_seconds
+from core.diffusion.schedule import NoiseScheduler
 
 pytestmark = pytest.mark.integration  # scored against the real FashionMNIST test split
 

@@ -9,9 +9,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, make_tiny_images
-from core import queue, runs, sweeps
+from core.work import queue, sweeps
+from core.store import runs
 from core.evaluation.frechet import QualityReport
-from core.training import train_run
+from core.train.training import train_run
 from dashboard.state import job_manager
 
 APP = str(REPO / "dashboard" / "app.py")

@@ -8,7 +8,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
 from core.config import ScheduleConfig
-from core.schedule import NoiseScheduler
+from core.diffusion.schedule import NoiseScheduler
 
 pytestmark = pytest.mark.integration  # draws real FashionMNIST images from ./data
 

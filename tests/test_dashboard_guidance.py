@@ -12,9 +12,9 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, make_tiny_images, tiny_config
-from core import runs
+from core.store import runs
 from core.evaluation import classifier as clf
-from core.training import train_run
+from core.train.training import train_run
 from dashboard.guidance import tradeoff_figure
 from dashboard.state import job_manager
 

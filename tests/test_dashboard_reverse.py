@@ -11,10 +11,10 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, tiny_config
-from core import runs
+from core.store import runs
 from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, ScheduleConfig
-from core.export import frames_npz, grid_png, reverse_gif
-from core.training import train_run
+from core.store.export import frames_npz, grid_png, reverse_gif
+from core.train.training import train_run
 
 APP = str(REPO / "dashboard" / "app.py")
 

@@ -9,9 +9,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, tiny_config
-from core import runs
-from core.export import run_bundle
-from core.jobs import JobManager
+from core.store import runs
+from core.store.export import run_bundle
+from core.work.jobs import JobManager
 from dashboard.state import job_manager
 
 APP = str(REPO / "dashboard" / "app.py")

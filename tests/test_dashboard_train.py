@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
 from core.config import DEFAULT_FEW_STEP_SAMPLER
-from core import runs
+from core.store import runs
 from core.config import PRESETS
 from dashboard.state import form_memory, job_manager
 
@@ -216,12 +216,12 @@ def test_a_deleted_run_no_longer_shows(runs_dir):
 
 # -- the run queue ------------------------------------------------------------------------------------
 def queue_entries(runs_dir):
-    from core import queue
+    from core.work import queue
     return queue.read_queue(runs_dir).entries
 
 
 def test_add_to_queue_trains_two_runs_in_turn_with_reorder_remove_and_eval(runs_dir):
-    from core import queue
+    from core.work import queue
 
     at = train_page()
     assert any("Nothing queued" in i.value for i in at.info)
@@ -262,7 +262,7 @@ def test_add_to_queue_trains_two_runs_in_turn_with_reorder_remove_and_eval(runs_
 
 
 def test_train_is_refused_while_the_queue_trains(runs_dir):
-    from core import queue
+    from core.work import queue
 
     at = train_page()
     at.selectbox(key="train_preset").set_value("Tiny smoke test").run()

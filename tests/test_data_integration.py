@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.data import DatasetNotFoundError, ensure_dataset, load_images, to_model_range, to_uint8
+from core.data.datasets import DatasetNotFoundError, ensure_dataset, load_images, to_model_range, to_uint8
 
 pytestmark = pytest.mark.integration
 

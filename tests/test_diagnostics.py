@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from core import runs
+from core.store import runs
 from core.config import ConfigError, ScheduleConfig
 from core.evaluation.diagnostics import loss_by_timestep, timestep_buckets
-from core.schedule import NoiseScheduler
+from core.diffusion.schedule import NoiseScheduler
 
 
 class PredictsZero(nn.Module):

@@ -25,9 +25,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from core import runs
-from core.distributed import World
-from core.training import Trainer
+from core.store import runs
+from core.train.distributed import World
+from core.train.training import Trainer
 from tests.conftest import REPO, make_tiny_images, tiny_config
 
 DATA_ROOT = Path(os.environ.get("DDPM_DATA_ROOT", REPO / "data"))

@@ -20,9 +20,9 @@ from safetensors.torch import load, save
 
 from core.evaluation import classifier as clf
 from core.evaluation.classifier import read_metadata
-from core import runs
-from core.cli import main
-from core.data import CLASS_NAMES, ImageSet
+from core.store import runs
+from core.cli.main import main
+from core.data.datasets import CLASS_NAMES, ImageSet
 from core.evaluation.frechet import (QualityEvaluator, class_statistics, frechet_metric, noise_images,
                              normalised_entropy, real_subset)
 from tests.conftest import make_tiny_images, tiny_config
@@ -296,7 +296,7 @@ def test_eval_cli_rejects_a_dataset_other_than_the_runs(tmp_path, capsys):
 # -- the real dataset --------------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_real_floor_is_far_below_the_noise_ceiling():
-    from core.data import load_images
+    from core.data.datasets import load_images
     train = load_images("fashion_mnist", "train")
     full_test = load_images("fashion_mnist", "test")
     test = ImageSet(full_test.images[:2000], full_test.labels[:2000], "fashion_mnist", "test")

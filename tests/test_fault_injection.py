@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from core import io, runs
-from core.jobs import TrainingJob
-from core.training import TrainingDiverged, train_run
+from core.store import io, runs
+from core.work.jobs import TrainingJob
+from core.train.training import TrainingDiverged, train_run
 from tests.conftest import REPO, tiny_config
 
 DATA_ROOT = Path(os.environ.get("DDPM_DATA_ROOT", REPO / "data"))

@@ -12,19 +12,19 @@ import pytest
 import torch
 from torch import nn
 
-from core import runs
+from core.store import runs
 from core.bench.runner import SMOKE, measure_guidance
-from core.cli import main
+from core.cli.main import main
 from core.config import FORMAT_VERSION, PRESETS, ConfigError, ModelConfig, RunConfig, SampleConfig, TrainConfig
-from core.data import CLASS_NAMES
+from core.data.datasets import CLASS_NAMES
 from core.evaluation import classifier as clf
 from core.evaluation.frechet import QualityEvaluator, frechet_distance_of_features
-from core.guidance import class_index, even_labels, guided, per_class_labels
+from core.diffusion.guidance import class_index, even_labels, guided, per_class_labels
 from core.models import NO_LABEL, ImprovedUNet, UNet, build_model
-from core.sampling import sample
-from core.schedule import NoiseScheduler
+from core.diffusion.sampling import sample
+from core.diffusion.schedule import NoiseScheduler
 from core.config import ScheduleConfig
-from core.training import Trainer, train_run
+from core.train.training import Trainer, train_run
 from tests.conftest import REPO, make_tiny_images, tiny_config
 from tests.test_evaluation import tiny_split, write_idx
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save
 
-from core import checkpoint, export, io, runs
+from core.store import checkpoint, export, io, runs
 from core.config import override
-from core.jobs import JobManager
-from core.training import train_run
+from core.work.jobs import JobManager
+from core.train.training import train_run
 from tests.conftest import REPO, make_tiny_images, tiny_config
 
 MEMORY_LIMIT = 4 << 30

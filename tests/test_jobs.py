@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from core import io, runs
+from core.store import io, runs
 from core.config import ConfigError, SampleConfig, override
-from core.jobs import JobBusy, JobManager, SamplingJob
-from core.sampling import sample
-from core.schedule import NoiseScheduler
+from core.work.jobs import JobBusy, JobManager, SamplingJob
+from core.diffusion.sampling import sample
+from core.diffusion.schedule import NoiseScheduler
 
 
 def test_one_training_run_at_a_time_and_no_folder_for_a_refused_start(tmp_path, tiny_images):

@@ -10,14 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core import cli, runs
+from core.cli import main as cli
+from core.store import runs
 from core.config import FORMAT_VERSION, PRESETS, ConfigError, RunConfig, ScheduleConfig, SampleConfig, \
     TrainConfig, override, run_label
 from core.evaluation.diagnostics import loss_by_timestep
 from core.models import build_model
-from core.sampling import reverse_process, sample
-from core.schedule import NoiseScheduler
-from core.training import Trainer, min_snr_weight, train_run
+from core.diffusion.sampling import reverse_process, sample
+from core.diffusion.schedule import NoiseScheduler
+from core.train.training import Trainer, min_snr_weight, train_run
 from tests.conftest import make_tiny_images, tiny_config
 from tests.test_solvers import MU, S, gaussian_denoiser
 

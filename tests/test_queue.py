@@ -14,9 +14,10 @@ import time
 import pytest
 
 from conftest import REPO, tiny_config
-from core import queue, runs
+from core.work import queue
+from core.store import runs
 from core.config import ConfigError
-from core.jobs import JobBusy, JobManager, QueueRunner
+from core.work.jobs import JobBusy, JobManager, QueueRunner
 
 
 @pytest.fixture
@@ -166,7 +167,7 @@ def test_recover_marks_a_dead_workers_entry_interrupted_and_pauses(runs_dir):
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
-        from core import queue
+        from core.work import queue
         claim = queue.claim_next({str(runs_dir)!r})
         print(claim.entry.run, flush=True)
         os._exit(0)
@@ -245,7 +246,7 @@ def test_stop_pauses_the_queue_and_resume_continues_the_run(runs_dir, tiny_image
         runner.stop()
         assert runner.join(120)
     # Resume with a limit the run can reach: it continues from its checkpoint, then "next" trains.
-    from core import io
+    from core.store import io
     from core.config import override
     config = override(runs.load_config(runs_dir / "long"), max_steps=stopped_at + 2)
     io.atomic_write_text(runs_dir / "long" / "config.json", config.to_json())
@@ -312,7 +313,7 @@ def test_queue_new_refuses_a_damaged_queue_before_creating_the_run(runs_dir):
 
 # -- the command line ---------------------------------------------------------------------------------
 def cli(capsys, *argv):
-    from core.cli import main
+    from core.cli.main import main
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err

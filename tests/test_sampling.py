@@ -10,8 +10,8 @@ import torch
 
 from core.config import ConfigError, ModelConfig, SampleConfig, ScheduleConfig
 from core.models import build_model
-from core.sampling import collect, reverse_process, sample, total_steps
-from core.schedule import NoiseScheduler
+from core.diffusion.sampling import collect, reverse_process, sample, total_steps
+from core.diffusion.schedule import NoiseScheduler
 
 
 @pytest.fixture

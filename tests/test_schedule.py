@@ -9,7 +9,7 @@ import torch
 
 from core.config import ConfigError, RunConfig, ScheduleConfig
 from core.config import PRESETS
-from core.schedule import NoiseScheduler, cosine_beta_schedule
+from core.diffusion.schedule import NoiseScheduler, cosine_beta_schedule
 
 # A tiny run's config.json as format 1 wrote it: no scale_to_timesteps field.
 PRESETS_TINY_FORMAT_1 = {**PRESETS["tiny"].to_dict(), "format_version": 1}

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import io, runs
+from core.store import io, runs
 from core.config import ConfigError, override
 from core.models import build_model
-from core.training import build_optimizer, train_run
+from core.train.training import build_optimizer, train_run
 from tests.conftest import REPO, tiny_config
 
 SCANNED = ("core", "dashboard")

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from core.config import ScheduleConfig, SampleConfig
-from core.sampling import ReverseStep, make_stepper, reverse_process
-from core.schedule import NoiseScheduler
+from core.diffusion.sampling import ReverseStep, make_stepper, reverse_process
+from core.diffusion.schedule import NoiseScheduler
 
 MU, S = 0.3, 0.5  # the data's mean and standard deviation
 

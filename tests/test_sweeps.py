@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from core import runs, sweeps
-from core.cli import main
+from core.store import runs
+from core.work import sweeps
+from core.cli.main import main
 from core.config import ConfigError, override, preset
 from core.errors import RunError
 
@@ -139,7 +140,7 @@ def test_a_sweep_continues_and_a_damaged_run_is_a_row_not_a_crash(tmp_path, tiny
     trained: list[str] = []
 
     def train(run_dir: Path) -> None:
-        from core.training import train_run
+        from core.train.training import train_run
         trained.append(run_dir.name)
         train_run(run_dir, resume=True, images=tiny_images)
 

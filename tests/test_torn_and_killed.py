@@ -23,10 +23,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import checkpoint, io, runs, training
-from core.jobs import JobManager
+from core.store import checkpoint, io, runs
+from core.train import training
+from core.work.jobs import JobManager
 from core.models import build_model
-from core.training import TrainingDiverged, train_run
+from core.train.training import TrainingDiverged, train_run
 from tests.conftest import REPO, make_tiny_images, tiny_config
 
 DATA_ROOT = Path(os.environ.get("DDPM_DATA_ROOT", REPO / "data"))

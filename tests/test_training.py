@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import io, runs
+from core.store import io, runs
 from core.config import FORMAT_VERSION, ConfigError
-from core.jobs import TrainingJob
-from core.training import TrainingDiverged, train_run
+from core.work.jobs import TrainingJob
+from core.train.training import TrainingDiverged, train_run
 from tests.conftest import make_tiny_images, tiny_config
 
 

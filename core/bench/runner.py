@@ -35,14 +35,14 @@ from pathlib import Path
 import torch
 
 from ..config import DEVICE_NAMES, PRESETS, ConfigError, RunConfig, SampleConfig
-from ..data import load_images
-from ..guidance import even_labels
+from ..data.datasets import load_images
+from ..diffusion.guidance import even_labels
 from ..device import resolve_device, synchronize
 from ..models import build_model, count_parameters
 from ..models.embedding import sinusoidal_encoding
-from ..sampling import reverse_process
-from ..schedule import NoiseScheduler
-from ..training import Trainer
+from ..diffusion.sampling import reverse_process
+from ..diffusion.schedule import NoiseScheduler
+from ..train.training import Trainer
 from . import reference
 from .flops import flops_per_image
 

@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 from ..config import PRESETS, ConfigError, RunConfig
 from ..device import resolve_device, synchronize
-from ..distributed import World, all_reduce_sum, device_for, init_process_group, shutdown
+from ..train.distributed import World, all_reduce_sum, device_for, init_process_group, shutdown
 from .runner import FULL, QUICK, SMOKE, MODEL_PRESETS, ProductTrainer, _r, device_name, print_result
 
 TIMEOUT_S = 300.0

@@ -44,8 +44,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import DATASET_NAMES, ConfigError
-from ..data import CLASS_NAMES, ImageSet
-from ..io import atomic_write_bytes
+from ..data.datasets import CLASS_NAMES, ImageSet
+from ..store.io import atomic_write_bytes
 
 ARCH_VERSION = 1          # bump when the network changes: older files are then refitted
 FEATURE_DIM = 128

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..data import to_model_range
-from ..schedule import NoiseScheduler
+from ..data.datasets import to_model_range
+from ..diffusion.schedule import NoiseScheduler
 
 
 @dataclass(frozen=True)

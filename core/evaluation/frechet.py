@@ -39,8 +39,8 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ..config import ConfigError
-from ..data import ImageSet, to_uint8
-from ..io import atomic_write_bytes
+from ..data.datasets import ImageSet, to_uint8
+from ..store.io import atomic_write_bytes
 from .classifier import Classifier, FeatureExtractor, read_metadata
 
 NOISE_PIXEL_RANGE = "symmetric"   # the noise ceiling's x_T is shown as if the model range were [-1, 1]

@@ -11,13 +11,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .. import runs
+from ..store import runs
 from ..config import SampleConfig
-from ..data import ImageSet, load_images
+from ..data.datasets import ImageSet, load_images
 from ..device import resolve_device
-from ..guidance import guided_nfe
-from ..sampling import ReverseStep, collect, reverse_process, total_steps
-from ..schedule import NoiseScheduler
+from ..diffusion.guidance import guided_nfe
+from ..diffusion.sampling import ReverseStep, collect, reverse_process, total_steps
+from ..diffusion.schedule import NoiseScheduler
 from .classifier import Classifier, ClassifierError, FitConfig, classifier_dir, fit, load_classifier, save_classifier
 from .frechet import QualityEvaluator
 

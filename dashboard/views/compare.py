@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import runs
+from core.store import runs
 from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, SAMPLER_NAMES
 from dashboard import cache, guidance
 from dashboard.charts import (X_AXES, assign_colours, bucket_figure, class_shares_figure, config_diff, evals_frame,

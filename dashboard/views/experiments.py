@@ -12,7 +12,8 @@ import json
 import pandas as pd
 import streamlit as st
 
-from core import runs, sweeps
+from core.store import runs
+from core.work import sweeps
 from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, PRESETS, SAMPLER_LABELS, SAMPLER_NAMES, \
     ConfigError
 from dashboard import cache

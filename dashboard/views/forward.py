@@ -10,7 +10,7 @@ import random
 import streamlit as st
 
 from core.config import DATASET_LABELS, DATASET_NAMES, SCHEDULE_NAMES
-from core.data import DatasetNotFoundError
+from core.data.datasets import DatasetNotFoundError
 from dashboard import cache
 from dashboard.charts import plain_number, schedule_figure, upscale
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from core import runs
+from core.store import runs
 from core.config import (DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, SAMPLER_NAMES, ConfigError,
                          SampleConfig)
-from core.export import frames_npz, grid_png, reverse_gif
-from core.jobs import SamplingJob
+from core.store.export import frames_npz, grid_png, reverse_gif
+from core.work.jobs import SamplingJob
 from dashboard import cache, guidance
 from dashboard.charts import format_duration, scaled_grid
 from dashboard.state import runs_dir

@@ -10,10 +10,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core import runs
+from core.store import runs
 from core.config import DATASET_LABELS, MODEL_LABELS, OPTIMIZER_LABELS, PIXEL_RANGE_LABELS, ConfigError
-from core.export import run_bundle
-from core.jobs import JobBusy
+from core.store.export import run_bundle
+from core.work.jobs import JobBusy
 from dashboard import cache
 from dashboard.charts import format_duration
 from dashboard.evaluate import evaluate_ui, evaluation_status_ui

@@ -13,13 +13,14 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from core import queue, runs
+from core.work import queue
+from core.store import runs
 from core.config import (DATASET_LABELS, DATASET_NAMES, DEFAULT_FEW_STEP_SAMPLER, DEVICE_NAMES, LABEL_DROPOUT_MODES,
                          MAX_MIN_SNR_GAMMA, MODEL_LABELS, OPTIMIZER_LABELS, OPTIMIZER_NAMES, PIXEL_RANGE_LABELS,
                          PIXEL_RANGES, PREDICTION_LABELS, PREDICTION_NAMES, SAMPLER_LABELS, SAMPLER_NAMES,
                          SCHEDULE_NAMES, ConfigError)
-from core.jobs import JobBusy
-from core.training import Progress
+from core.work.jobs import JobBusy
+from core.train.training import Progress
 from dashboard import cache
 from dashboard.charts import format_duration, live_loss_figure, plain_number, smoothed_eta, upscale
 from dashboard.presets import (DEFAULT_PRESET, FORM_FIELDS, FORM_PRESETS, TINY_TAKES, UNUSED_MODEL_FIELDS,

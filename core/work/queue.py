@@ -34,10 +34,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from . import runs
-from .config import ConfigError, SampleConfig, check_run_name
-from .errors import RunError
-from .io import MAX_JSON_BYTES, atomic_write_text, parse_json, read_bounded_bytes
+from ..store import runs
+from ..config import ConfigError, SampleConfig, check_run_name
+from ..errors import RunError
+from ..store.io import MAX_JSON_BYTES, atomic_write_text, parse_json, read_bounded_bytes
 
 QUEUE_FILE = "queue.json"
 EDIT_LOCK = ".queue.lock"

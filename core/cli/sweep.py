@@ -14,14 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-from . import runs, sweeps
+from ..store import runs
+from ..work import sweeps
 from .argtypes import number, whole_number
-from .config import PRESETS, SAMPLER_NAMES, DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS
+from ..config import PRESETS, SAMPLER_NAMES, DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS
 from .console import EXIT_SIGNAL, ProgressBar, StopOnSignals
-from .data import load_images
-from .errors import CliError
-from .evaluation.scoring import evaluate_run
-from .training import train_run
+from ..data.datasets import load_images
+from ..errors import CliError
+from ..evaluation.scoring import evaluate_run
+from ..train.training import train_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,9 +24,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .config import ConfigError, RunConfig
-from .data import CLASS_NAMES
-from .models import NO_LABEL
+from ..config import ConfigError, RunConfig
+from ..data.datasets import CLASS_NAMES
+from ..models import NO_LABEL
 
 # Same shape as core.sampling.Denoiser (sampling imports this module, not the other way round).
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import RunError
+from ..errors import RunError
 from .io import (MAX_JSON_BYTES, atomic_write_text, fsync_folder, read_json_file, read_tensor_file,
                  safetensors_metadata, sha256_hex, temp_path, write_new_file)
 

@@ -27,19 +27,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .. import runs
-from ..argtypes import comma_list, number, whole_number
+from ..store import runs
+from .argtypes import comma_list, number, whole_number
 from ..config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, SAMPLER_NAMES, SPACING_NAMES, ConfigError,
                       SampleConfig)
-from ..data import load_images
+from ..data.datasets import load_images
 from ..device import resolve_device
 from ..errors import CliError, RunError
-from ..guidance import check_conditional, check_guidance, class_index, default_guidance, even_labels
-from ..schedule import NoiseScheduler
-from .classifier import (ARCH_VERSION, REQUIRED_ACCURACY, Classifier, ClassifierError, FitConfig, classifier_path,
+from ..diffusion.guidance import check_conditional, check_guidance, class_index, default_guidance, even_labels
+from ..diffusion.schedule import NoiseScheduler
+from ..evaluation.classifier import (ARCH_VERSION, REQUIRED_ACCURACY, Classifier, ClassifierError, FitConfig, classifier_path,
                          fit, fit_path, load_classifier, save_classifier)
-from .frechet import QualityEvaluator, real_subset
-from .scoring import score_setting, setting_name  # noqa: F401 - setting_name: part of this module's API
+from ..evaluation.frechet import QualityEvaluator, real_subset
+from ..evaluation.scoring import score_setting, setting_name  # noqa: F401 - setting_name: part of this module's API
 
 DEFAULT_N = 1000
 

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ConfigError
-from .errors import CliError, RunError
+from ..config import ConfigError
+from ..errors import CliError, RunError
 
 T = TypeVar("T")
 

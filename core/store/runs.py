@@ -39,13 +39,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import budget, checkpoint
-from .config import ConfigError, RunConfig, check_run_name, run_label
-from .device import resolve_device
-from .errors import RunError
+from ..models import budget
+from . import checkpoint
+from ..config import ConfigError, RunConfig, check_run_name, run_label
+from ..device import resolve_device
+from ..errors import RunError
 from .io import (MAX_EVAL_BYTES, MAX_JSON_BYTES, MAX_METRICS_BYTES, atomic_write_text, is_disk_full,
                  load_weights_bytes, overwrite_in_place, read_bounded_bytes, read_json_file)
-from .models import build_model
+from ..models import build_model
 
 DEFAULT_RUNS_DIR = Path(os.environ.get("DDPM_RUNS_DIR", "checkpoints"))
 METRIC_FIELDS = ("step", "epoch", "loss", "lr", "elapsed_s", "images_per_s")

@@ -25,12 +25,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from . import budget as memory, queue, runs
-from .config import (DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, MAX_SAMPLES, ConfigError, ModelConfig, RunConfig,
+from ..models import budget as memory
+from . import queue
+from ..store import runs
+from ..config import (DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, MAX_SAMPLES, ConfigError, ModelConfig, RunConfig,
                      SampleConfig, ScheduleConfig, TrainConfig, check_run_name, override, preset)
-from .device import resolve_device
-from .errors import RunError
-from .io import MAX_JSON_BYTES, atomic_write_text, read_json_file
+from ..device import resolve_device
+from ..errors import RunError
+from ..store.io import MAX_JSON_BYTES, atomic_write_text, read_json_file
 
 SWEEP_FORMAT = 1
 MAX_RUNS = 64            # a bigger grid is almost surely a typo, and days of CPU time

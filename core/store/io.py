@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
-from .errors import RunError
+from ..errors import RunError
 
 # Size limits, checked before a byte is read. The JSON files of a run are a few KB; 1 MiB leaves
 # a wide margin. metrics.csv grows by ~60 bytes a row: 64 MiB is a million rows.

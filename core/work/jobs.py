@@ -19,17 +19,19 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import budget, queue, runs
-from .config import ConfigError, RunConfig, SampleConfig
-from .data import ImageSet, load_images
-from .device import resolve_device
-from .errors import RunError
-from .evaluation.classifier import FitConfig, classifier_path
-from .evaluation.frechet import QualityEvaluator
-from .evaluation.scoring import load_or_fit_classifier, score_setting, setting_name
-from .sampling import SampleResult, collect, reverse_process, total_steps
-from .schedule import NoiseScheduler
-from .training import Progress, train_run
+from ..models import budget
+from . import queue
+from ..store import runs
+from ..config import ConfigError, RunConfig, SampleConfig
+from ..data.datasets import ImageSet, load_images
+from ..device import resolve_device
+from ..errors import RunError
+from ..evaluation.classifier import FitConfig, classifier_path
+from ..evaluation.frechet import QualityEvaluator
+from ..evaluation.scoring import load_or_fit_classifier, score_setting, setting_name
+from ..diffusion.sampling import SampleResult, collect, reverse_process, total_steps
+from ..diffusion.schedule import NoiseScheduler
+from ..train.training import Progress, train_run
 
 
 class BackgroundJob:

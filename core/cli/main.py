@@ -20,24 +20,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import bench, budget, distributed, export, io, report, runs, sweep_cli, sweeps
-from . import queue as run_queue
+from .. import bench
+from ..models import budget
+from ..train import distributed
+from ..store import export, io, report, runs
+from . import sweep as sweep_cli
+from ..work import sweeps
+from ..work import queue as run_queue
 from .argtypes import number, whole_number
-from .bench.flops import model_costs
+from ..bench.flops import model_costs
 from .console import EXIT_SIGNAL, ProgressBar, StopOnSignals
-from .config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES,
+from ..config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES,
                      PIXEL_RANGES, PREDICTION_NAMES, PRESETS, SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES,
                      ConfigError, RunConfig, SampleConfig, check_run_name, objective_label, override, preset)
-from .data import DatasetNotFoundError, load_images
-from .device import resolve_device
-from .distributed import BACKEND_NAMES, DEFAULT_TIMEOUT_S, TIMEOUT_ENV, check_backend, launched_world, timeout_seconds
-from .errors import CliError, RunError
-from .evaluation import cli as evaluation_cli
-from .guidance import (Conditioning, check_conditional, check_guidance, class_index, default_guidance,
+from ..data.datasets import DatasetNotFoundError, load_images
+from ..device import resolve_device
+from ..train.distributed import BACKEND_NAMES, DEFAULT_TIMEOUT_S, TIMEOUT_ENV, check_backend, launched_world, timeout_seconds
+from ..errors import CliError, RunError
+from . import evaluate as evaluation_cli
+from ..diffusion.guidance import (Conditioning, check_conditional, check_guidance, class_index, default_guidance,
                        describe_labels, even_labels, per_class_labels)
-from .sampling import collect, reverse_process, total_steps
-from .schedule import NoiseScheduler
-from .training import DiskFull, TrainingDiverged, check_data_fits, train_run
+from ..diffusion.sampling import collect, reverse_process, total_steps
+from ..diffusion.schedule import NoiseScheduler
+from ..train.training import DiskFull, TrainingDiverged, check_data_fits, train_run
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -628,7 +633,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def _work_queue(runs_dir: Path, args: argparse.Namespace) -> int:
-    from .jobs import QueueRunner  # jobs imports the evaluation stack: only this command needs it
+    from ..work.jobs import QueueRunner  # jobs imports the evaluation stack: only this command needs it
 
     current = run_queue.read_queue(runs_dir)  # a damaged file is refused before anything starts
     if current.paused:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from . import runs
-from .config import run_label as recipe_label
+from ..config import run_label as recipe_label
 from .io import MAX_IMAGE_BYTES, read_bounded_bytes
 
 

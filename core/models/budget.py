@@ -23,8 +23,8 @@ import os
 
 import torch
 
-from .config import ConfigError, ModelConfig, RunConfig
-from .models import build_model
+from ..config import ConfigError, ModelConfig, RunConfig
+from . import build_model
 
 MAX_PARAMETERS = 500_000_000   # 2 GB of float32 weights: 200x the book's UNet, a hard cap on any machine
 ACTIVATION_FACTOR = 1.45

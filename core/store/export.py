@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid as tv_make_grid
 
-from .errors import RunError
+from ..errors import RunError
 from .io import MAX_IMAGE_BYTES, MAX_METRICS_BYTES, MAX_TENSOR_BYTES, atomic_write_bytes, read_bounded_bytes
 
 BUNDLE_FILES = ("config.json", "metrics.csv", "model.safetensors", "ema.safetensors", "eval.json",

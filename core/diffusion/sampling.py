@@ -18,9 +18,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .config import PREDICTION_NAMES, ConfigError, SampleConfig
-from .data import IMAGE_SHAPE, data_range, to_uint8
-from .device import resolve_device
+from ..config import PREDICTION_NAMES, ConfigError, SampleConfig
+from ..data.datasets import IMAGE_SHAPE, data_range, to_uint8
+from ..device import resolve_device
 from .guidance import guided
 from .schedule import NoiseScheduler, StepOutput
 

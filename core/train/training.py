@@ -22,19 +22,20 @@ from torch import nn
 
 import contextlib
 
-from . import budget, checkpoint, runs
-from .config import ConfigError, RunConfig, SampleConfig
-from .data import ImageSet, load_images, to_model_range
-from .device import autocast_for, resolve_device
+from ..models import budget
+from ..store import checkpoint, runs
+from ..config import ConfigError, RunConfig, SampleConfig
+from ..data.datasets import ImageSet, load_images, to_model_range
+from ..device import autocast_for, resolve_device
 from .distributed import World, all_reduce_sum, broadcast_module, broadcast_object, current_world, device_for, \
     is_peer_failure, peer_failure_message, wrap_model
-from .errors import RunError
-from .export import save_grid
-from .io import is_disk_full, load_optimizer_bytes, load_weights_bytes, optimizer_bytes, safetensors_metadata, weights_bytes
-from .guidance import even_labels
-from .models import NO_LABEL, build_model
-from .sampling import sample
-from .schedule import NoiseScheduler
+from ..errors import RunError
+from ..store.export import save_grid
+from ..store.io import is_disk_full, load_optimizer_bytes, load_weights_bytes, optimizer_bytes, safetensors_metadata, weights_bytes
+from ..diffusion.guidance import even_labels
+from ..models import NO_LABEL, build_model
+from ..diffusion.sampling import sample
+from ..diffusion.schedule import NoiseScheduler
 
 GRID_SAMPLES = 16
 GRID_SEED = 1234

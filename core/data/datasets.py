@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torchvision import datasets
 
-from .config import DATASET_LABELS, DATASET_NAMES, ConfigError
+from ..config import DATASET_LABELS, DATASET_NAMES, ConfigError
 
 IMAGE_SHAPE = (1, 28, 28)  # (C, H, W): every dataset here is 28x28 grayscale
 ENV_DATA_ROOT = "DDPM_DATA_ROOT"

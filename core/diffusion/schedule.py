@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from .config import PREDICTION_NAMES, ConfigError, ScheduleConfig
+from ..config import PREDICTION_NAMES, ConfigError, ScheduleConfig
 
 
 MAX_BETA = 0.999  # the cosine schedule's cap (Nichol & Dhariwal 2021); beta = 1 would erase x_{t-1} whole

@@ -1,0 +1,1 @@
+"""`python -m core ...`: one module per command, shared argument types and the console helpers."""

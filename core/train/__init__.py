@@ -1,0 +1,1 @@
+"""Training: the Trainer and its loop, torchrun / DDP."""
