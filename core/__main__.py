@@ -1,4 +1,4 @@
-"""Entry point: `python -m core ...` (see core/cli.py)."""
+"""Entry point: `python -m core ...` (see core/cli/main.py)."""
 import sys
 
 from .cli.main import main

@@ -28,9 +28,9 @@ import torch
 from tqdm import tqdm
 
 from ..store import runs
+from .args import add_data_root, add_device, add_runs_dir, add_sampler_flags
 from .argtypes import comma_list, number, whole_number
-from ..config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, SAMPLER_NAMES, SPACING_NAMES, ConfigError,
-                      SampleConfig)
+from ..config import DATASET_NAMES, SAMPLER_NAMES, ConfigError, SampleConfig
 from ..data.datasets import load_images
 from ..device import resolve_device
 from ..errors import CliError, RunError
@@ -42,6 +42,12 @@ from ..evaluation.frechet import QualityEvaluator, real_subset
 from ..evaluation.scoring import score_setting, setting_name  # noqa: F401 - setting_name: part of this module's API
 
 DEFAULT_N = 1000
+
+def add_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="measure sample quality (Fréchet distance in a classifier's features)")
+    add_arguments(ev)
+    ev.set_defaults(handler=run)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Fréchet distance of generated samples to the test split in the 128-d features "
@@ -55,17 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="print only the floor and noise ceiling of --dataset at --n")
     parser.add_argument("--dataset", choices=DATASET_NAMES,
                         help="dataset for --fit-classifier / --real (default fashion_mnist; --run uses its own)")
-    parser.add_argument("--runs-dir", help="folder of run folders (default checkpoints)")
+    add_runs_dir(parser)
     parser.add_argument("--n", type=whole_number, default=DEFAULT_N, help=f"number of samples (default {DEFAULT_N}); "
                         "compare only numbers taken at the same N")
-    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm",
-                        help="ddpm (the book), ddim, dpmpp2m (DPM-Solver++(2M)) or dpmpp2m-sde")
-    parser.add_argument("--steps", type=whole_number, default=0, help="reverse steps (not ddpm; default T)")
-    parser.add_argument("--eta", type=number, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
-    parser.add_argument("--spacing", choices=SPACING_NAMES, default="uniform",
-                        help="timesteps of the few-step samplers: even in t, or even in log-SNR")
-    parser.add_argument("--clip", choices=CLIP_NAMES, default="auto",
-                        help="clip x̂0 to the data range (auto: the run's default for ddpm, on for the others)")
+    add_sampler_flags(parser)
     parser.add_argument("--sweep-steps", type=comma_list(whole_number), metavar="N,N,...",
                         help="evaluate every sampler of --samplers at each of these step counts")
     parser.add_argument("--samplers", type=comma_list(str), metavar="NAME,...",
@@ -79,11 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=whole_number, default=0, help="seed of the samples, the floor's images and the noise")
     parser.add_argument("--batch-size", type=whole_number, default=250, help="images per forward pass")
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights even when EMA exists")
-    parser.add_argument("--device", choices=DEVICE_NAMES, default="auto", help="where to sample and classify")
+    add_device(parser, "where to sample and classify")
     parser.add_argument("--classifier-dir", help="classifier cache folder (default data/classifiers or "
                         "$DDPM_CLASSIFIER_DIR)")
     parser.add_argument("--fit-epochs", type=whole_number, default=None, help="epochs when fitting the classifier (default 5)")
-    parser.add_argument("--data-root", help="folder holding FashionMNIST/raw or MNIST/raw (env DDPM_DATA_ROOT)")
+    add_data_root(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..store import runs
 from ..work import sweeps
+from .args import add_data_root, add_runs_dir, runs_dir_of
 from .argtypes import number, whole_number
 from ..config import PRESETS, SAMPLER_NAMES, DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS
 from .console import EXIT_SIGNAL, ProgressBar, StopOnSignals
@@ -23,6 +24,15 @@ from ..data.datasets import load_images
 from ..errors import CliError
 from ..evaluation.scoring import evaluate_run
 from ..train.training import train_run
+
+
+def add_parser(sub) -> None:
+    sw = sub.add_parser("sweep", help="a grid or ablation path of runs on one budget, trained and scored in one go",
+                        description="Make a sweep (every combination of the --vary factors, or one change at a "
+                        "time along a path), train its runs one after another on the same budget, score each, "
+                        "and write results.csv / results.json in <runs>/sweeps/<name>/.")
+    add_arguments(sw)
+    sw.set_defaults(handler=lambda args: run(args, runs_dir_of(args)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(trained by the dashboard or `python -m core queue run`) instead of training them now")
     parser.add_argument("--create-only", action="store_true", help="make the sweep and its run folders, train "
                         "nothing (train them later with --resume)")
-    parser.add_argument("--runs-dir", default=None, help="folder of run folders (default checkpoints)")
-    parser.add_argument("--data-root", help="folder holding FashionMNIST/raw or MNIST/raw")
+    add_runs_dir(parser)
+    add_data_root(parser, help="folder holding FashionMNIST/raw or MNIST/raw")
     parser.add_argument("--device", default="auto", help="where to score (each run trains on its own config's device)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
