@@ -1,9 +1,11 @@
 # `make run`: set everything up on a fresh machine and open the dashboard.
-# `make test`: the same set-up, then the whole test suite (what CI runs).
+# `make test`: the same set-up, then the whole test suite (what CI runs), on TEST_WORKERS xdist workers;
+#   the load-sensitive modules share one worker (conftest.py's LOAD_SENSITIVE, --dist loadgroup).
 PYTHON_BOOT ?= python3
 VENV        := .venv
 PY          := $(VENV)/bin/python
 PORT        ?= 8501
+TEST_WORKERS ?= 2
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEBIAN_FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
@@ -13,7 +15,7 @@ run: setup
 	$(PY) -m streamlit run dashboard/app.py --server.port $(PORT)
 
 test: setup browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 setup: $(VENV)/.runtime data
 

@@ -1,8 +1,25 @@
-"""Shared fixtures: tiny generated images and tiny configs, so unit tests take seconds on 2 cores."""
+"""Shared fixtures: tiny generated images and tiny configs, so unit tests take seconds on 2 cores.
+
+What costs time in this suite is training and starting interpreters, so both are shared:
+- `trained_runs(config, name)` trains a run of a config ONCE per session (per xdist worker) and
+  `trained_tiny_run` is the tiny one; `tiny_run` hands each test its own copy (`copy_run`), so a test
+  may damage, resume or delete it without touching another's.
+- `run_core(*argv)` runs `python -m core ...` in this process and returns what a subprocess would
+  (returncode, stdout, stderr). Keep real subprocesses only where the process boundary is the point
+  (signals, torchrun, an interpreter's own exit status).
+- `pytest_collection_modifyitems` puts the load-sensitive modules in one xdist group, so under
+  `make test` (pytest -n 2 --dist loadgroup) they run one after another on one worker.
+"""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
-from dataclasses import replace
+import shutil
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -55,3 +72,110 @@ def tiny_run(tmp_path, tiny_images) -> Path:
     run_dir = runs.create_run(tmp_path / "runs", "tiny", tiny_config(ema_decay=0.9))
     train_run(run_dir, images=tiny_images)
     return run_dir
+
+
+class TrainedRuns:
+    """Finished runs trained at most once per session for each (config, number of tiny images).
+    The folders are shared: read them, or copy_run them into your tmp_path to change them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._trained: dict[tuple[str, int], Path] = {}
+
+    def __call__(self, config: RunConfig, name: str = "tiny", n_images: int = 256) -> Path:
+        key = (config.to_json(), n_images)
+        if key not in self._trained:
+            from core.store import runs
+            from core.train.training import train_run
+            run_dir = runs.create_run(self.root / f"r{len(self._trained)}", name, config)
+            train_run(run_dir, images=make_tiny_images(n_images))
+            self._trained[key] = run_dir
+        return self._trained[key]
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory) -> TrainedRuns:
+    """trained_runs(config, name) -> a finished run folder of that config, trained once per session."""
+    return TrainedRuns(tmp_path_factory.mktemp("session-runs"))
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(trained_runs) -> Path:
+    """The `tiny_run` recipe trained once per session: read it, never change it (copy it with copy_run)."""
+    return trained_runs(tiny_config(ema_decay=0.9), "tiny")
+
+
+def copy_run(source: Path, runs_dir: Path, name: str | None = None) -> Path:
+    """A private copy of a run folder in `runs_dir` (created if missing): what a test may change."""
+    target = Path(runs_dir) / (name or source.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+@pytest.fixture
+def tiny_run(tmp_path, trained_tiny_run) -> Path:
+    """A finished tiny run folder (with EMA) in a temporary runs dir: tmp_path/runs/tiny, this test's own."""
+    return copy_run(trained_tiny_run, tmp_path / "runs")
+
+
+# -- the CLI in this process -----------------------------------------------------------------------------
+# The warning filters an interpreter starts with (pytest swaps in its own per test): a warning that
+# `python -m core` would print on stderr is printed into the captured stderr here too.
+_START_FILTERS = list(warnings.filters)
+
+
+@dataclass(frozen=True)
+class CoreResult:
+    """What subprocess.run(capture_output=True, text=True) returns, for `python -m core` run in-process."""
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_core(*argv: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> CoreResult:
+    """`python -m core *argv` without a new interpreter: main()'s return or SystemExit code becomes the
+    exit status, an uncaught exception a traceback on stderr and status 1, as in a real process.
+    `env`: variables set for the call (DDPM_DATA_ROOT defaults to the repo's data/). Not thread-safe:
+    it swaps sys.stdout/sys.stderr, the working folder and os.environ for the call."""
+    from core.cli.main import main
+    out, err = io.StringIO(), io.StringIO()
+    changes = {"DDPM_DATA_ROOT": str(REPO / "data"), **(env or {})}
+    saved_env = {key: os.environ.get(key) for key in changes}
+    saved_cwd = os.getcwd()
+    os.environ.update(changes)
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.filters[:] = _START_FILTERS
+            try:
+                code = main(list(argv))
+            except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if exc.code is not None and not isinstance(exc.code, int):
+                    print(exc.code, file=sys.stderr)
+            except Exception:  # what the interpreter would print before exiting 1
+                traceback.print_exc(file=sys.stderr)
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return CoreResult(list(argv), code, out.getvalue(), err.getvalue())
+
+
+# -- xdist grouping ----------------------------------------------------------------------------------------
+# Modules whose tests time real processes (signals, kills, torchrun, a browser, a benchmark): on one worker,
+# one after another, so two of them never fight over the two cores. New modules of that kind go here.
+LOAD_SENSITIVE = {"test_browser_journey.py", "test_distributed.py", "test_torn_and_killed.py",
+                  "test_fault_injection.py", "test_bench.py", "test_hostile_runs.py"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.path.name in LOAD_SENSITIVE:
+            item.add_marker(pytest.mark.xdist_group("load-sensitive"))

@@ -1,8 +1,10 @@
 """Bad input gets a clear answer: the field, the value and what is allowed, from one place.
 
 Two tables of the same mistakes: one through the Python API (configs and functions), one through
-`python -m core train | sample` as real subprocesses, which must exit with status 2 and print ONE
-line on stderr, no traceback. A rejected `train` must leave no half-made run folder behind and must
+`python -m core train | sample`, which must exit with status 2 and print ONE line on stderr, no
+traceback. The table runs the CLI's main() in this process (conftest's run_core: an interpreter
+start per case cost more than the case); `test_cli_rejects_as_a_real_process` keeps the process
+boundary itself under test. A rejected `train` must leave no half-made run folder behind and must
 not touch the runs already there. The CLI cases all fail at validation, so nothing trains; were one
 wrongly accepted it would train a 1-step, 64-image run and the test would fail on its exit status.
 """
@@ -13,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from core.diffusion.sampling import sample
 from core.diffusion.schedule import NoiseScheduler
 from core.device import resolve_device
 from core.train.training import train_run
-from tests.conftest import REPO, make_tiny_images, tiny_config
+from tests.conftest import REPO, make_tiny_images, run_core, tiny_config
 
 NO_CUDA = not torch.cuda.is_available()
 needs_no_cuda = pytest.mark.skipif(not NO_CUDA, reason="this case needs a machine without a CUDA GPU")
@@ -221,7 +222,7 @@ def _tiny_trained_run(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cli_results(tmp_path_factory):
-    """Runs every CLI case once, two at a time (each pays for importing torch), before the checks.
+    """Runs every CLI case once, in this process, before the checks.
 
     Train cases each get their own runs folder holding one existing run, `keep`, so a stray folder
     or a touched file is pinned on the case that made it.
@@ -239,12 +240,10 @@ def cli_results(tmp_path_factory):
         flags = [f.replace("{tmp}", str(root)) for f in flags]
         jobs[("sample", case_id)] = (["sample", "--run", str(trained), "--device", "cpu", "--quiet", *flags],
                                      None, None)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {key: pool.submit(_cli, args) for key, (args, _, _) in jobs.items()}
-        return {key: (futures[key].result(), runs_dir, before) for key, (_, runs_dir, before) in jobs.items()}
+    return {key: (run_core(*args), runs_dir, before) for key, (args, runs_dir, before) in jobs.items()}
 
 
-def _assert_one_line_error(proc: subprocess.CompletedProcess, expected: list[str]) -> None:
+def _assert_one_line_error(proc, expected: list[str]) -> None:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, f"exit {proc.returncode}; stderr:\n{proc.stderr}"
     assert "Traceback" not in proc.stderr
@@ -260,6 +259,19 @@ def test_cli_train_rejects_in_one_line_and_leaves_runs_alone(cli_results, case_i
     _assert_one_line_error(proc, expected)
     assert sorted(p.name for p in runs_dir.iterdir()) == ["keep"], "a rejected train left a folder behind"
     assert _snapshot(runs_dir) == before, "a rejected train touched an existing run"
+
+
+def test_cli_rejects_as_a_real_process(tmp_path):
+    """The table above runs main() in this process; here the process boundary itself: a real
+    `python -m core` exits 2 with one line and no traceback, and a rejected train leaves the runs alone."""
+    case_id, flags, expected = TRAIN_CASES[0]
+    runs_dir = tmp_path / "runs"
+    runs.create_run(runs_dir, "keep", replace(tiny_config(), schedule=ScheduleConfig(timesteps=10)))
+    before = _snapshot(runs_dir)
+    _assert_one_line_error(_cli(["train", "--runs-dir", str(runs_dir), *TINY_TRAIN, *flags]), expected)
+    assert _snapshot(runs_dir) == before and sorted(p.name for p in runs_dir.iterdir()) == ["keep"]
+    missing = ["sample", "--run", str(tmp_path / "no-such-run"), "--device", "cpu", "--quiet"]
+    _assert_one_line_error(_cli(missing), ["no such run folder"])
 
 
 @pytest.mark.parametrize("case_id, flags, expected", SAMPLE_CASES, ids=[c[0] for c in SAMPLE_CASES])
@@ -280,7 +292,7 @@ EVAL_SWEEP_CASES = [
 
 @pytest.mark.parametrize("case_id,flags,expected", EVAL_SWEEP_CASES, ids=[c[0] for c in EVAL_SWEEP_CASES])
 def test_cli_eval_sweep_rejects_in_one_line_before_any_work(tmp_path, case_id, flags, expected):
-    result = _cli(["eval", "--run", str(tmp_path / "no-such-run"), "--n", "64", *flags])
+    result = run_core("eval", "--run", str(tmp_path / "no-such-run"), "--n", "64", *flags)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert all(text in lines[0] for text in expected), lines[0]

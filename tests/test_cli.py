@@ -1,4 +1,7 @@
-"""The CLI round trip as a user types it: train a few steps, resume, list, sample to PNG/.npy/.npz."""
+"""The CLI round trip as a user types it: train a few steps, resume, list, sample to PNG/.npy/.npz.
+
+The first command is a real `python -m core` process; the rest run main() in this process
+(conftest's run_core), which answers the same without paying for an interpreter and torch each time."""
 from __future__ import annotations
 
 import json
@@ -9,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import run_core
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "quick", "--base-channels", "8", "--channel-mults", "1", "2", "--timesteps", "20",
@@ -28,23 +33,23 @@ def test_train_resume_sample_round_trip(tmp_path):
     assert first.returncode == 0, first.stderr
     assert "finished" in first.stdout and "step 6" in first.stdout
 
-    again = core("train", *TINY, "--max-steps", "6", "--runs-dir", str(runs_dir), "--name", "cli")
+    again = run_core("train", *TINY, "--max-steps", "6", "--runs-dir", str(runs_dir), "--name", "cli")
     assert again.returncode == 2 and "exists" in again.stderr and "--resume" in again.stderr
 
-    resumed = core("train", "--resume", "--name", "cli", "--max-steps", "12", "--runs-dir", str(runs_dir),
+    resumed = run_core("train", "--resume", "--name", "cli", "--max-steps", "12", "--runs-dir", str(runs_dir),
                    "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert "step 12" in resumed.stdout
     steps = [int(line.split(",")[0]) for line in (runs_dir / "cli" / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == sorted(steps) and steps[-1] == 12 and len(set(steps)) == len(steps)
 
-    listing = core("runs", "--runs-dir", str(runs_dir), "--json")
+    listing = run_core("runs", "--runs-dir", str(runs_dir), "--json")
     row = json.loads(listing.stdout)[0]
     assert row["name"] == "cli" and row["step"] == 12 and row["state"] == "finished"
     assert row["model"] == "improved_unet" and row["optimizer"] == "adamw"
 
     out = tmp_path / "grid.png"
-    sampled = core("sample", "--run", str(runs_dir / "cli"), "--sampler", "ddim", "--steps", "5", "--n", "6",
+    sampled = run_core("sample", "--run", str(runs_dir / "cli"), "--sampler", "ddim", "--steps", "5", "--n", "6",
                    "--out", str(out), "--npy", str(tmp_path / "s.npy"), "--frames", str(tmp_path / "f.npz"),
                    "--quiet")
     assert sampled.returncode == 0, sampled.stderr
@@ -57,17 +62,17 @@ def test_train_resume_sample_round_trip(tmp_path):
 
 
 def test_help_explains_every_flag():
-    result = core("train", "--help")
+    result = run_core("train", "--help")
     assert result.returncode == 0
     for flag in ("--preset", "--model", "--optimizer", "--dataset", "--epochs", "--max-steps", "--batch-size",
                  "--lr", "--weight-decay", "--timesteps", "--schedule", "--seed", "--device", "--runs-dir",
                  "--name", "--resume"):
         assert flag in result.stdout
-    assert "sampler" in core("sample", "--help").stdout
+    assert "sampler" in run_core("sample", "--help").stdout
 
 
 def test_models_listing_prints_params_and_flops():
-    result = core("runs", "--models", "--json")
+    result = run_core("runs", "--models", "--json")
     rows = {r["preset"]: r for r in json.loads(result.stdout)}
     assert rows["book"]["params"] == 2_167_784
     assert rows["improved"]["train_vs_book"] <= 1.5

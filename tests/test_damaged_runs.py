@@ -1,37 +1,30 @@
 """Damaged run folders: a clear error for that run alone, every other run still lists and loads.
 
-Each case copies a tiny finished run with EMA (the `tiny_run` fixture's recipe, trained once per
-module to spare the CPU) into a runs folder next to an intact copy, damages one file of the copy
+Each case copies a tiny finished run with EMA (conftest's `trained_tiny_run`, trained once per
+session to spare the CPU) into a runs folder next to an intact copy, damages one file of the copy
 the way a crash, a bad disk or a hand edit would, and
 checks the Python API (`core.runs.load_model` -> RunError naming the run and the file; `list_runs`
 still lists both). One test then drives the same cases through `python -m core sample --run`
-(exit 2, one line) and `python -m core runs`.
+(exit 2, one line) and `python -m core runs`, in this process (conftest's run_core).
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from core.store import runs
 from core.config import FORMAT_VERSION
-from core.train.training import train_run
-from tests.conftest import REPO, make_tiny_images, tiny_config
+from tests.conftest import copy_run, run_core
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """conftest's `tiny_run`, made once for the module: every case below works on copies of it."""
-    run = runs.create_run(tmp_path_factory.mktemp("base") / "runs", "tiny", tiny_config(ema_decay=0.9))
-    train_run(run, images=make_tiny_images())
-    return run
+def tiny_run(tmp_path_factory, trained_tiny_run) -> Path:
+    """conftest's `tiny_run`, one copy for the module: every case below works on copies of it."""
+    return copy_run(trained_tiny_run, tmp_path_factory.mktemp("base") / "runs")
 
 
 def _truncate(name: str):
@@ -153,12 +146,6 @@ def test_damage_beside_the_config_never_breaks_the_list(tiny_run, damage):
     runs.load_model(broken)  # the weights are intact, so the run still opens
 
 
-def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "core", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 def test_cli_sample_and_runs_on_damaged_runs(tiny_run):
     root = tiny_run.parent.parent / "zoo"
     shutil.copytree(tiny_run, root / "healthy")
@@ -171,8 +158,7 @@ def test_cli_sample_and_runs_on_damaged_runs(tiny_run):
     commands.append(["runs", "--runs-dir", str(root), "--json"])
     commands.append(["sample", "--run", str(root / "healthy"), "--device", "cpu", "--quiet", "--n", "2",
                      "--sampler", "ddim", "--steps", "2", "--out", str(root / "healthy.png")])
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(_cli, commands))
+    results = [run_core(*command) for command in commands]
 
     for (case_id, _, expected), proc in zip(DAMAGE, results):
         lines = proc.stderr.strip().splitlines()

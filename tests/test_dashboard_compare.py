@@ -11,10 +11,9 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO, make_tiny_images, tiny_config
+from conftest import REPO, copy_run, tiny_config
 from core.config import DEFAULT_FEW_STEP_SAMPLER
 from core.store import runs
-from core.train.training import train_run
 from core.evaluation.frechet import QualityReport
 from dashboard.charts import metrics_frame
 
@@ -24,17 +23,14 @@ APP = str(REPO / "dashboard" / "app.py")
 
 
 @pytest.fixture(scope="module")
-def trained_pair(tmp_path_factory):
+def trained_pair(tmp_path_factory, trained_runs):
     """A tiny AdamW run (with EMA and an evaluation) and an Adam twin, a damaged folder beside them.
 
-    Trained once for the module: the tests only read them.
+    Trained once for the session (conftest's trained_runs), copied for the module: the tests only read them.
     """
     runs_dir = tmp_path_factory.mktemp("compare") / "runs"
-    images = make_tiny_images()
-    adamw = runs.create_run(runs_dir, "tiny", tiny_config(ema_decay=0.9))
-    train_run(adamw, images=images)
-    adam = runs.create_run(runs_dir, "adam", tiny_config(optimizer="adam"))
-    train_run(adam, images=images)
+    adamw = copy_run(trained_runs(tiny_config(ema_decay=0.9), "tiny"), runs_dir, "tiny")
+    adam = copy_run(trained_runs(tiny_config(optimizer="adam"), "adam"), runs_dir, "adam")
     # An entry as `python -m core eval` writes it: the report's own keys, then the run's.
     report = QualityReport(n=64, fd=123.4, fd_floor=3.2, fd_noise=150.0,
                            class_shares={"Trouser": 0.5, "Bag": 0.5}, class_entropy=0.3, mean_confidence=0.8)

@@ -11,10 +11,9 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO, make_tiny_images, tiny_config
+from conftest import REPO, copy_run, tiny_config
 from core.store import runs
 from core.evaluation import classifier as clf
-from core.train.training import train_run
 from dashboard.guidance import tradeoff_figure
 from dashboard.state import job_manager
 
@@ -22,11 +21,10 @@ APP = str(REPO / "dashboard" / "app.py")
 
 
 @pytest.fixture
-def cond_app(tmp_path, monkeypatch) -> AppTest:
+def cond_app(tmp_path, monkeypatch, trained_runs) -> AppTest:
     config = tiny_config(ema_decay=0.9)
     config = replace(config, model=replace(config.model, num_classes=10))
-    run_dir = runs.create_run(tmp_path / "runs", "cond", config)
-    train_run(run_dir, images=make_tiny_images())
+    copy_run(trained_runs(config, "cond"), tmp_path / "runs", "cond")  # trained once per session
     monkeypatch.setenv("DDPM_RUNS_DIR", str(tmp_path / "runs"))
     at = AppTest.from_file(APP, default_timeout=120).run()
     at.switch_page("views/reverse.py").run()
