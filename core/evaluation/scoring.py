@@ -50,15 +50,12 @@ def load_or_fit_classifier(dataset: str, directory: str | Path | None = None, de
     return save_classifier(fitted, classifier_dir(directory) / f"{dataset}.safetensors"), True
 
 
-def score_setting(config: SampleConfig, loaded: runs.LoadedRun, scheduler: NoiseScheduler,
-                  evaluator: QualityEvaluator, train: ImageSet, raw_weights: bool, device: torch.device,
+def sample_images(config: SampleConfig, loaded: runs.LoadedRun, scheduler: NoiseScheduler, device: torch.device,
                   wrap: StepWrapper | None = None, labels: torch.Tensor | None = None,
-                  guidance: float = 1.0) -> dict[str, Any] | None:
-    """Sample `config.n` images and measure them: the eval.json entry (None when `wrap` ended early).
-    A conditional run passes one label per image and γ: the entry adds its conditional figures."""
+                  guidance: float = 1.0) -> torch.Tensor | None:
+    """`config.n` uint8 samples of the run (None when `wrap` ended the sampling early)."""
     steps = config.resolved_steps(scheduler.num_timesteps)
     train_config = loaded.config.train
-    started_at, started = now_stamp(), time.perf_counter()
     process = reverse_process(loaded.model, scheduler, config, pixel_range=train_config.pixel_range,
                               clip_default=train_config.clip_denoised, device=device, labels=labels,
                               guidance=guidance, prediction=train_config.prediction)
@@ -69,9 +66,23 @@ def score_setting(config: SampleConfig, loaded: runs.LoadedRun, scheduler: Noise
     result = collect(process, pixel_range=train_config.pixel_range)
     if len(result.images) < config.n:
         return None
+    return torch.from_numpy(result.images)
+
+
+def score_setting(config: SampleConfig, loaded: runs.LoadedRun, scheduler: NoiseScheduler,
+                  evaluator: QualityEvaluator, train: ImageSet, raw_weights: bool, device: torch.device,
+                  wrap: StepWrapper | None = None, labels: torch.Tensor | None = None,
+                  guidance: float = 1.0) -> dict[str, Any] | None:
+    """Sample `config.n` images and measure them: the eval.json entry (None when `wrap` ended early).
+    A conditional run passes one label per image and γ: the entry adds its conditional figures."""
+    steps = config.resolved_steps(scheduler.num_timesteps)
+    train_config = loaded.config.train
+    started_at, started = now_stamp(), time.perf_counter()
+    images = sample_images(config, loaded, scheduler, device, wrap, labels, guidance)
+    if images is None:
+        return None
     sampling_s = time.perf_counter() - started
     eval_start = time.perf_counter()
-    images = torch.from_numpy(result.images)
     report = evaluator.evaluate(images, train, seed=config.seed)
     conditional = {}
     if labels is not None:  # keys only conditional runs have: unconditional entries stay as they were
