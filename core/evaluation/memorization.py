@@ -53,19 +53,19 @@ GRID_PAIRS = 16
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]   # uint8 (N, C, H, W) -> float (N, D)
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x.float()
+def _identity(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return x.to(dtype)
 
 
-def _flat(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float32 (N, C·H·W) in [0, 1]."""
-    return images.reshape(len(images), -1).float() / 255.0
+def _flat(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float (N, C·H·W) in [0, 1]."""
+    return images.reshape(len(images), -1).to(dtype) / 255.0
 
 
 def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, k: int,
-                       to_vectors: Callable[[torch.Tensor], torch.Tensor] = _flat) -> tuple[torch.Tensor, torch.Tensor]:
+                       to_vectors: Callable[..., torch.Tensor] = _flat) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest rows of `reference` for every row of `queries` in L2: float64 distances (M, k),
-    ascending, and their int64 indices. Both sets pass through `to_vectors` chunk by chunk."""
+    ascending, and their int64 indices. Both sets pass through `to_vectors(x, dtype)` chunk by chunk."""
     m, n = len(queries), len(reference)
     if m < 1 or n < 1:
         raise ConfigError(f"images = {m} queries, {n} reference is not allowed: both need at least one image")
@@ -83,7 +83,7 @@ def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, k: int,
             idx = torch.arange(r0, r0 + len(r)).expand(len(q), -1)
             best_d, pick = torch.cat([best_d, d], 1).topk(min(keep, best_d.shape[1] + len(r)), 1, largest=False)
             best_i = torch.cat([best_i, idx], 1).gather(1, pick)
-        exact = _exact_distances(q, reference, best_i, to_vectors)
+        exact = _exact_distances(to_vectors(queries[q0:q0 + QUERY_CHUNK], torch.float64), reference, best_i, to_vectors)
         exact, order = exact.sort(1)
         out_d.append(exact[:, :k])
         out_i.append(best_i.gather(1, order)[:, :k])
@@ -91,14 +91,14 @@ def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, k: int,
 
 
 def _exact_distances(q: torch.Tensor, reference: torch.Tensor, candidates: torch.Tensor,
-                     to_vectors: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                     to_vectors: Callable[..., torch.Tensor]) -> torch.Tensor:
     """float64 L2 distances from each query to its candidates, from differences (no cancellation)."""
     rows = []
     step = max(1, EXACT_BLOCK_DOUBLES // (candidates.shape[1] * q.shape[1]))  # bounded: ~64 MB of doubles
     for s in range(0, len(q), step):
         cand = candidates[s:s + step]
-        vectors = to_vectors(reference[cand.reshape(-1)]).double().reshape(*cand.shape, -1)
-        rows.append((vectors - q[s:s + step].double()[:, None, :]).square().sum(-1).sqrt())
+        vectors = to_vectors(reference[cand.reshape(-1)], torch.float64).reshape(*cand.shape, -1)
+        rows.append((vectors - q[s:s + step][:, None, :]).square().sum(-1).sqrt())
     return torch.cat(rows)
 
 
