@@ -13,7 +13,12 @@ from PIL import Image
 from core.config import ConfigError
 from core.data.shapes import make_shapes_folder
 from core.evaluation import memorization as mem
-from test_own_data_scores import read_class_folder
+from tests.conftest import make_tiny_images
+from tests.test_evaluation import write_idx
+from tests.test_own_data_scores import read_class_folder
+from core.cli.main import main
+from core.data.datasets import ImageSet
+from core.store import runs
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +100,45 @@ def test_pair_grid_shows_each_sample_beside_its_nearest_training_image(shapes16)
     first = image[gap:gap + 16, gap:gap + 33].transpose(2, 0, 1)   # the most copy-like pair first
     assert np.array_equal(first[:, :, :16], first[:, :, 17:])       # a copy: both halves the same
     assert (first[:, :, 16] == 255).all()                           # the white line between them
+
+
+# -- eval --nearest on trained runs ---------------------------------------------------------------------
+@pytest.fixture
+def tiny_data_root(tmp_path, tiny_images):
+    """FashionMNIST IDX files holding exactly what `tiny_run` trained on, and other images as the test split."""
+    test = make_tiny_images(128, 7)
+    return write_idx(tmp_path / "data", tiny_images, ImageSet(test.images, test.labels, "fashion_mnist", "test"))
+
+
+def test_eval_nearest_on_a_trained_run_stores_the_entry_and_the_grid(tmp_path, tiny_run, tiny_data_root, capsys):
+    """Real trained samples (a run of a few steps on 256 images): no copies, and everything is stored."""
+    argv = ["eval", "--run", str(tiny_run), "--nearest", "--n", "16", "--sampler", "ddim", "--steps", "5",
+            "--data-root", str(tiny_data_root), "--classifier-dir", str(tmp_path / "c"), "--quiet",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    entry = json.loads(captured.out)
+    assert entry["setting"] == "nearest-ddim-5" and entry["kind"] == "memorization" and entry["n"] == 16
+    assert entry["train_images"] == 256 and entry["heldout_images"] == 16 and not entry["copying"]
+    assert "near-copies" in captured.err
+    stored = [e for e in runs.read_eval(tiny_run) if e.get("kind") == "memorization"]
+    assert stored == [entry]
+    json.dumps(stored, allow_nan=False)
+    with Image.open(tiny_run / entry["grid"]) as grid:
+        assert grid.mode == "L" and grid.size[0] > 28 * 2
+    assert main(argv) == 0                      # again: replaces its entry, never duplicates
+    assert len([e for e in runs.read_eval(tiny_run) if e.get("kind") == "memorization"]) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--real"], "--nearest needs --run"),
+    (["--run", "x", "--fit-classifier"], "not both"),
+    (["--run", "x", "--guidance", "3"], "leave out --guidance"),
+    (["--run", "x", "--n", "1"], "n = 1 is not allowed"),
+])
+def test_eval_nearest_bad_inputs_end_in_one_line(tmp_path, extra, message, capsys):
+    code = main(["eval", "--nearest", *extra, "--runs-dir", str(tmp_path), "--quiet",
+                 "--data-root", str(tmp_path / "nodata")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())          # nothing created
