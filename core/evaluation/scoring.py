@@ -20,6 +20,7 @@ from ..diffusion.sampling import ReverseStep, collect, reverse_process, total_st
 from ..diffusion.schedule import NoiseScheduler
 from .classifier import Classifier, ClassifierError, FitConfig, classifier_dir, fit, load_classifier, save_classifier
 from .frechet import QualityEvaluator
+from .own_data import class_names_of, fit_on_training_split, fitted_classifier, run_data, uses_fingerprint
 
 # wrap(process, total, description) -> the same steps (a progress bar, a counter, a cancel check)
 StepWrapper = Callable[[Iterator[ReverseStep], int, str], Iterator[ReverseStep]]
@@ -113,12 +114,16 @@ def evaluate_run(run_dir: str | Path, config: SampleConfig, *, device: torch.dev
     loaded = runs.load_model(run_dir, use_ema=use_ema, device=device)
     scheduler = NoiseScheduler(loaded.config.schedule)
     config.resolved_steps(scheduler.num_timesteps)  # a step count above T fails before any work
-    dataset = loaded.config.train.dataset
-    classifier, _ = load_or_fit_classifier(dataset, classifier_dir, device, data_root)
-    evaluator = QualityEvaluator(classifier, load_images(dataset, "test", data_root), device)
+    train, test = run_data(loaded.config, data_root)
+    if uses_fingerprint(train.dataset):  # data without a shipped classifier: the one fitted on these images
+        names = class_names_of(train)
+        classifier = fitted_classifier(train, names, classifier_dir, device) or \
+            fit_on_training_split(train, names, classifier_dir, device=device)
+    else:
+        classifier, _ = load_or_fit_classifier(train.dataset, classifier_dir, device, data_root)
+    evaluator = QualityEvaluator(classifier, test, device)
     raw_weights = not loaded.used_ema and (run_dir / "ema.safetensors").exists()
-    entry = score_setting(config, loaded, scheduler, evaluator, load_images(dataset, "train", data_root),
-                          raw_weights, device, wrap=wrap)
+    entry = score_setting(config, loaded, scheduler, evaluator, train, raw_weights, device, wrap=wrap)
     if entry is not None:
         runs.append_eval(run_dir, entry)
     return entry
