@@ -166,7 +166,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(clf.ConfigError, match="epochs"):
         clf.FitConfig(epochs=0)
     with pytest.raises(clf.ConfigError, match="dtype"):
-        clf.FeatureClassifier.prepare(torch.zeros((2, 28, 28)))
+        clf.FeatureClassifier().prepare(torch.zeros((2, 28, 28)))
 
 
 # -- the classifier file ---------------------------------------------------------------------------------

@@ -5,7 +5,13 @@ the real-data references.
     python -m core eval --run NAME_OR_DIR --sweep-steps 5,10,20,50 --samplers ddim,dpmpp2m,dpmpp2m-sde
     python -m core eval --run NAME_OR_DIR --guidance-sweep 0,1,3,5 [--class Sneaker]   (conditional runs)
     python -m core eval --fit-classifier [--dataset fashion_mnist]
+    python -m core eval --run NAME_OR_DIR --fit-classifier   (fit on the run's own training split)
+    python -m core eval --run NAME_OR_DIR --nearest [--n 1000 --sampler ddim --steps 50]
     python -m core eval --real [--dataset fashion_mnist --n 1000]
+
+`--nearest` is the memorization check (docs/memorization.md): each sample's nearest training image,
+the same for held-out real images, the share of near-copies, and the grid samples/nearest-SETTING.png
+("sample | its nearest training image"); its entry goes into eval.json under "nearest-SETTING".
 
 Each prints ONE JSON line per evaluated setting on stdout (messages and progress bars go to stderr);
 `--run` also stores the entry in the run's eval.json under a `setting` key such as "ddpm-1000" or
@@ -40,6 +46,9 @@ from ..evaluation.classifier import (ARCH_VERSION, REQUIRED_ACCURACY, Classifier
                          fit, fit_path, load_classifier, save_classifier)
 from ..evaluation.frechet import QualityEvaluator, real_subset
 from ..evaluation.scoring import score_setting, setting_name  # noqa: F401 - setting_name: part of this module's API
+from ..evaluation.nearest import check_run
+from ..evaluation.own_data import (class_names_of, fit_on_training_split, fitted_classifier, run_data,
+                                   uses_fingerprint)
 
 DEFAULT_N = 1000
 
@@ -56,7 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to do (one of)")
     what.add_argument("--run", help="evaluate this run: a run folder, or a run name under --runs-dir")
     what.add_argument("--fit-classifier", action="store_true",
-                      help="fit (or refit) the classifier of --dataset and store it")
+                      help="fit (or refit) the classifier of --dataset and store it; with --run, of the run's "
+                      "dataset (data other than the built-ins: on its own training split, stored by fingerprint)")
+    parser.add_argument("--nearest", action="store_true",
+                        help="with --run: the memorization check (each sample's nearest training image, "
+                        "the share of near-copies, a grid of sample | nearest pairs in the run folder)")
     what.add_argument("--real", action="store_true",
                       help="print only the floor and noise ceiling of --dataset at --n")
     parser.add_argument("--dataset", choices=DATASET_NAMES,
@@ -91,10 +104,8 @@ def _log(message: str) -> None:
 
 
 # -- the classifier: load, or fit when missing ---------------------------------------------------------
-def fit_and_save(dataset: str, args: argparse.Namespace, device: torch.device) -> Classifier:
-    config = FitConfig() if args.fit_epochs is None else FitConfig(epochs=args.fit_epochs)
-    train = load_images(dataset, "train", args.data_root)
-    test = load_images(dataset, "test", args.data_root)
+def _fit_bar(args: argparse.Namespace, dataset: str):
+    """(progress callback, close) of a classifier fit: a tqdm bar on stderr unless --quiet."""
     bar = None
     if not args.quiet:
         bar = tqdm(total=None, unit="step", desc=f"fit {dataset} classifier", dynamic_ncols=True, file=sys.stderr)
@@ -105,10 +116,19 @@ def fit_and_save(dataset: str, args: argparse.Namespace, device: torch.device) -
             bar.update(done - bar.n)
             if done % 20 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    return on_step, (bar.close if bar is not None else (lambda: None))
 
-    fitted = fit(train, test, config, device=device, progress=on_step)
-    if bar is not None:
-        bar.close()
+
+def _fit_config(args: argparse.Namespace) -> FitConfig:
+    return FitConfig() if args.fit_epochs is None else FitConfig(epochs=args.fit_epochs)
+
+
+def fit_and_save(dataset: str, args: argparse.Namespace, device: torch.device) -> Classifier:
+    train = load_images(dataset, "train", args.data_root)
+    test = load_images(dataset, "test", args.data_root)
+    on_step, close = _fit_bar(args, dataset)
+    fitted = fit(train, test, _fit_config(args), device=device, progress=on_step)
+    close()
     path = fit_path(dataset, args.classifier_dir)
     save_classifier(fitted, path)
     required = REQUIRED_ACCURACY[dataset]
@@ -120,6 +140,31 @@ def fit_and_save(dataset: str, args: argparse.Namespace, device: torch.device) -
         _log(f"note: the shipped classifier stays the default, so scores compare across machines; "
              f"score with this one by passing --classifier-dir {path.parent}")
     return fitted
+
+
+def fit_own_data(train, args: argparse.Namespace, device: torch.device) -> Classifier:
+    """Fit the classifier of data other than the built-ins on its own training split (less a held-out
+    part for the accuracy) and store it by dataset fingerprint."""
+    on_step, close = _fit_bar(args, train.dataset)
+    fitted = fit_on_training_split(train, class_names_of(train), args.classifier_dir, _fit_config(args),
+                                   device=device, progress=on_step)
+    close()
+    _log(f"classifier for {train.dataset} ({len(fitted.class_names)} classes): held-out accuracy "
+         f"{fitted.test_accuracy:.2%} after {fitted.fit_seconds:.0f} s -> {fitted.path}")
+    return fitted
+
+
+def run_classifier(train, args: argparse.Namespace, device: torch.device) -> Classifier:
+    """The classifier that scores a run's data: the dataset's own for the built-ins, else the one fitted
+    on exactly these images (fitted first, with a message, when there is none)."""
+    if not uses_fingerprint(train.dataset):
+        return obtain_classifier(train.dataset, args, device)
+    found = fitted_classifier(train, class_names_of(train), args.classifier_dir, device)
+    if found is not None:
+        return found
+    _log(f"no classifier fitted on these {train.dataset} images yet: fitting it now on the run's training split "
+         "(once). To do this step on its own: python -m core eval --run NAME --fit-classifier")
+    return fit_own_data(train, args, device)
 
 
 def obtain_classifier(dataset: str, args: argparse.Namespace, device: torch.device) -> Classifier:
@@ -199,21 +244,16 @@ def sample_settings(args: argparse.Namespace) -> list[SampleConfig]:
 def _cmd_run(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     _check_n(args.n)
     settings = sample_settings(args)
-    run_dir = _resolve_run(args)
-    dataset = runs.load_config(run_dir).train.dataset
-    if args.dataset and args.dataset != dataset:
-        raise ConfigError(f"dataset = {args.dataset!r} is not allowed: run {run_dir.name!r} was trained on "
-                          f"{dataset!r} (leave --dataset out with --run)")
+    run_dir, _ = _run_dataset(args)
     loaded = runs.load_model(run_dir, use_ema=not args.no_ema, device=device)
     guidances, labels = conditioning(args, loaded)
     scheduler = NoiseScheduler(loaded.config.schedule)
     for config in settings:
         config.resolved_steps(scheduler.num_timesteps)  # a step count above T fails before any work
     # Load everything the evaluation needs before the long sampling, so a missing dataset fails fast.
-    classifier = obtain_classifier(dataset, args, device)
-    train = load_images(dataset, "train", args.data_root)
-    evaluator = QualityEvaluator(classifier, load_images(dataset, "test", args.data_root), device,
-                                 batch_size=args.batch_size)
+    train, test = run_data(loaded.config, args.data_root)
+    classifier = run_classifier(train, args, device)
+    evaluator = QualityEvaluator(classifier, test, device, batch_size=args.batch_size)
     raw_weights = not loaded.used_ema and (run_dir / "ema.safetensors").exists()
     entries = []
     for config in settings:
@@ -255,15 +295,69 @@ def _evaluate_setting(args: argparse.Namespace, config: SampleConfig, loaded: ru
                          wrap=None if args.quiet else bar, labels=labels, guidance=guidance)
 
 
+def _run_dataset(args: argparse.Namespace) -> tuple[Path, str]:
+    run_dir = _resolve_run(args)
+    dataset = runs.load_config(run_dir).train.dataset
+    if args.dataset and args.dataset != dataset:
+        raise ConfigError(f"dataset = {args.dataset!r} is not allowed: run {run_dir.name!r} was trained on "
+                          f"{dataset!r} (leave --dataset out with --run)")
+    return run_dir, dataset
+
+
+def _cmd_run_fit(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """`--run NAME --fit-classifier`: the built-ins as `--fit-classifier --dataset`; other data on the
+    run's own training split, stored by fingerprint."""
+    run_dir, dataset = _run_dataset(args)
+    if not uses_fingerprint(dataset):
+        args.dataset = dataset
+        return _cmd_fit(args, device)
+    train, _ = run_data(runs.load_config(run_dir), args.data_root)
+    fitted = fit_own_data(train, args, device)
+    return {"dataset": dataset, "fingerprint": fitted.fingerprint, "classes": list(fitted.class_names),
+            "heldout_accuracy": round(fitted.test_accuracy, 4), "arch_version": ARCH_VERSION,
+            "path": str(fitted.path), "sha256": fitted.sha256[:12], "seconds": round(fitted.fit_seconds, 1)}
+
+
+def _cmd_nearest(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """`--run NAME --nearest`: the memorization check at one sampler setting."""
+    _check_n(args.n)
+    for flag, value in (("--sweep-steps", args.sweep_steps), ("--samplers", args.samplers), ("--class", args.classes),
+                        ("--guidance", args.guidance), ("--guidance-sweep", args.guidance_sweep)):
+        if value is not None:
+            raise CliError(f"--nearest checks one sampler setting (a conditional run: every class, at its "
+                           f"default guidance); leave out {flag}")
+    config = sample_settings(args)[0]
+    run_dir, _ = _run_dataset(args)
+
+    def bar(process, total: int, description: str):
+        return tqdm(process, total=total, unit="step", dynamic_ncols=True, desc=description, file=sys.stderr)
+
+    entry = check_run(run_dir, config, device=device, use_ema=not args.no_ema, classifier_dir=args.classifier_dir,
+                      data_root=args.data_root, wrap=None if args.quiet else bar)
+    _log(f"{entry['near_copy_share']:.1%} of {entry['n']} samples are near-copies of a training image "
+         f"(held-out real images: {entry['pixels_heldout_near_copy_share']:.1%}); pairs: {run_dir / entry['grid']}")
+    return entry
+
+
 def run(args: argparse.Namespace) -> int:
     modes = [name for name, on in (("--run", args.run is not None), ("--fit-classifier", args.fit_classifier),
                                    ("--real", args.real)) if on]
+    if args.nearest and args.run is None:
+        raise CliError("--nearest needs --run NAME (the run whose samples are checked)")
+    if args.nearest and args.fit_classifier:
+        raise CliError("give --nearest or --fit-classifier, not both (run them one after the other)")
+    if modes == ["--run", "--fit-classifier"]:
+        modes = ["--run --fit-classifier"]
     if len(modes) != 1:
         raise CliError("eval needs exactly one of --run NAME, --fit-classifier or --real"
                        + (f" (got {' and '.join(modes)})" if modes else ""))
     device = resolve_device(args.device)
     try:
-        if args.fit_classifier:
+        if args.fit_classifier and args.run is not None:
+            out = _cmd_run_fit(args, device)
+        elif args.nearest:
+            out = _cmd_nearest(args, device)
+        elif args.fit_classifier:
             out = _cmd_fit(args, device)
         elif args.real:
             out = _cmd_real(args, device)

@@ -17,14 +17,21 @@ Its safetensors metadata holds the dataset, the test accuracy and the architectu
 file written by an older architecture is recognised and refitted instead of loaded into the wrong
 shapes. Loading never unpickles anything.
 
-Network (about 0.47 M parameters, about 5 M multiply-adds per image, so a CPU fits it in minutes):
-    uint8 (B, 28, 28) -> x/127.5 - 1 -> pixel-unshuffle to (B, 4, 14, 14)
-    -> [Conv3x3-BN-ReLU] 4->32, 32->32 -> max-pool -> (B, 32, 7, 7)
-    -> [Conv3x3-BN-ReLU] 32->64, 64->64 -> (B, 64, 7, 7)
-    -> flatten -> Linear 3136->128 -> BN -> ReLU   = the 128-d features
-    -> Linear 128->10                              = class logits
+Network (for 28x28x1 and 10 classes about 0.47 M parameters, about 5 M multiply-adds per image,
+so a CPU fits it in minutes), for C channels, size S (16 to 64, a multiple of 4) and K classes:
+    uint8 (B, C, S, S) -> x/127.5 - 1 -> pixel-unshuffle to (B, 4C, S/2, S/2)
+    -> [Conv3x3-BN-ReLU] 4C->32, 32->32 -> max-pool -> (B, 32, S/4, S/4)
+    -> [Conv3x3-BN-ReLU] 32->64, 64->64 -> (B, 64, S/4, S/4)
+    -> flatten -> Linear 64(S/4)^2->128 -> BN -> ReLU   = the 128-d features
+    -> Linear 128->K                                     = class logits
 The pixel-unshuffle (space-to-depth) start halves the resolution without discarding pixels: the
-28x28 layers were what made the first drafts too slow to fit on 2 cores.
+28x28 layers were what made the first drafts too slow to fit on 2 cores. At C = 1, S = 28, K = 10
+the layers, their names and their order are the shipped FashionMNIST classifier's, so its file
+loads unchanged (its metadata has no shape keys: they default to exactly that).
+
+Data other than the built-in datasets (an image folder) has no shipped classifier: its fitted one
+is stored per dataset fingerprint, data/classifiers/<dataset>-<fingerprint>.safetensors, so a
+classifier of one folder is never used to score another.
 """
 from __future__ import annotations
 
@@ -46,10 +53,14 @@ from torch.nn import functional as F
 from ..config import DATASET_NAMES, ConfigError
 from ..data.datasets import CLASS_NAMES, ImageSet
 from ..store.io import atomic_write_bytes
+from .pixels import as_nchw, image_shape
 
 ARCH_VERSION = 1          # bump when the network changes: older files are then refitted
 FEATURE_DIM = 128
 NUM_CLASSES = 10
+MIN_SIZE, MAX_SIZE = 16, 64     # the sizes the pipeline trains at; two 2x reductions need a multiple of 4
+MAX_CLASSES = 1000
+MIN_STEPS = 300                 # a small folder still gets enough optimizer steps (FashionMNIST has 2,340)
 ENV_CLASSIFIER_DIR = "DDPM_CLASSIFIER_DIR"
 DEFAULT_CLASSIFIER_DIR = Path("data") / "classifiers"
 SHIPPED_CLASSIFIER_DIR = Path(__file__).resolve().parents[2] / "classifiers"
@@ -76,39 +87,52 @@ def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
+def check_shape(channels: int, size: int, num_classes: int) -> None:
+    """One line per shape the network cannot take."""
+    if channels not in (1, 3):
+        raise ConfigError(f"channels = {channels!r} is not allowed: the classifier reads 1 or 3 channels")
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE or size % 4:
+        raise ConfigError(f"image size = {size!r} is not allowed: the classifier takes {MIN_SIZE} to "
+                          f"{MAX_SIZE} pixels, a multiple of 4 (or 28, the built-in datasets' size)")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= MAX_CLASSES:
+        raise ConfigError(f"num_classes = {num_classes!r} is not allowed: fitting a classifier needs 2 to "
+                          f"{MAX_CLASSES} classes (an unlabelled folder has no classifier; --nearest still works)")
+
+
 class FeatureClassifier(nn.Module):
     """The CNN above; `features` gives the 128-d embedding, `forward` the logits."""
 
     num_features = FEATURE_DIM
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int = 1, size: int = 28, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
+        check_shape(channels, size, num_classes)
+        self.image_shape = (channels, size, size)
+        self.num_classes = num_classes
+        quarter = size // 4
         self.body = nn.Sequential(
-            nn.PixelUnshuffle(2),                                   # (B, 4, 14, 14)
-            *_conv_bn_relu(4, 32), *_conv_bn_relu(32, 32),
-            nn.MaxPool2d(2),                                        # (B, 32, 7, 7)
-            *_conv_bn_relu(32, 64), *_conv_bn_relu(64, 64),         # (B, 64, 7, 7)
+            nn.PixelUnshuffle(2),                                   # (B, 4C, S/2, S/2)
+            *_conv_bn_relu(4 * channels, 32), *_conv_bn_relu(32, 32),
+            nn.MaxPool2d(2),                                        # (B, 32, S/4, S/4)
+            *_conv_bn_relu(32, 64), *_conv_bn_relu(64, 64),         # (B, 64, S/4, S/4)
         )
-        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, FEATURE_DIM, bias=False),
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(64 * quarter * quarter, FEATURE_DIM, bias=False),
                                    nn.BatchNorm1d(FEATURE_DIM), nn.ReLU(inplace=True))
-        self.head = nn.Linear(FEATURE_DIM, NUM_CLASSES)
+        self.head = nn.Linear(FEATURE_DIM, num_classes)
 
-    @staticmethod
-    def prepare(images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 28, 28) or (B, 1, 28, 28) -> float (B, 1, 28, 28) in [-1, 1]."""
-        if images.dtype != torch.uint8:
-            raise ConfigError(f"images dtype = {images.dtype} is not allowed: the classifier reads uint8 pixels")
-        if images.dim() == 3:
-            images = images.unsqueeze(1)
-        if images.dim() != 4 or tuple(images.shape[1:]) != (1, 28, 28):
-            raise ConfigError(f"images shape = {tuple(images.shape)} is not allowed: expected (N, 28, 28)")
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W) or (B, C, H, W) of this network's shape -> float (B, C, H, W) in [-1, 1]."""
+        images = as_nchw(images)
+        if tuple(images.shape[1:]) != self.image_shape:
+            raise ConfigError(f"images shape = {tuple(images.shape)} is not allowed: this classifier reads "
+                              f"(N, {', '.join(map(str, self.image_shape))}) images")
         return images.float() / 127.5 - 1.0
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(self.body(self.prepare(images)))  # (B, 128)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))  # (B, 10)
+        return self.head(self.features(images))  # (B, K)
 
 
 class FeatureExtractor(nn.Module):
@@ -139,6 +163,7 @@ class FitConfig:
 
     Five epochs because three left test accuracy measurably lower; no augmentation, because random
     flips cost accuracy: in a few epochs this network underfits, it does not overfit.
+    A small folder runs at least `min_steps` steps (more epochs), so a few hundred images still fit.
     """
     epochs: int = 5
     batch_size: int = 128
@@ -146,9 +171,10 @@ class FitConfig:
     weight_decay: float = 0.05  # decoupled (AdamW)
     max_steps: int = 0          # 0: run all epochs (tests use a handful of steps)
     seed: int = 0
+    min_steps: int = MIN_STEPS
 
     def __post_init__(self) -> None:
-        for name, low in (("epochs", 1), ("batch_size", 1), ("max_steps", 0), ("seed", 0)):
+        for name, low in (("epochs", 1), ("batch_size", 1), ("max_steps", 0), ("seed", 0), ("min_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} = {value!r} is not allowed: it must be a whole number >= {low}")
@@ -169,10 +195,12 @@ class Classifier:
     path: Path | None = None
     sha256: str = ""            # of the weights file: names the classifier in caches and eval entries
     fit_seconds: float = 0.0
+    names: tuple[str, ...] = ()  # the class names; empty: the built-in dataset's own
+    fingerprint: str = ""        # of the images it was fitted on; empty: a built-in dataset's classifier
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return CLASS_NAMES[self.dataset]
+        return tuple(self.names) or CLASS_NAMES[self.dataset]
 
 
 @torch.inference_mode()
@@ -181,24 +209,41 @@ def accuracy(model: FeatureClassifier, data: ImageSet, device: torch.device | st
     model.eval()
     correct = 0
     for start in range(0, len(data), batch_size):
-        logits = model(data.images[start:start + batch_size].to(device))
+        logits = model(as_nchw(data.images[start:start + batch_size]).to(device))
         correct += int((logits.argmax(1).cpu() == data.labels[start:start + batch_size]).sum())
     return correct / max(1, len(data))
 
 
 def fit(train: ImageSet, test: ImageSet, config: FitConfig = FitConfig(), device: torch.device | str = "cpu",
-        progress: ProgressFn | None = None) -> Classifier:
-    """Train a FeatureClassifier on `train` and measure its accuracy on `test`."""
+        progress: ProgressFn | None = None, class_names: tuple[str, ...] | None = None,
+        fingerprint: str = "") -> Classifier:
+    """Train a FeatureClassifier on `train` and measure its accuracy on `test`; the network takes the
+    images' own shape and one output per class name (the dataset's own names unless given)."""
     if train.dataset != test.dataset:
         raise ConfigError(f"test dataset = {test.dataset!r} is not allowed: the training split is {train.dataset!r}")
+    names = tuple(class_names) if class_names is not None else tuple(train.class_names)
+    channels, height, width = image_shape(train.images)
+    if height != width:
+        raise ConfigError(f"image shape = {height}x{width} is not allowed: the classifier reads square images")
+    if image_shape(test.images) != (channels, height, width):
+        raise ConfigError(f"test images shape = {tuple(test.images.shape)} is not allowed: the training split's "
+                          f"is {tuple(train.images.shape)}")
+    if len(train) < 2 or len(test) < 1:
+        raise ConfigError(f"images = {len(train)} training, {len(test)} held out is not allowed: fitting "
+                          "a classifier needs at least 2 training images and 1 held-out image")
+    for split in (train, test):
+        if int(split.labels.min()) < 0 or int(split.labels.max()) >= len(names):
+            raise ConfigError(f"labels of the {split.split} split run from {int(split.labels.min())} to "
+                              f"{int(split.labels.max())}, which is not allowed: there are {len(names)} class names")
     device = torch.device(device)
     torch.manual_seed(config.seed)  # the initial weights
     gen = torch.Generator().manual_seed(config.seed)
     # channels_last: faster for these small convolutions on a CPU.
-    model = FeatureClassifier().to(device, memory_format=torch.channels_last)
+    model = FeatureClassifier(channels, height, len(names)).to(device, memory_format=torch.channels_last)
     n = len(train)
     steps_per_epoch = max(1, n // config.batch_size)  # full batches only: BatchNorm dislikes a batch of 1
-    total = steps_per_epoch * config.epochs
+    epochs = max(config.epochs, -(-config.min_steps // steps_per_epoch))
+    total = steps_per_epoch * epochs
     if config.max_steps:
         total = min(total, config.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -213,7 +258,7 @@ def fit(train: ImageSet, test: ImageSet, config: FitConfig = FitConfig(), device
             if step >= total:
                 break
             index = order[b * config.batch_size:(b + 1) * config.batch_size]
-            x = images[index]                               # uint8 (B, 28, 28), drawn by index
+            x = images[index]                               # uint8 (B, [C,] H, W), drawn by index
             loss = F.cross_entropy(model(x), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -225,7 +270,7 @@ def fit(train: ImageSet, test: ImageSet, config: FitConfig = FitConfig(), device
     seconds = time.perf_counter() - started
     model.eval()
     return Classifier(model=model, dataset=train.dataset, test_accuracy=accuracy(model, test, device),
-                      fit_seconds=seconds)
+                      fit_seconds=seconds, names=names if class_names is not None else (), fingerprint=fingerprint)
 
 
 # -- files -------------------------------------------------------------------------------------------
@@ -254,6 +299,24 @@ def fit_path(dataset: str, directory: str | os.PathLike | None = None) -> Path:
     return classifier_dir(directory) / f"{dataset}.safetensors"
 
 
+def dataset_fingerprint(data: ImageSet, class_names: tuple[str, ...] | None = None) -> str:
+    """sha256 (first 16 hex digits) of the pixels, their shape, the labels and the class names: names a
+    fitted classifier, so one fitted on other images (another folder, another size) is never used."""
+    digest = hashlib.sha256()
+    images = as_nchw(data.images).contiguous()
+    digest.update(json.dumps([data.dataset, list(images.shape), list(class_names or data.class_names)]).encode())
+    digest.update(images.numpy().tobytes())
+    digest.update(data.labels.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint_path(dataset: str, fingerprint: str, directory: str | os.PathLike | None = None) -> Path:
+    """Where the classifier fitted on one dataset fingerprint lives (never a shipped file's name)."""
+    if not fingerprint or not all(c in "0123456789abcdef" for c in fingerprint):
+        raise ConfigError(f"fingerprint = {fingerprint!r} is not allowed: expected hex digits")
+    return classifier_dir(directory) / f"{dataset}-{fingerprint}.safetensors"
+
+
 def save_classifier(classifier: Classifier, path: Path) -> Classifier:
     """Write the weights atomically with their metadata; returns the classifier with path and sha256."""
 
@@ -265,6 +328,11 @@ def save_classifier(classifier: Classifier, path: Path) -> Classifier:
         "fit_seconds": f"{classifier.fit_seconds:.1f}", "torch": torch.__version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    channels, size, _ = classifier.model.image_shape
+    if (channels, size, classifier.model.num_classes) != (1, 28, NUM_CLASSES) or classifier.fingerprint:
+        # Only other shapes carry these keys: a 28x28x1 file stays byte-for-byte what it always was.
+        metadata.update(channels=str(channels), image_size=str(size),
+                        num_classes=str(classifier.model.num_classes), fingerprint=classifier.fingerprint)
     blob = save(state, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, blob)
@@ -275,8 +343,26 @@ def save_classifier(classifier: Classifier, path: Path) -> Classifier:
 def load_classifier(dataset: str, directory: str | os.PathLike | None = None,
                     device: torch.device | str = "cpu") -> Classifier:
     """Load the dataset's classifier; ClassifierNotFoundError / ClassifierError say how to (re)fit it."""
-    path = classifier_path(dataset, directory)
-    refit = f"fit a new one with `{fit_command(dataset)}`"
+    return load_classifier_file(classifier_path(dataset, directory), dataset, device)
+
+
+def load_fingerprinted(dataset: str, fingerprint: str, directory: str | os.PathLike | None = None,
+                       device: torch.device | str = "cpu") -> Classifier:
+    """The classifier fitted on exactly these images (`dataset_fingerprint`); ClassifierNotFoundError if none."""
+    path = fingerprint_path(dataset, fingerprint, directory)
+    classifier = load_classifier_file(path, dataset, device, refit="fit one with `python -m core eval --run "
+                                      "NAME --fit-classifier`")
+    if classifier.fingerprint != fingerprint:
+        raise ClassifierError(f"classifier {path} was fitted on other images (fingerprint "
+                              f"{classifier.fingerprint or 'none'}); fit one with `python -m core eval --run NAME "
+                              "--fit-classifier`")
+    return classifier
+
+
+def load_classifier_file(path: Path, dataset: str, device: torch.device | str = "cpu",
+                         refit: str | None = None) -> Classifier:
+    """Load one classifier file, checking its dataset, architecture version and shape."""
+    refit = refit or f"fit a new one with `{fit_command(dataset)}`"
     try:
         blob = path.read_bytes()
     except FileNotFoundError:
@@ -293,16 +379,34 @@ def load_classifier(dataset: str, directory: str | os.PathLike | None = None,
     if version != str(ARCH_VERSION):
         raise ClassifierError(f"classifier {path} has architecture version {version}, this code needs "
                               f"{ARCH_VERSION}; {refit}")
-    model = FeatureClassifier()
     try:
+        # Files without shape keys are 28x28x1 with 10 classes: the shipped FashionMNIST classifier.
+        shape = {k: int(metadata.get(k, default)) for k, default in
+                 (("channels", 1), ("image_size", 28), ("num_classes", NUM_CLASSES))}
+        names = tuple(json.loads(metadata["class_names"])) if "class_names" in metadata else ()
+        if names and (len(names) != shape["num_classes"] or not all(isinstance(n, str) for n in names)):
+            raise ValueError(f"{len(names)} class names for {shape['num_classes']} classes")
+        model = FeatureClassifier(shape["channels"], shape["image_size"], shape["num_classes"])
         model.load_state_dict(state, strict=True)
         test_accuracy = float(metadata["test_accuracy"])
-    except (RuntimeError, KeyError, ValueError) as exc:
+        if not 0.0 <= test_accuracy <= 1.0:
+            raise ValueError(f"test accuracy {test_accuracy} outside [0, 1]")
+    except (RuntimeError, KeyError, ValueError, ConfigError) as exc:
         first = str(exc).splitlines()[0][:200]
         raise ClassifierError(f"classifier {path} does not fit the network ({first}); {refit}") from None
-    return Classifier(model=model.to(device, memory_format=torch.channels_last).eval(), dataset=dataset, test_accuracy=test_accuracy,
-                      path=path, sha256=hashlib.sha256(blob).hexdigest(),
-                      fit_seconds=float(metadata.get("fit_seconds", 0) or 0))
+    builtin = dataset in CLASS_NAMES and names == tuple(CLASS_NAMES[dataset])
+    return Classifier(model=model.to(device, memory_format=torch.channels_last).eval(), dataset=dataset,
+                      test_accuracy=test_accuracy, path=path, sha256=hashlib.sha256(blob).hexdigest(),
+                      fit_seconds=_finite(metadata.get("fit_seconds")), names=() if builtin else names,
+                      fingerprint=metadata.get("fingerprint", ""))
+
+
+def _finite(text: str | None) -> float:
+    try:
+        value = float(text or 0)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0
 
 
 def read_metadata(blob: bytes) -> dict[str, str]:

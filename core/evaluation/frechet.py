@@ -42,6 +42,7 @@ from ..config import ConfigError
 from ..data.datasets import ImageSet, to_uint8
 from ..store.io import atomic_write_bytes
 from .classifier import Classifier, FeatureExtractor, read_metadata
+from .pixels import as_nchw
 
 NOISE_PIXEL_RANGE = "symmetric"   # the noise ceiling's x_T is shown as if the model range were [-1, 1]
 MIN_IMAGES = 2                    # a covariance needs two samples; compare numbers at N >= 1000
@@ -49,10 +50,14 @@ CACHE_VERSION = 1
 
 
 # -- the pieces, each a plain function ----------------------------------------------------------------
-def noise_images(n: int, seed: int = 0) -> torch.Tensor:
-    """uint8 (n, 28, 28): x_T ~ N(0, I) in the [-1, 1] range, mapped to pixels like any sample."""
+def noise_images(n: int, seed: int = 0, shape: tuple[int, int, int] = (1, 28, 28)) -> torch.Tensor:
+    """uint8 (n, C, H, W) (n, 28, 28 for the built-in shape, as always): x_T ~ N(0, I) in the [-1, 1]
+    range, mapped to pixels like any sample."""
     gen = torch.Generator().manual_seed(seed)
-    return to_uint8(torch.randn((n, 1, 28, 28), generator=gen), NOISE_PIXEL_RANGE)
+    x = torch.randn((n, *shape), generator=gen)
+    if tuple(shape) == (1, 28, 28):
+        return to_uint8(x, NOISE_PIXEL_RANGE)
+    return ((x + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8)  # to_uint8's mapping, channels kept
 
 
 def real_subset(images: ImageSet, n: int, seed: int = 0) -> torch.Tensor:
@@ -93,11 +98,15 @@ def frechet_metric(feature: nn.Module) -> FrechetInceptionDistance:
     return FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=False)
 
 
-def _check_images(images: torch.Tensor, what: str) -> torch.Tensor:
+def _check_images(images: torch.Tensor, what: str, shape: tuple[int, int, int] = (1, 28, 28)) -> torch.Tensor:
+    """uint8 images of `shape` (C, H, W), as (N, C, H, W); a grayscale (N, H, W) counts as C = 1."""
     if not torch.is_tensor(images):
         images = torch.as_tensor(images)
-    if images.dtype != torch.uint8 or images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
-        raise ConfigError(f"{what} = {images.dtype} {tuple(images.shape)} is not allowed: expected uint8 (N, 28, 28)")
+    expected = f"uint8 (N, {', '.join(map(str, shape))})" + (" or (N, H, W)" if shape[0] == 1 else "")
+    if images.dtype != torch.uint8 or images.dim() not in (3, 4) or \
+            tuple(as_nchw(images).shape[1:]) != tuple(shape):
+        raise ConfigError(f"{what} = {images.dtype} {tuple(images.shape)} is not allowed: expected {expected}")
+    images = as_nchw(images)
     if images.shape[0] < MIN_IMAGES:
         raise ConfigError(f"n = {images.shape[0]} is not allowed: the Fréchet distance needs at least "
                           f"{MIN_IMAGES} images (compare numbers taken at N >= 1000)")
@@ -146,7 +155,9 @@ class QualityEvaluator:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.classifier.model.to(self.device).eval()
+        self.image_shape = tuple(classifier.model.image_shape)
         self.metric = frechet_metric(FeatureExtractor(classifier.model)).to(self.device)
+        _check_images(test.images, "test images", self.image_shape)
         self.test = test  # kept for the per-class statistics of conditional runs
         self._test_features: torch.Tensor | None = None
         self.test_sha256 = hashlib.sha256(test.images.numpy().tobytes()).hexdigest()
@@ -158,8 +169,8 @@ class QualityEvaluator:
     # The cache: torchmetrics' three real-side states, float64, plus what they were computed from.
     @property
     def cache_path(self) -> Path | None:
-        path = self.classifier.path
-        return path.with_name(f"{self.classifier.dataset}.test-stats.safetensors") if path else None
+        path = self.classifier.path  # <dataset>.test-stats for the built-in ones, as always
+        return path.with_name(f"{path.name.removesuffix('.safetensors')}.test-stats.safetensors") if path else None
 
     def _cache_key(self) -> dict[str, str]:
         return {"cache_version": str(CACHE_VERSION), "classifier_sha256": self.classifier.sha256,
@@ -207,8 +218,8 @@ class QualityEvaluator:
 
     # What callers use.
     def frechet_distance(self, images: torch.Tensor) -> float:
-        """Fréchet distance between uint8 (N, 28, 28) images and the test split."""
-        images = _check_images(images, "images")
+        """Fréchet distance between uint8 (N, [C,] H, W) images and the test split."""
+        images = _check_images(images, "images", self.image_shape)
         self.metric.reset()  # clears the fake side only (reset_real_features=False)
         self._update(images, real=False)
         value = float(self.metric.compute())
@@ -217,7 +228,7 @@ class QualityEvaluator:
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        images = _check_images(images, "images")
+        images = _check_images(images, "images", self.image_shape)
         out = [self.classifier.model(images[s:s + self.batch_size].to(self.device)).cpu()
                for s in range(0, len(images), self.batch_size)]
         return torch.cat(out)
@@ -228,7 +239,8 @@ class QualityEvaluator:
     # Class-conditional samples: features per image, the test split's features, the report.
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 128) classifier features of uint8 (N, 28, 28) images, on the CPU."""
+        """(N, 128) classifier features of uint8 (N, [C,] H, W) images, on the CPU."""
+        images = as_nchw(images)
         return torch.cat([self.classifier.model.features(images[s:s + self.batch_size].to(self.device)).float().cpu()
                           for s in range(0, len(images), self.batch_size)])
 
@@ -240,7 +252,7 @@ class QualityEvaluator:
 
     def conditional(self, images: torch.Tensor, labels: torch.Tensor) -> "ConditionalReport":
         """Samples drawn for `labels`: the share classified as asked, per class, and per-class distances."""
-        images = _check_images(torch.as_tensor(images), "images")
+        images = _check_images(torch.as_tensor(images), "images", self.image_shape)
         labels = torch.as_tensor(labels).long().cpu()
         if labels.shape != (len(images),):
             raise ConfigError(f"labels = {tuple(labels.shape)} is not allowed: give one label per image "
@@ -264,11 +276,11 @@ class QualityEvaluator:
         return self.frechet_distance(real_subset(train, n, seed))
 
     def noise_ceiling(self, n: int, seed: int = 0) -> float:
-        return self.frechet_distance(noise_images(n, seed))
+        return self.frechet_distance(noise_images(n, seed, self.image_shape))
 
     def evaluate(self, images: torch.Tensor, train: ImageSet, seed: int = 0) -> QualityReport:
         """The full report for N samples: distance, floor and ceiling at the same N, class shares."""
-        images = _check_images(torch.as_tensor(images), "images")
+        images = _check_images(torch.as_tensor(images), "images", self.image_shape)
         n = int(images.shape[0])
         return QualityReport(n=n, fd=self.frechet_distance(images), fd_floor=self.floor(train, n, seed),
                              fd_noise=self.noise_ceiling(n, seed), **self.class_statistics(images))

@@ -20,6 +20,7 @@ from ..diffusion.sampling import ReverseStep, collect, reverse_process, total_st
 from ..diffusion.schedule import NoiseScheduler
 from .classifier import Classifier, ClassifierError, FitConfig, classifier_dir, fit, load_classifier, save_classifier
 from .frechet import QualityEvaluator
+from .own_data import class_names_of, fit_on_training_split, fitted_classifier, run_data, uses_fingerprint
 
 # wrap(process, total, description) -> the same steps (a progress bar, a counter, a cancel check)
 StepWrapper = Callable[[Iterator[ReverseStep], int, str], Iterator[ReverseStep]]
@@ -50,15 +51,12 @@ def load_or_fit_classifier(dataset: str, directory: str | Path | None = None, de
     return save_classifier(fitted, classifier_dir(directory) / f"{dataset}.safetensors"), True
 
 
-def score_setting(config: SampleConfig, loaded: runs.LoadedRun, scheduler: NoiseScheduler,
-                  evaluator: QualityEvaluator, train: ImageSet, raw_weights: bool, device: torch.device,
+def sample_images(config: SampleConfig, loaded: runs.LoadedRun, scheduler: NoiseScheduler, device: torch.device,
                   wrap: StepWrapper | None = None, labels: torch.Tensor | None = None,
-                  guidance: float = 1.0) -> dict[str, Any] | None:
-    """Sample `config.n` images and measure them: the eval.json entry (None when `wrap` ended early).
-    A conditional run passes one label per image and γ: the entry adds its conditional figures."""
+                  guidance: float = 1.0) -> torch.Tensor | None:
+    """`config.n` uint8 samples of the run (None when `wrap` ended the sampling early)."""
     steps = config.resolved_steps(scheduler.num_timesteps)
     train_config = loaded.config.train
-    started_at, started = now_stamp(), time.perf_counter()
     process = reverse_process(loaded.model, scheduler, config, pixel_range=train_config.pixel_range,
                               clip_default=train_config.clip_denoised, device=device, labels=labels,
                               guidance=guidance, prediction=train_config.prediction)
@@ -69,9 +67,23 @@ def score_setting(config: SampleConfig, loaded: runs.LoadedRun, scheduler: Noise
     result = collect(process, pixel_range=train_config.pixel_range)
     if len(result.images) < config.n:
         return None
+    return torch.from_numpy(result.images)
+
+
+def score_setting(config: SampleConfig, loaded: runs.LoadedRun, scheduler: NoiseScheduler,
+                  evaluator: QualityEvaluator, train: ImageSet, raw_weights: bool, device: torch.device,
+                  wrap: StepWrapper | None = None, labels: torch.Tensor | None = None,
+                  guidance: float = 1.0) -> dict[str, Any] | None:
+    """Sample `config.n` images and measure them: the eval.json entry (None when `wrap` ended early).
+    A conditional run passes one label per image and γ: the entry adds its conditional figures."""
+    steps = config.resolved_steps(scheduler.num_timesteps)
+    train_config = loaded.config.train
+    started_at, started = now_stamp(), time.perf_counter()
+    images = sample_images(config, loaded, scheduler, device, wrap, labels, guidance)
+    if images is None:
+        return None
     sampling_s = time.perf_counter() - started
     eval_start = time.perf_counter()
-    images = torch.from_numpy(result.images)
     report = evaluator.evaluate(images, train, seed=config.seed)
     conditional = {}
     if labels is not None:  # keys only conditional runs have: unconditional entries stay as they were
@@ -102,12 +114,16 @@ def evaluate_run(run_dir: str | Path, config: SampleConfig, *, device: torch.dev
     loaded = runs.load_model(run_dir, use_ema=use_ema, device=device)
     scheduler = NoiseScheduler(loaded.config.schedule)
     config.resolved_steps(scheduler.num_timesteps)  # a step count above T fails before any work
-    dataset = loaded.config.train.dataset
-    classifier, _ = load_or_fit_classifier(dataset, classifier_dir, device, data_root)
-    evaluator = QualityEvaluator(classifier, load_images(dataset, "test", data_root), device)
+    train, test = run_data(loaded.config, data_root)
+    if uses_fingerprint(train.dataset):  # data without a shipped classifier: the one fitted on these images
+        names = class_names_of(train)
+        classifier = fitted_classifier(train, names, classifier_dir, device) or \
+            fit_on_training_split(train, names, classifier_dir, device=device)
+    else:
+        classifier, _ = load_or_fit_classifier(train.dataset, classifier_dir, device, data_root)
+    evaluator = QualityEvaluator(classifier, test, device)
     raw_weights = not loaded.used_ema and (run_dir / "ema.safetensors").exists()
-    entry = score_setting(config, loaded, scheduler, evaluator, load_images(dataset, "train", data_root),
-                          raw_weights, device, wrap=wrap)
+    entry = score_setting(config, loaded, scheduler, evaluator, train, raw_weights, device, wrap=wrap)
     if entry is not None:
         runs.append_eval(run_dir, entry)
     return entry
