@@ -12,7 +12,8 @@ import streamlit as st
 from core.store import runs
 from core.config import (DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, SAMPLER_NAMES, ConfigError,
                          SampleConfig)
-from core.work.jobs import JobBusy, classifier_ready, estimate_evaluation_seconds
+from core.work import estimates
+from core.work.jobs import JobBusy, classifier_ready
 from dashboard import cache
 from dashboard.charts import format_duration
 from dashboard.state import evaluation_manager
@@ -44,10 +45,9 @@ def evaluate_ui(info: runs.RunInfo, prefix: str) -> None:
     n = c3.number_input("Images (N)", min_value=2, max_value=10_000, value=DEFAULT_N, step=100,
                         key=f"{prefix}_eval_n", help="Compare only figures taken at the same N (the CLI uses 1000)")
     params = {"sampler": sampler, "steps": 0 if sampler == "ddpm" else int(steps), "n": int(n)}
-    config = SampleConfig(sampler=sampler, steps=params["steps"], n=int(n))
     ready = classifier_ready(info.config.train.dataset)
-    seconds = estimate_evaluation_seconds(config, cache.scheduler_for(info.config),
-                                          cache.run_call_seconds(info.path), ready)
+    sampling = cache.sampling_estimate(info, sampler, params["steps"], int(n))
+    seconds = estimates.estimate_evaluation(sampling, int(n), ready).seconds
     note = "" if ready else " (including fitting the feature classifier once, about 3 minutes)"
     st.caption(f"Estimated time here: about **{format_duration(seconds)}**{note}. Runs in the background; "
                "the entry goes into the run's eval.json, as `python -m core eval` writes it.")

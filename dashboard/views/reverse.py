@@ -15,6 +15,7 @@ from core.store import runs
 from core.config import (DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, SAMPLER_NAMES, ConfigError,
                          SampleConfig)
 from core.store.export import frames_npz, grid_png, reverse_gif
+from core.work import estimates
 from core.work.jobs import SamplingJob
 from dashboard import cache, guidance
 from dashboard.charts import format_duration, scaled_grid
@@ -49,7 +50,8 @@ def _generate(run_dir: str) -> None:
     job = SamplingJob(loaded.model, cache.scheduler_for(loaded.config), config,
                       pixel_range=loaded.config.train.pixel_range, clip_default=loaded.config.train.clip_denoised,
                       record="all", device=cache.DEVICE, labels=labels, guidance=params.get("guidance", 1.0),
-                      prediction=loaded.config.train.prediction).start()
+                      prediction=loaded.config.train.prediction,
+                      timing=(runs_dir(), estimates.network_key(loaded.config.model))).start()
     meta = dict(params, run=loaded.name, used_ema=loaded.used_ema, timesteps=loaded.config.schedule.timesteps,
                 dataset=loaded.config.train.dataset)
     st.session_state["rev_job"] = {"job": job, "meta": meta}
@@ -152,10 +154,10 @@ def current_params(info: runs.RunInfo) -> dict:
     return params
 
 
-def estimate_seconds(info: runs.RunInfo, params: dict) -> float:
-    """Network evaluations × images × the cost of one, measured on this machine (cached per run)."""
-    steps = params["steps"] or info.config.schedule.timesteps
-    return steps * params["n"] * cache.run_call_seconds(info.path, params["use_ema"]) * 1.1
+def estimate(info: runs.RunInfo, params: dict):
+    """This machine's recent pace for this network and sampler (core.work.estimates)."""
+    guided = bool(params.get("labels")) and params.get("guidance", 1.0) not in (0.0, 1.0)
+    return cache.sampling_estimate(info, params["sampler"], params["steps"], params["n"], params["use_ema"], guided)
 
 
 def feedback_ui() -> None:
@@ -272,8 +274,10 @@ params.update(guidance.conditional_ui(info, params["n"]))  # class, γ and row-p
 c1, c2 = st.columns([1, 5], vertical_alignment="center")
 c1.button("Generate", icon=":material/auto_awesome:", type="primary", on_click=_generate, args=(str(info.path),),
           key="rev_generate", help="Runs in the background; the page stays usable.")
-c2.caption(f"About {format_duration(max(1.0, estimate_seconds(info, params)))} here.")
 _collect_finished()
+if st.session_state.get("rev_job") is None:  # while generating, the live "left" figure replaces it
+    guess = estimate(info, params)
+    c2.caption(f"About {format_duration(max(1.0, guess.seconds))} here ({guess.note}).")
 feedback_ui()
 generation_panel()
 guidance.explorer_ui(info, params)
