@@ -149,7 +149,8 @@ def sampling_estimate(info: runs.RunInfo, sampler: str, steps: int, n: int, use_
 
 def training_estimate(runs_folder: Path, config: RunConfig, steps: int) -> estimates.Estimate:
     """How long `steps` optimiser steps of this config take here."""
-    device = resolve_device(config.train.device).type
+    # "auto" is what this machine picks; a named device is taken as named (Train says if it is missing).
+    device = resolve_device("auto").type if config.train.device == "auto" else config.train.device.split(":")[0]
     work = estimates.Work("train", estimates.network_key(config.model), device, config.train.batch_size)
     found = estimates.estimate_steps(estimates.read_timings(runs_folder), work, steps,
                                      lambda batch: config_forward_seconds(config.model, batch))

@@ -338,6 +338,20 @@ def smoothed_eta(history: list[tuple[float, int]], total_steps: int, time_left_s
     return min(candidates) if candidates else None
 
 
+def steady_images_per_s(history: list[tuple[float, int]], batch: int) -> float | None:
+    """Images per second over the last minute of (elapsed_s, step) readings: one reading's pace swings
+    with every load burst (16 to 700 images/s on a shared machine), a minute's does not."""
+    if len(history) < 2:
+        return None
+    now_s, now_step = history[-1]
+    then_s, then_step = next(((s, k) for s, k in history if now_s - s <= ETA_WINDOW_S), history[0])
+    if (then_s, then_step) == history[-1]:
+        then_s, then_step = history[-2]
+    if now_s <= then_s or now_step <= then_step:
+        return None
+    return (now_step - then_step) * batch / (now_s - then_s)
+
+
 SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 

@@ -51,7 +51,8 @@ def generate(at: AppTest, timeout: float = 60.0) -> dict:
 def test_pick_sneaker_at_guidance_3(cond_app):
     at = cond_app
     assert at.slider(key="rev_guidance").value == 3.0  # the book's γ for a run trained with label dropout
-    at.selectbox(key="rev_class").set_value(7)
+    assert at.number_input(key="rev_n").disabled  # one row per class: "Images per class" sets the count
+    at.selectbox(key="rev_class").set_value(7).run()
     at.number_input(key="rev_n").set_value(4).run()
     done = generate(at)
     assert done["meta"]["labels"] == [7] * 4 and done["meta"]["guidance"] == 3.0
@@ -153,8 +154,8 @@ def test_a_row_of_sneakers_from_the_shipped_run(monkeypatch):
     at.selectbox(key="rev_run").set_value("demo-improved-cfg").run()
     at.selectbox(key="rev_sampler").set_value("dpmpp2m").run()
     at.number_input(key="rev_steps").set_value(20)
+    at.selectbox(key="rev_class").set_value(7).run()
     at.number_input(key="rev_n").set_value(8)
-    at.selectbox(key="rev_class").set_value(7)
     at.slider(key="rev_guidance").set_value(3.0).run()
     images = generate(at)["result"].images
     classifier = clf.load_classifier("fashion_mnist")

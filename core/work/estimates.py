@@ -244,5 +244,5 @@ def record_training(run_dir: str | os.PathLike, model: ModelConfig, device: str,
     step_s = training_step_seconds(rows)
     if step_s is None:
         return False
-    work = Work("train", network_key(model), resolve_device(device or "cpu").type, batch)
+    work = Work("train", network_key(model), (device or "cpu").split(":")[0], batch)  # "cuda:0" -> "cuda"
     return record(run_dir.parent, work, step_s * 100, 100)  # seconds for 100 steps at that pace

@@ -140,15 +140,6 @@ class TrainingJob(BackgroundJob):
                              on_progress=self._update, stop_event=self._stop, lock=self._lock_of_run)
         record_training_time(self.run_dir, progress)
 
-
-def record_training_time(run_dir: Path, progress: Progress) -> None:
-    """This machine's step time for the run's network, for the next estimate (core.work.estimates)."""
-    try:
-        config = runs.load_config(run_dir)
-    except (RunError, ConfigError, OSError):
-        return
-    estimates.record_training(run_dir, config.model, progress.device, config.train.batch_size)
-
     def failed(self, exc: BaseException) -> None:
         with self._lock:
             if self._progress.state != "failed":
@@ -158,6 +149,15 @@ def record_training_time(run_dir: Path, progress: Progress) -> None:
         with self._lock:
             p = self._progress
             return replace(p, steps=list(p.steps), losses=list(p.losses))
+
+
+def record_training_time(run_dir: Path, progress: Progress) -> None:
+    """This machine's step time for the run's network, for the next estimate (core.work.estimates)."""
+    try:
+        config = runs.load_config(run_dir)
+    except (RunError, ConfigError, OSError):
+        return
+    estimates.record_training(run_dir, config.model, progress.device, config.train.batch_size)
 
 
 @dataclass(frozen=True)
