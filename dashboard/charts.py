@@ -377,13 +377,15 @@ def sweep_fd_figure(rows: Sequence[dict[str, Any]], height: int = 380) -> go.Fig
     if not scored:
         return None
     labels = [f"{i + 1}. {r['label']}" for i, r in enumerate(rows) if r.get("fd") is not None]
-    text = [f"{r['fd']:.1f}" + (f" ({r['fd_ratio']:.1f}×)" if r.get("fd_ratio") is not None else "") for r in scored]
+    text = [f"{r['fd']:.1f}" + (f" ({r['fd_ratio']:.1f}×)" if r.get("fd_ratio") is not None else "")
+            + (f"<br>{r['verdict']}" if r.get("verdict") else "") for r in scored]
     fig = go.Figure(go.Bar(x=labels, y=[r["fd"] for r in scored], text=text, textposition="outside",
                            marker_color=PALETTE[0], hovertext=[r["run"] for r in scored]))
     floors = [r["floor"] for r in scored if r.get("floor") is not None]
     if floors:
         fig.add_hline(y=floors[0], line_dash="dash", line_color=PALETTE[2],
-                      annotation_text=f"floor {floors[0]:.2f} (real images)", annotation_position="top left")
+                      annotation_text=f"floor {floors[0]:.2f} (real images)", annotation_position="top right",
+                      annotation_xanchor="right", annotation_yanchor="bottom")
     n = scored[0].get("n")
     fig.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10), showlegend=False,
                       yaxis_title=f"Fréchet distance, N = {n} (lower is better)", xaxis_tickangle=-20)

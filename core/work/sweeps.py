@@ -467,7 +467,7 @@ def results(runs_dir: str | Path, definition: dict[str, Any]) -> list[dict[str, 
             {k: tuple(v) if isinstance(v, list) else v for k, v in entry["changes"].items()}),
             "state": "missing", "steps": 0, "images": 0, "train_s": None, "final_loss": None,
             "setting": None, "n": None, "fd": None, "fd_ratio": None, "floor": None, "class_entropy": None,
-            "error": None}
+            "error": None, "noise": None}  # noise: the pure-noise reference (not a CSV column: format 1 stays)
         if runs.is_run_folder(run_dir, Path(runs_dir)):
             info = runs.run_info(run_dir)
             row["state"], row["error"] = info.state, info.error
@@ -481,6 +481,7 @@ def results(runs_dir: str | Path, definition: dict[str, Any]) -> list[dict[str, 
                 if found is not None:
                     row.update(setting=found.get("setting"), n=found.get("n"), fd=_number(found.get("fd")),
                                fd_ratio=_number(found.get("fd_ratio")), floor=_number(found.get("fd_floor")),
+                               noise=_number(found.get("fd_noise")),
                                class_entropy=_number(found.get("class_entropy")))
         rows.append(row)
     return rows
