@@ -121,7 +121,8 @@ def test_the_form_queues_a_sweep_and_bad_definitions_create_nothing(runs_dir):
     assert not at.exception
     assert any("2 runs queued" in s.value for s in at.success)
     assert [e.run for e in queue.read_queue(runs_dir).queued] == ["opt-00-optimizer-adam", "opt-01-optimizer-adamw"]
-    assert queue.read_queue(runs_dir).eval == queue.EvalSetting("dpmpp2m-sde", 20, 32)
+    assert queue.read_queue(runs_dir).eval is None  # later runs are not scored because of this sweep
+    assert sweeps.queue_evaluation(runs_dir, "opt-00-optimizer-adam") == queue.EvalSetting("dpmpp2m-sde", 20, 32)
     assert runs.load_config(runs_dir / "opt-01-optimizer-adamw").train.max_steps == 20
     assert list(at.dataframe[1].value["state"]) == ["created", "created"]
     assert at.query_params["sweep"] in ("opt", ["opt"])  # a reload stays on the new sweep

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..models import budget
-from . import estimates, queue
+from . import estimates, queue, sweeps
 from ..store import runs
 from ..config import ConfigError, RunConfig, SampleConfig
 from ..data.datasets import ImageSet, load_images
@@ -658,6 +658,8 @@ class QueueRunner(BackgroundJob):
             if progress.state == "stopped":
                 self._end(claim, "stopped", "stopped by the user; resume the queue to continue it", pause=True)
                 return
+            if claim.eval is None:  # a sweep's run: scored at its sweep's setting, the queue's stays off
+                claim.eval = sweeps.queue_evaluation(self.runs_dir, name)
             if claim.eval is not None:
                 state, error = self._evaluate(claim)
                 self._end(claim, state, error, pause=state == "stopped")
