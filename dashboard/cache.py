@@ -13,8 +13,9 @@ import torch
 
 from core.store import runs
 from core.bench.flops import model_cost
-from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, ModelConfig, RunConfig, SampleConfig, ScheduleConfig
-from core.data.datasets import ImageSet, load_images, to_model_range, to_uint8
+from core.config import DATASET_NAMES, DEFAULT_FEW_STEP_SAMPLER, ConfigError, DEFAULT_FEW_STEPS, ModelConfig, RunConfig, SampleConfig, ScheduleConfig
+from core.data.datasets import (DatasetNotFoundError, ImageSet, ensure_dataset, load_images, to_model_range,
+                                to_uint8)
 from core.device import resolve_device
 from core.evaluation.diagnostics import loss_by_timestep
 from core.models import build_model
@@ -44,6 +45,19 @@ def weights_mtime(run_dir: Path, use_ema: bool = True) -> float:
 @st.cache_resource(show_spinner=False, max_entries=4)
 def dataset(name: str, split: str) -> ImageSet:
     return load_images(name, split)
+
+
+@st.cache_data(show_spinner=False, ttl=60)
+def installed_datasets() -> tuple[str, ...]:
+    """The datasets this machine has (or can prepare without a download): the only ones to offer."""
+    found = []
+    for name in DATASET_NAMES:
+        try:
+            ensure_dataset(name, download=False)
+        except (DatasetNotFoundError, ConfigError, OSError):
+            continue
+        found.append(name)
+    return tuple(found)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)

@@ -14,7 +14,7 @@ from core.config import (DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LA
                          SampleConfig)
 from core.work import estimates
 from core.work.jobs import JobBusy, classifier_ready
-from dashboard import cache
+from dashboard import cache, reading
 from dashboard.charts import format_duration
 from dashboard.state import evaluation_manager
 
@@ -77,10 +77,16 @@ def evaluation_status_ui(prefix: str) -> None:
             st.progress(s.fraction, text=f"Evaluating **{s.run_name}** ({s.setting}) · {s.phase}{counted} · "
                                          f"{format_duration(s.elapsed_s)}{eta}")
             st.button("Cancel evaluation", icon=":material/close:", key=f"{prefix}_eval_cancel", on_click=job.cancel)
-        elif s.state == "finished" and s.entry:
+            return
+        if st.session_state.get(f"{prefix}_eval_shown") == id(job):
+            return  # said once; a later action on the page clears it (the figure stays in the tables)
+        if not alive_at_full_run:  # the full run after the end shows it; the next rerun no longer does
+            st.session_state[f"{prefix}_eval_shown"] = id(job)
+        if s.state == "finished" and s.entry:
+            verdict = reading.verdict(s.entry["fd"], s.entry.get("fd_floor"), s.entry.get("fd_noise"))
             st.success(f"Evaluated **{s.run_name}** ({s.setting}, N = {s.entry['n']}): Fréchet distance "
-                       f"**{s.entry['fd']:.2f}** (real-data floor {s.entry['fd_floor']:.2f}) in "
-                       f"{format_duration(s.elapsed_s)}.")
+                       f"**{s.entry['fd']:.2f}** (real-data floor {s.entry['fd_floor']:.2f})"
+                       + (f", {verdict}" if verdict else "") + f", in {format_duration(s.elapsed_s)}.")
         elif s.state == "failed":
             st.error(f"Evaluation of {s.run_name} failed: {s.error}")
         else:

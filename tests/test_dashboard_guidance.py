@@ -7,6 +7,7 @@ import json
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
@@ -67,6 +68,24 @@ def test_one_row_per_class(cond_app):
     meta = done["meta"]
     assert meta["n"] == 20 and meta["ncol"] == 2 and meta["labels"] == sorted(meta["labels"])
     assert done["result"].images.shape == (20, 28, 28)
+    # The rows are labelled with their classes: the grid is wider than the bare 2-column grid by the margin.
+    from dashboard.guidance import LABEL_PX, labelled_rows, row_names
+    names = row_names(meta, "fashion_mnist")
+    assert names == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot"]
+    bare = np.zeros((100, 60), np.uint8)
+    drawn = labelled_rows(bare, names)
+    assert drawn.shape == (100, 60 + LABEL_PX) and drawn[:, :LABEL_PX].max() > 200  # the names are written
+
+
+def test_gamma_0_caption_says_the_class_is_ignored(cond_app):
+    at = cond_app
+    at.selectbox(key="rev_class").set_value(7).run()
+    at.number_input(key="rev_n").set_value(2)
+    at.slider(key="rev_guidance").set_value(0.0).run()
+    generate(at)
+    text = " ".join(m.value for m in at.markdown)
+    assert "the class is ignored" in text and "class Sneaker" not in text
 
 
 def test_guidance_explorer_shows_the_same_seeds_at_four_scales(cond_app):
@@ -75,7 +94,7 @@ def test_guidance_explorer_shows_the_same_seeds_at_four_scales(cond_app):
     at.button(key="rev_explore").click().run()
     assert not at.exception and not at.error
     captions = [img.captions[0] for img in at.image if img.captions and img.captions[0].startswith("γ")]
-    assert captions == ["γ = 0", "γ = 1", "γ = 3", "γ = 7"]
+    assert captions == ["γ = 0 (class ignored)", "γ = 1", "γ = 3", "γ = 7"]
 
 
 def test_unconditional_runs_have_no_class_picker(tiny_run, monkeypatch):

@@ -212,8 +212,14 @@ def player(result, meta: dict) -> None:
     last = len(result.frame_timesteps)  # frames 0..last-1 are recorded steps, frame `last` the result
     ncol = meta.get("ncol") or math.ceil(math.sqrt(meta["n"]))  # a per-class grid: one row per class
     playing = st.session_state.get("rev_playing", False)
+    names = guidance.row_names(meta, meta.get("dataset"))
+
+    def grid(images, px: int):
+        drawn = scaled_grid(images, ncol=ncol, target_px=px)
+        return guidance.labelled_rows(drawn, names) if names else drawn
+
     final, scrub = st.columns([1, 2])
-    final.image(scaled_grid(result.images, ncol=ncol, target_px=300), caption="x_0: the finished images")
+    final.image(grid(result.images, 300), caption="x_0: the finished images")
 
     @st.fragment(run_every=PLAY_TICK_S if playing else None)
     def view() -> None:
@@ -240,8 +246,8 @@ def player(result, meta: dict) -> None:
             xt = x0 = result.images
             st.caption(f"Frame {last} of {last}: the finished images. Press Play, or drag back towards the noise.")
         left, right = st.columns(2)
-        left.image(scaled_grid(xt, ncol=ncol, target_px=280), caption="x_t")
-        right.image(scaled_grid(x0, ncol=ncol, target_px=280), caption="predicted x̂0")
+        left.image(grid(xt, 280), caption="x_t")
+        right.image(grid(x0, 280), caption="predicted x̂0")
         if st.session_state.get("rev_playing") and frame >= last:
             st.session_state["rev_playing"] = False
             st.rerun()
