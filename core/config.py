@@ -512,22 +512,35 @@ def preset(name: str) -> RunConfig:
     return PRESETS[name]
 
 
+FIELD_ALIASES = {"model": "name", "model_name": "name"}  # flat names for ModelConfig.name
+
+
+def field_section(key: str) -> tuple[str, str]:
+    """(section, field) of a flat setting name such as "lr" or "model"; ConfigError if unknown."""
+    key = FIELD_ALIASES.get(key, key)
+    for section, kind in (("model", ModelConfig), ("schedule", ScheduleConfig), ("train", TrainConfig)):
+        if key in {f.name for f in fields(kind)}:
+            return section, key
+    raise ConfigError(f"unknown setting {key!r}")
+
+
+def flat_value(config: RunConfig, key: str) -> Any:
+    """The value of a flat setting name in `config` (the inverse of `override`)."""
+    section, name = field_section(key)
+    return getattr(getattr(config, section), name)
+
+
 def override(config: RunConfig, **changes: Any) -> RunConfig:
     """A copy of `config` with flat field changes routed to the section that owns each field.
 
     `None` means "not given" so CLI flags and form fields can be passed straight through.
     """
-    sections = {"model": {}, "schedule": {}, "train": {}}
-    owners = {f.name: s for s, kind in (("model", ModelConfig), ("schedule", ScheduleConfig),
-                                         ("train", TrainConfig)) for f in fields(kind)}
-    aliases = {"model": "name", "model_name": "name"}
+    sections: dict[str, dict[str, Any]] = {"model": {}, "schedule": {}, "train": {}}
     for key, value in changes.items():
         if value is None:
             continue
-        key = aliases.get(key, key)
-        if key not in owners:
-            raise ConfigError(f"unknown setting {key!r}")
-        sections[owners[key]][key] = value
+        section, name = field_section(key)
+        sections[section][name] = value
     return replace(
         config,
         model=replace(config.model, **sections["model"]),

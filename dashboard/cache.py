@@ -13,11 +13,13 @@ import torch
 
 from core.store import runs
 from core.bench.flops import model_cost
-from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, ModelConfig, SampleConfig, ScheduleConfig
-from core.data.datasets import ImageSet, load_images, to_model_range, to_uint8
+from core.config import DATASET_NAMES, DEFAULT_FEW_STEP_SAMPLER, ConfigError, DEFAULT_FEW_STEPS, ModelConfig, RunConfig, SampleConfig, ScheduleConfig
+from core.data.datasets import (DatasetNotFoundError, ImageSet, ensure_dataset, load_images, to_model_range,
+                                to_uint8)
 from core.device import resolve_device
 from core.evaluation.diagnostics import loss_by_timestep
-from core.work.jobs import measure_call_seconds
+from core.models import build_model
+from core.work import estimates
 from core.diffusion.sampling import sample
 from core.diffusion.schedule import NoiseScheduler
 
@@ -43,6 +45,19 @@ def weights_mtime(run_dir: Path, use_ema: bool = True) -> float:
 @st.cache_resource(show_spinner=False, max_entries=4)
 def dataset(name: str, split: str) -> ImageSet:
     return load_images(name, split)
+
+
+@st.cache_data(show_spinner=False, ttl=60)
+def installed_datasets() -> tuple[str, ...]:
+    """The datasets this machine has (or can prepare without a download): the only ones to offer."""
+    found = []
+    for name in DATASET_NAMES:
+        try:
+            ensure_dataset(name, download=False)
+        except (DatasetNotFoundError, ConfigError, OSError):
+            continue
+        found.append(name)
+    return tuple(found)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
@@ -121,13 +136,40 @@ def strip_timesteps(timesteps: int, count: int = 10) -> tuple[int, ...]:
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def call_seconds(run_dir: str, mtime: float, use_ema: bool = True) -> float:
-    """Seconds per image of one network evaluation of this run, measured here (for time estimates)."""
-    return measure_call_seconds(trained_model(run_dir, mtime, use_ema).model, device=DEVICE)
+def forward_seconds(run_dir: str, mtime: float, use_ema: bool, batch: int) -> float:
+    """One forward pass of `batch` images through this run's network, timed here after warm-up: the
+    estimates' fallback before this machine has recorded any work with the network."""
+    return estimates.measure_forward_seconds(trained_model(run_dir, mtime, use_ema).model, batch, DEVICE)
 
 
-def run_call_seconds(run_dir: Path, use_ema: bool = True) -> float:
-    return call_seconds(str(run_dir), weights_mtime(run_dir, use_ema), use_ema)
+@st.cache_data(show_spinner=False, max_entries=16)
+def config_forward_seconds(config: ModelConfig, batch: int) -> float:
+    """The same for a network not trained yet (the Train form's estimate), at fresh weights on the CPU
+    (training picks its device itself; the CPU is the slower, so the estimate errs long)."""
+    return estimates.measure_forward_seconds(build_model(config), min(batch, 256), "cpu") * max(1.0, batch / 256)
+
+
+def sampling_estimate(info: runs.RunInfo, sampler: str, steps: int, n: int, use_ema: bool = True,
+                      guided: bool = False) -> estimates.Estimate:
+    """How long sampling `n` images of this run takes here (steps: per batch; DDPM: T)."""
+    def calibrate(batch: int) -> float:
+        return forward_seconds(str(info.path), weights_mtime(info.path, use_ema), use_ema, batch)
+
+    steps = info.config.schedule.timesteps if sampler == "ddpm" else steps
+    return estimates.estimate_sampling(estimates.read_timings(info.path.parent), estimates.network_key(info.config.model),
+                                       DEVICE.type, sampler + ("+cfg" if guided else ""), steps, n,
+                                       SampleConfig.batch_size, calibrate)
+
+
+def training_estimate(runs_folder: Path, config: RunConfig, steps: int) -> estimates.Estimate:
+    """How long `steps` optimiser steps of this config take here."""
+    # "auto" is what this machine picks; a named device is taken as named (Train says if it is missing).
+    device = resolve_device("auto").type if config.train.device == "auto" else config.train.device.split(":")[0]
+    work = estimates.Work("train", estimates.network_key(config.model), device, config.train.batch_size)
+    found = estimates.estimate_steps(estimates.read_timings(runs_folder), work, steps,
+                                     lambda batch: config_forward_seconds(config.model, batch))
+    assert found is not None  # a calibration was given
+    return found
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)

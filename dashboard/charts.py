@@ -338,6 +338,20 @@ def smoothed_eta(history: list[tuple[float, int]], total_steps: int, time_left_s
     return min(candidates) if candidates else None
 
 
+def steady_images_per_s(history: list[tuple[float, int]], batch: int) -> float | None:
+    """Images per second over the last minute of (elapsed_s, step) readings: one reading's pace swings
+    with every load burst (16 to 700 images/s on a shared machine), a minute's does not."""
+    if len(history) < 2:
+        return None
+    now_s, now_step = history[-1]
+    then_s, then_step = next(((s, k) for s, k in history if now_s - s <= ETA_WINDOW_S), history[0])
+    if (then_s, then_step) == history[-1]:
+        then_s, then_step = history[-2]
+    if now_s <= then_s or now_step <= then_step:
+        return None
+    return (now_step - then_step) * batch / (now_s - then_s)
+
+
 SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
@@ -363,13 +377,15 @@ def sweep_fd_figure(rows: Sequence[dict[str, Any]], height: int = 380) -> go.Fig
     if not scored:
         return None
     labels = [f"{i + 1}. {r['label']}" for i, r in enumerate(rows) if r.get("fd") is not None]
-    text = [f"{r['fd']:.1f}" + (f" ({r['fd_ratio']:.1f}×)" if r.get("fd_ratio") is not None else "") for r in scored]
+    text = [f"{r['fd']:.1f}" + (f" ({r['fd_ratio']:.1f}×)" if r.get("fd_ratio") is not None else "")
+            + (f"<br>{r['verdict']}" if r.get("verdict") else "") for r in scored]
     fig = go.Figure(go.Bar(x=labels, y=[r["fd"] for r in scored], text=text, textposition="outside",
                            marker_color=PALETTE[0], hovertext=[r["run"] for r in scored]))
     floors = [r["floor"] for r in scored if r.get("floor") is not None]
     if floors:
         fig.add_hline(y=floors[0], line_dash="dash", line_color=PALETTE[2],
-                      annotation_text=f"floor {floors[0]:.2f} (real images)", annotation_position="top left")
+                      annotation_text=f"floor {floors[0]:.2f} (real images)", annotation_position="top right",
+                      annotation_xanchor="right", annotation_yanchor="bottom")
     n = scored[0].get("n")
     fig.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10), showlegend=False,
                       yaxis_title=f"Fréchet distance, N = {n} (lower is better)", xaxis_tickangle=-20)

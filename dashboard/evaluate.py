@@ -12,8 +12,9 @@ import streamlit as st
 from core.store import runs
 from core.config import (DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, SAMPLER_NAMES, ConfigError,
                          SampleConfig)
-from core.work.jobs import JobBusy, classifier_ready, estimate_evaluation_seconds
-from dashboard import cache
+from core.work import estimates
+from core.work.jobs import JobBusy, classifier_ready
+from dashboard import cache, reading
 from dashboard.charts import format_duration
 from dashboard.state import evaluation_manager
 
@@ -44,10 +45,9 @@ def evaluate_ui(info: runs.RunInfo, prefix: str) -> None:
     n = c3.number_input("Images (N)", min_value=2, max_value=10_000, value=DEFAULT_N, step=100,
                         key=f"{prefix}_eval_n", help="Compare only figures taken at the same N (the CLI uses 1000)")
     params = {"sampler": sampler, "steps": 0 if sampler == "ddpm" else int(steps), "n": int(n)}
-    config = SampleConfig(sampler=sampler, steps=params["steps"], n=int(n))
     ready = classifier_ready(info.config.train.dataset)
-    seconds = estimate_evaluation_seconds(config, cache.scheduler_for(info.config),
-                                          cache.run_call_seconds(info.path), ready)
+    sampling = cache.sampling_estimate(info, sampler, params["steps"], int(n))
+    seconds = estimates.estimate_evaluation(sampling, int(n), ready).seconds
     note = "" if ready else " (including fitting the feature classifier once, about 3 minutes)"
     st.caption(f"Estimated time here: about **{format_duration(seconds)}**{note}. Runs in the background; "
                "the entry goes into the run's eval.json, as `python -m core eval` writes it.")
@@ -77,10 +77,16 @@ def evaluation_status_ui(prefix: str) -> None:
             st.progress(s.fraction, text=f"Evaluating **{s.run_name}** ({s.setting}) · {s.phase}{counted} · "
                                          f"{format_duration(s.elapsed_s)}{eta}")
             st.button("Cancel evaluation", icon=":material/close:", key=f"{prefix}_eval_cancel", on_click=job.cancel)
-        elif s.state == "finished" and s.entry:
+            return
+        if st.session_state.get(f"{prefix}_eval_shown") == id(job):
+            return  # said once; a later action on the page clears it (the figure stays in the tables)
+        if not alive_at_full_run:  # the full run after the end shows it; the next rerun no longer does
+            st.session_state[f"{prefix}_eval_shown"] = id(job)
+        if s.state == "finished" and s.entry:
+            verdict = reading.verdict(s.entry["fd"], s.entry.get("fd_floor"), s.entry.get("fd_noise"))
             st.success(f"Evaluated **{s.run_name}** ({s.setting}, N = {s.entry['n']}): Fréchet distance "
-                       f"**{s.entry['fd']:.2f}** (real-data floor {s.entry['fd_floor']:.2f}) in "
-                       f"{format_duration(s.elapsed_s)}.")
+                       f"**{s.entry['fd']:.2f}** (real-data floor {s.entry['fd_floor']:.2f})"
+                       + (f", {verdict}" if verdict else "") + f", in {format_duration(s.elapsed_s)}.")
         elif s.state == "failed":
             st.error(f"Evaluation of {s.run_name} failed: {s.error}")
         else:

@@ -69,13 +69,41 @@ def conditional_params(info: runs.RunInfo, n: int) -> dict:
 
 
 def describe(meta: dict, dataset: str | None) -> str:
-    """' · class Sneaker · γ = 3' for the result's caption ('' for unconditional runs)."""
+    """' · class Sneaker · γ = 3' for the result's caption ('' for unconditional runs); at γ = 0 the
+    label is ignored, and the caption says so instead of naming a class the images are not of."""
     if not meta.get("labels"):
         return ""
+    if meta["guidance"] == 0:
+        return " · γ = 0: the class is ignored, these are unconditional samples"
     present = sorted(set(meta["labels"]))
     what = f"class {class_names(dataset)[present[0]]}" if len(present) == 1 and dataset else \
         f"{len(present)} classes, one row each"
     return f" · {what} · γ = {meta['guidance']:g}"
+
+
+LABEL_PX = 96  # the left margin that holds the class names of a one-row-per-class grid
+
+
+def labelled_rows(grid: np.ndarray, names: list[str]) -> np.ndarray:
+    """A grid with one row per class, its class names written in a left margin (white on black)."""
+    from PIL import Image, ImageDraw
+    height = grid.shape[0]
+    canvas = Image.new("L", (grid.shape[1] + LABEL_PX, height), 0)
+    canvas.paste(Image.fromarray(grid), (LABEL_PX, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = height / max(1, len(names))
+    for i, name in enumerate(names):
+        draw.text((4, int(row_h * i + row_h / 2) - 6), name[:14], fill=255)
+    return np.asarray(canvas)
+
+
+def row_names(meta: dict, dataset: str | None) -> list[str] | None:
+    """The class of each row of a one-row-per-class result (None for any other grid)."""
+    if not meta.get("labels") or not meta.get("ncol") or not dataset:
+        return None
+    names = class_names(dataset)
+    labels = meta["labels"][::meta["ncol"]]
+    return [names[k] for k in labels]
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -104,7 +132,9 @@ def explorer_ui(info: runs.RunInfo, params: dict) -> None:
             labels = per_class_labels(sorted(set(labels)), EXPLORER_PER_CLASS).tolist()
         ncol = EXPLORER_PER_CLASS if params.get("ncol") else int(np.ceil(np.sqrt(len(labels))))
         if not st.button("Compare guidance scales", icon=":material/compare:", key="rev_explore"):
-            st.caption(f"Samples {len(labels)} images per γ with the sampler, steps and seed above.")
+            what = (f"{EXPLORER_PER_CLASS} per class, {len(labels)} images" if params.get("ncol")
+                    else f"{len(labels)} images of the chosen class")
+            st.caption(f"Samples {what} at each γ, with the sampler, steps and seed above; γ = 0 ignores the class.")
             return
         try:
             for g in scales:
@@ -118,8 +148,14 @@ def explorer_ui(info: runs.RunInfo, params: dict) -> None:
             grids = guided_grids(str(info.path), cache.weights_mtime(info.path, params["use_ema"]),
                                  params["use_ema"], params["sampler"], params["steps"], params["seed"],
                                  tuple(labels), tuple(sorted(scales)))
-        for column, g, images in zip(st.columns(max(1, len(scales))), sorted(scales), grids):
-            column.image(scaled_grid(images, ncol=ncol, target_px=220), caption=f"γ = {g:g}")
+        per_row = min(4, max(1, len(scales)))  # four across at most, so each stays large enough to read
+        ordered = sorted(scales)
+        for start in range(0, len(ordered), per_row):
+            for column, g, images in zip(st.columns(per_row), ordered[start:start + per_row],
+                                         grids[start:start + per_row]):
+                note = " (class ignored)" if g == 0 else ""
+                column.image(scaled_grid(images, ncol=ncol, target_px=240), caption=f"γ = {g:g}{note}",
+                             width="stretch")
 
 
 def tradeoff_figure(named_evals: dict[str, list[dict]]) -> go.Figure | None:

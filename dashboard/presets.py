@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, PRESETS, RunConfig, override
+from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, PRESETS, RunConfig, flat_value, override
 
 FORM_PRESETS: dict[str, RunConfig] = {
     "Book": PRESETS["book"],
@@ -25,42 +25,18 @@ PRESET_SLUGS = {"Book": "book", "Improved (blog)": "improved", "Quick CPU demo":
                 "Tiny smoke test": "tiny", "Improved + guidance (step 10)": "improved-cfg",
                 "Book conditional (step 10)": "book-cond", "Book + guidance (step 10)": "book-cfg"}
 
-# Form field -> (config section, config field). The widget key is "f_" + the form field.
-FORM_FIELDS: dict[str, tuple[str, str]] = {
-    "dataset": ("train", "dataset"),
-    "model": ("model", "name"),
-    "base_channels": ("model", "base_channels"),
-    "optimizer": ("train", "optimizer"),
-    "lr": ("train", "lr"),
-    "weight_decay": ("train", "weight_decay"),
-    "batch_size": ("train", "batch_size"),
-    "epochs": ("train", "epochs"),
-    "max_steps": ("train", "max_steps"),
-    "time_budget_s": ("train", "time_budget_s"),
-    "limit_images": ("train", "limit_images"),
-    "timesteps": ("schedule", "timesteps"),
-    "schedule": ("schedule", "schedule"),
-    "seed": ("train", "seed"),
-    "device": ("train", "device"),
-    "ema_decay": ("train", "ema_decay"),
-    "num_classes": ("model", "num_classes"),              # step 10: 0 = unconditional, 10 = labels
-    "label_dropout": ("train", "label_dropout"),
-    "label_dropout_mode": ("train", "label_dropout_mode"),
-}
-# The "Advanced" section: what the presets set and the main form hides.
-ADVANCED_FIELDS: dict[str, tuple[str, str]] = {
-    "attention": ("model", "attention"),
-    "scale_to_timesteps": ("schedule", "scale_to_timesteps"),
-    "pixel_range": ("train", "pixel_range"),
-    "warmup_steps": ("train", "warmup_steps"),
-    "grad_clip": ("train", "grad_clip"),
-    "clip_denoised": ("train", "clip_denoised"),
-    "grid_sampler": ("train", "grid_sampler"),
-    "grid_steps": ("train", "grid_steps"),
-    "prediction": ("train", "prediction"),        # the training objective: ε (the book) or v
-    "min_snr_gamma": ("train", "min_snr_gamma"),  # Min-SNR-γ loss weights; 0 = the book's plain MSE
-}
-FORM_FIELDS.update(ADVANCED_FIELDS)
+# The form's fields, by the flat names `core.config.override` routes to their config sections (it
+# owns that mapping). The widget key is "f_" + the name.
+FORM_FIELDS: tuple[str, ...] = (
+    "dataset", "model", "base_channels", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "max_steps",
+    "time_budget_s", "limit_images", "timesteps", "schedule", "seed", "device", "ema_decay",
+    "num_classes", "label_dropout", "label_dropout_mode",        # step 10: 0 = unconditional, 10 = labels
+    # The "Advanced" section: what the presets set and the main form hides.
+    "attention", "scale_to_timesteps", "pixel_range", "warmup_steps", "grad_clip", "clip_denoised",
+    "grid_sampler", "grid_steps",
+    "prediction",      # the training objective: ε (the book) or v
+    "min_snr_gamma",   # Min-SNR-γ loss weights; 0 = the book's plain MSE
+)
 # Fields a network ignores: the form hides them for that model, the tables show them as "not used".
 UNUSED_MODEL_FIELDS = {"unet": ("channel_mults", "num_res_blocks", "attention", "norm", "dropout"),
                        "improved_unet": ()}
@@ -71,8 +47,7 @@ TINY_TAKES = "about half a minute on a quiet 2-core CPU, 1–2 minutes on a busy
 
 def form_values(config: RunConfig) -> dict[str, Any]:
     """The form's field values for `config`; the preview grids use the best few-step sampler."""
-    sections = {"model": config.model, "schedule": config.schedule, "train": config.train}
-    values = {name: getattr(sections[section], attr) for name, (section, attr) in FORM_FIELDS.items()}
+    values = {name: flat_value(config, name) for name in FORM_FIELDS}
     values["grid_sampler"] = DEFAULT_FEW_STEP_SAMPLER
     values["grid_steps"] = min(DEFAULT_FEW_STEPS, config.schedule.timesteps)
     return values
@@ -80,7 +55,7 @@ def form_values(config: RunConfig) -> dict[str, Any]:
 
 def config_from_form(preset_name: str, values: dict[str, Any]) -> RunConfig:
     """The preset's config with the form's values on top; raises ConfigError for bad values."""
-    changes = {attr: values[name] for name, (_, attr) in FORM_FIELDS.items() if name in values}
+    changes = {name: values[name] for name in FORM_FIELDS if name in values}
     return override(FORM_PRESETS[preset_name], **changes)
 
 

@@ -14,8 +14,7 @@ from core.store import runs
 from core.config import SampleConfig
 from core.data.datasets import load_images
 from core.evaluation import classifier as clf
-from core.work.jobs import EvaluationJob, classifier_ready, estimate_evaluation_seconds
-from core.diffusion.schedule import NoiseScheduler
+from core.work.jobs import EvaluationJob, classifier_ready
 
 pytestmark = pytest.mark.integration  # scored against the real FashionMNIST test split
 
@@ -62,13 +61,7 @@ def test_evaluation_job_can_be_cancelled(tiny_run, classifier_dir):
     assert job.snapshot().state == "cancelled" and runs.read_eval(tiny_run) == []
 
 
-def test_estimate_counts_steps_images_and_a_missing_classifier(tmp_path):
-    sched = NoiseScheduler(runs.load_config(REPO / "checkpoints" / "demo-book-unet-adam").schedule)
-    fast = estimate_evaluation_seconds(SampleConfig(sampler="dpmpp2m", steps=20, n=1000), sched, 1e-3, True)
-    slow = estimate_evaluation_seconds(SampleConfig(sampler="ddpm", n=1000), sched, 1e-3, True)
-    assert slow > 40 * fast / 2 and fast > 20 * 1000 * 1e-3
-    assert estimate_evaluation_seconds(SampleConfig(sampler="dpmpp2m", steps=20, n=1000), sched, 1e-3, False) > \
-        fast + 100
+def test_a_missing_classifier_is_reported(tmp_path):
     assert not classifier_ready("fashion_mnist", tmp_path)
 
 

@@ -56,7 +56,13 @@ def test_a_sweep_shows_its_table_chart_curves_and_downloads(runs_dir):
     sweep = trained_sweep(runs_dir)
     at = experiments_page()
     assert at.selectbox(key="exp_sweep").value == "abl"
-    table = at.dataframe[0].value
+    answer = at.dataframe[0].value  # the answer first: each change, its effect and a verdict
+    assert list(answer["change"]) == ["base", "+ ema_decay=0.9"]
+    # (40.5 − 12.5) / (300 − 12.5) = 0.10 of the way from the floor to noise
+    assert list(answer["verdict"]) == ["", "recognisable"]
+    assert any("Single seed" in c.value for c in at.caption)
+    table = at.dataframe[1].value
+    assert list(table["verdict"]) == ["", "recognisable"]
     assert list(table["run"]) == [r.name for r in sweep.runs]
     assert list(table["label"]) == ["base", "+ ema_decay=0.9"]
     assert list(table["steps"]) == [6, 6] and list(table["state"]) == ["finished", "finished"]
@@ -76,22 +82,50 @@ def test_the_form_queues_a_sweep_and_bad_definitions_create_nothing(runs_dir):
     assert any("No sweeps yet" in i.value for i in at.info)
     at.text_input(key="exp_new_name").set_value("bad")
     at.text_area(key="exp_new_factors").set_value("optimiser=adam,adamw")
-    at.button[0].click().run()  # the form's submit button
+    at.run()
+    assert any("Not ready" in w.value and "unknown factor" in w.value for w in at.warning)  # said before the click
+    at.button(key="exp_create").click().run()
     assert any("Not created" in e.value and "unknown factor" in e.value for e in at.error)
     assert sweeps.list_sweeps(runs_dir) == [] and queue.read_queue(runs_dir).entries == ()
 
     at.text_input(key="exp_new_name").set_value("opt")
     at.text_area(key="exp_new_factors").set_value("optimizer=adam,adamw")
-    at.number_input(key="exp_new_budget").set_value(4.0)
+    at.selectbox(key="exp_new_budget_kind").set_value("images")
+    at.number_input(key="exp_new_budget").set_value(20.0).run()  # the issue's budget: one step per run
+    at.button(key="exp_create").click().run()
+    assert any("Not created" in e.value and "under the minimum of 20" in e.value for e in at.error)
+    assert queue.read_queue(runs_dir).entries == ()
+    at.text_area(key="exp_new_factors").set_value("ema_decay=0.99,0.999")
     at.selectbox(key="exp_new_budget_kind").set_value("steps")
+    at.number_input(key="exp_new_budget").set_value(50.0).run()
+    horizons = [w.value for w in at.warning if "EMA horizon" in w.value]
+    assert len(horizons) == 2 and "EMA horizon of 100 steps" in horizons[0] and "of 1000 steps" in horizons[1]
+    at.text_area(key="exp_new_factors").set_value("optimizer=adam,adamw")
+    at.selectbox(key="exp_new_budget_kind").set_value("images")
+    at.number_input(key="exp_new_budget").set_value(20.0).run()  # the issue's budget: one step per run
+    at.button(key="exp_create").click().run()
+    assert any("Not created" in e.value and "under the minimum of 20" in e.value for e in at.error)
+    assert queue.read_queue(runs_dir).entries == ()
+    at.text_area(key="exp_new_factors").set_value("ema_decay=0.99,0.999")
+    at.selectbox(key="exp_new_budget_kind").set_value("steps")
+    at.number_input(key="exp_new_budget").set_value(50.0).run()
+    assert [w.value for w in at.warning if "EMA horizon" in w.value] == [
+        "+ ema_decay=0.99: 50 steps, shorter than its EMA horizon of 100 steps (decay 0.99: the EMA weights are "
+        "still mostly the initial ones)",
+        "+ ema_decay=0.999: 50 steps, shorter than its EMA horizon of 1000 steps (decay 0.999: the EMA weights "
+        "are still mostly the initial ones)"] or any("EMA horizon" in w.value for w in at.warning)
+    at.text_area(key="exp_new_factors").set_value("optimizer=adam,adamw")
+    at.number_input(key="exp_new_budget").set_value(20.0)
     at.number_input(key="exp_new_eval_n").set_value(32)
-    at.button[0].click().run()
+    at.button(key="exp_create").click().run()
     assert not at.exception
     assert any("2 runs queued" in s.value for s in at.success)
     assert [e.run for e in queue.read_queue(runs_dir).queued] == ["opt-00-optimizer-adam", "opt-01-optimizer-adamw"]
-    assert queue.read_queue(runs_dir).eval == queue.EvalSetting("dpmpp2m-sde", 20, 32)
-    assert runs.load_config(runs_dir / "opt-01-optimizer-adamw").train.max_steps == 4
-    assert list(at.dataframe[0].value["state"]) == ["created", "created"]
+    assert queue.read_queue(runs_dir).eval is None  # later runs are not scored because of this sweep
+    assert sweeps.queue_evaluation(runs_dir, "opt-00-optimizer-adam") == queue.EvalSetting("dpmpp2m-sde", 20, 32)
+    assert runs.load_config(runs_dir / "opt-01-optimizer-adamw").train.max_steps == 20
+    assert list(at.dataframe[1].value["state"]) == ["created", "created"]
+    assert at.query_params["sweep"] in ("opt", ["opt"])  # a reload stays on the new sweep
 
 
 def test_a_damaged_sweep_file_is_reported_and_left_alone(runs_dir):
@@ -101,3 +135,19 @@ def test_a_damaged_sweep_file_is_reported_and_left_alone(runs_dir):
     at = experiments_page()
     assert any("sweep.json" in e.value and "restore it or delete" in e.value for e in at.error)
     assert (folder / "sweep.json").read_bytes() == b'{"format_version": 1, "runs": 7}'
+
+
+def test_the_shipped_ablation_leads_with_each_changes_effect_and_its_spread(monkeypatch):
+    monkeypatch.setenv("DDPM_RUNS_DIR", str(REPO / "checkpoints"))
+    at = experiments_page()
+    assert at.selectbox(key="exp_sweep").value == "blog-ablation"
+    answer = at.dataframe[0].value
+    assert list(answer["vs the step before"]) == ["", "-42%", "-1%", "+44%", "+8%", "-60%", "+2%"]
+    # improved-lr-seed1's first run repeats step 7 with seed 1: 9.34 against 11.36, 19 % apart
+    assert list(answer["spread"])[1:] == ["outside the ±10% seed spread", "within the ±10% seed spread",
+                                          "outside the ±10% seed spread", "within the ±10% seed spread",
+                                          "outside the ±10% seed spread", "within the ±10% seed spread"]
+    assert set(answer["verdict"]) == {"recognisable"}
+    text = at.info[0].value
+    assert "step 6, + EMA 0.999 (-60%)" in text and "step 3 (-1%)" in text and "Step 4, + lr 2e-3" in text
+    assert "Also outside the seed spread: step 2, + ImprovedUNet (12 wide) (-42%)" in text

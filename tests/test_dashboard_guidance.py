@@ -7,6 +7,7 @@ import json
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
@@ -49,7 +50,8 @@ def generate(at: AppTest, timeout: float = 60.0) -> dict:
 def test_pick_sneaker_at_guidance_3(cond_app):
     at = cond_app
     assert at.slider(key="rev_guidance").value == 3.0  # the book's γ for a run trained with label dropout
-    at.selectbox(key="rev_class").set_value(7)
+    assert at.number_input(key="rev_n").disabled  # one row per class: "Images per class" sets the count
+    at.selectbox(key="rev_class").set_value(7).run()
     at.number_input(key="rev_n").set_value(4).run()
     done = generate(at)
     assert done["meta"]["labels"] == [7] * 4 and done["meta"]["guidance"] == 3.0
@@ -64,6 +66,24 @@ def test_one_row_per_class(cond_app):
     meta = done["meta"]
     assert meta["n"] == 20 and meta["ncol"] == 2 and meta["labels"] == sorted(meta["labels"])
     assert done["result"].images.shape == (20, 28, 28)
+    # The rows are labelled with their classes: the grid is wider than the bare 2-column grid by the margin.
+    from dashboard.guidance import LABEL_PX, labelled_rows, row_names
+    names = row_names(meta, "fashion_mnist")
+    assert names == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot"]
+    bare = np.zeros((100, 60), np.uint8)
+    drawn = labelled_rows(bare, names)
+    assert drawn.shape == (100, 60 + LABEL_PX) and drawn[:, :LABEL_PX].max() > 200  # the names are written
+
+
+def test_gamma_0_caption_says_the_class_is_ignored(cond_app):
+    at = cond_app
+    at.selectbox(key="rev_class").set_value(7).run()
+    at.number_input(key="rev_n").set_value(2)
+    at.slider(key="rev_guidance").set_value(0.0).run()
+    generate(at)
+    text = " ".join(m.value for m in at.markdown)
+    assert "the class is ignored" in text and "class Sneaker" not in text
 
 
 def test_guidance_explorer_shows_the_same_seeds_at_four_scales(cond_app):
@@ -72,7 +92,7 @@ def test_guidance_explorer_shows_the_same_seeds_at_four_scales(cond_app):
     at.button(key="rev_explore").click().run()
     assert not at.exception and not at.error
     captions = [img.captions[0] for img in at.image if img.captions and img.captions[0].startswith("γ")]
-    assert captions == ["γ = 0", "γ = 1", "γ = 3", "γ = 7"]
+    assert captions == ["γ = 0 (class ignored)", "γ = 1", "γ = 3", "γ = 7"]
 
 
 def test_unconditional_runs_have_no_class_picker(tiny_run, monkeypatch):
@@ -151,8 +171,8 @@ def test_a_row_of_sneakers_from_the_shipped_run(monkeypatch):
     at.selectbox(key="rev_run").set_value("demo-improved-cfg").run()
     at.selectbox(key="rev_sampler").set_value("dpmpp2m").run()
     at.number_input(key="rev_steps").set_value(20)
+    at.selectbox(key="rev_class").set_value(7).run()
     at.number_input(key="rev_n").set_value(8)
-    at.selectbox(key="rev_class").set_value(7)
     at.slider(key="rev_guidance").set_value(3.0).run()
     images = generate(at)["result"].images
     classifier = clf.load_classifier("fashion_mnist")

@@ -51,7 +51,7 @@ def test_ddim_generate_scrub_and_export(app):
     assert app.selectbox(key="rev_run").value == "tiny"
     assert app.toggle(key="rev_ema").value is True  # the tiny run has EMA weights
     assert app.selectbox(key="rev_sampler").value == DEFAULT_FEW_STEP_SAMPLER
-    assert any(c.value.startswith("About ") and c.value.endswith(" here.") for c in app.caption)  # before it starts
+    assert any(c.value.startswith("About ") and " here (" in c.value for c in app.caption)  # before it starts
     app.selectbox(key="rev_sampler").set_value("ddim").run()
     app.number_input(key="rev_steps").set_value(5)
     app.number_input(key="rev_n").set_value(4)
@@ -62,13 +62,14 @@ def test_ddim_generate_scrub_and_export(app):
     assert result.images.shape == (4, 28, 28) and result.frames_xt.shape == (5, 4, 28, 28)
 
     frame = app.slider(key="rev_frame")
-    assert frame.min == 0 and frame.max == 5 and frame.value == 0
+    assert frame.min == 0 and frame.max == 5 and frame.value == 5  # it opens on the finished images
+    assert any("the finished images" in c.value for c in app.caption)
+    final = app.image[0]
+    assert final.captions == ["x_0: the finished images"]
     frame.set_value(2).run()
     assert any(f"Frame 2 of 5: t = {result.frame_timesteps[2]}." in c.value for c in app.caption)
-    assert [img.captions for img in app.image] == [["x_t"], ["predicted x̂0"]]
-    app.slider(key="rev_frame").set_value(5).run()
-    assert any("the finished images" in c.value for c in app.caption)
-    assert [img.captions for img in app.image] == [["x_0"]]  # the finished grid once, not twice
+    # The finished grid stays first; the scrubbed frame's x_t and x̂0 beside it.
+    assert [img.captions for img in app.image] == [["x_0: the finished images"], ["x_t"], ["predicted x̂0"]]
 
     labels = [b.label for b in app.get("download_button")]
     assert labels == ["Final grid (PNG)", "Reverse process (GIF)", "All frames (.npz)"]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..models import budget
-from . import queue
+from . import estimates, queue, sweeps
 from ..store import runs
 from ..config import ConfigError, RunConfig, SampleConfig
 from ..data.datasets import ImageSet, load_images
@@ -136,8 +136,9 @@ class TrainingJob(BackgroundJob):
             self._progress = copied
 
     def work(self) -> None:
-        train_run(self.run_dir, resume=self._resume, images=self._images, data_root=self._data_root,
-                  on_progress=self._update, stop_event=self._stop, lock=self._lock_of_run)
+        progress = train_run(self.run_dir, resume=self._resume, images=self._images, data_root=self._data_root,
+                             on_progress=self._update, stop_event=self._stop, lock=self._lock_of_run)
+        record_training_time(self.run_dir, progress)
 
     def failed(self, exc: BaseException) -> None:
         with self._lock:
@@ -148,6 +149,15 @@ class TrainingJob(BackgroundJob):
         with self._lock:
             p = self._progress
             return replace(p, steps=list(p.steps), losses=list(p.losses))
+
+
+def record_training_time(run_dir: Path, progress: Progress) -> None:
+    """This machine's step time for the run's network, for the next estimate (core.work.estimates)."""
+    try:
+        config = runs.load_config(run_dir)
+    except (RunError, ConfigError, OSError):
+        return
+    estimates.record_training(run_dir, config.model, progress.device, config.train.batch_size)
 
 
 @dataclass(frozen=True)
@@ -179,8 +189,10 @@ class SamplingJob(ReportingJob):
     def __init__(self, model: nn.Module, scheduler: NoiseScheduler, config: SampleConfig, *,
                  pixel_range: str, clip_default: bool = False, record: str = "all",
                  device: torch.device | str = "cpu", labels: torch.Tensor | None = None, guidance: float = 1.0,
-                 prediction: str = "eps"):
+                 prediction: str = "eps", timing: tuple[Path, str] | None = None):
+        """`timing` (runs folder, network_key) records the step time there when the job finishes."""
         super().__init__()
+        self._timing = timing
         self._args: dict[str, Any] = dict(model=model, scheduler=scheduler, config=config, pixel_range=pixel_range,
                                           clip_default=clip_default, device=device, labels=labels,
                                           guidance=guidance, prediction=prediction)
@@ -197,6 +209,16 @@ class SamplingJob(ReportingJob):
             else:
                 self.result, self._state = result, "finished"
             self._ended = time.perf_counter()
+            seconds = self._ended - self._started
+        if self._timing is not None and self._state == "finished":
+            self._save_timing(seconds)
+
+    def _save_timing(self, seconds: float) -> None:
+        config, guidance = self._args["config"], self._args["guidance"]
+        labels_guided = self._args["labels"] is not None and guidance not in (0.0, 1.0)
+        work = estimates.Work("sample", self._timing[1], resolve_device(self._args["device"]).type,
+                              min(config.n, config.batch_size), config.sampler + ("+cfg" if labels_guided else ""))
+        estimates.record(self._timing[0], work, seconds, self._total)
 
     def snapshot(self) -> SamplingStatus:
         with self._lock:
@@ -342,7 +364,6 @@ class JobManager:
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------
-CLASSIFIER_FIT_S = 180.0  # fitting the FashionMNIST classifier once on 2 CPU cores (about 3 minutes)
 PHASES = ("loading", "fitting classifier", "sampling", "scoring", "done")
 
 
@@ -366,37 +387,6 @@ class EvaluationStatus:
     @property
     def active(self) -> bool:
         return self.state == "running"
-
-
-def measure_call_seconds(model: nn.Module, batch: int = 16, device: torch.device | str = "cpu",
-                         repeats: int = 2) -> float:
-    """Seconds of one network evaluation per image at `batch` images (best of `repeats`)."""
-    device = resolve_device(device)
-    x = torch.randn(batch, 1, 28, 28, device=device)
-    t = torch.full((batch,), 1, dtype=torch.long, device=device)
-    was_training = model.training
-    model.eval()
-    best = float("inf")
-    try:
-        with torch.inference_mode():
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(x, t)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                best = min(best, time.perf_counter() - start)
-    finally:
-        model.train(was_training)
-    return best / batch
-
-
-def estimate_evaluation_seconds(config: SampleConfig, scheduler: NoiseScheduler, call_s_per_image: float,
-                                classifier_ready: bool) -> float:
-    """Sampling (network evaluations × images × the measured cost), scoring, and a classifier fit if needed."""
-    steps = config.resolved_steps(scheduler.num_timesteps)
-    sampling = steps * config.n * call_s_per_image * 1.1  # the sampler's own arithmetic on top
-    scoring = 5.0 + config.n * 0.002                      # test statistics (cached after once) and features
-    return sampling + scoring + (0.0 if classifier_ready else CLASSIFIER_FIT_S)
 
 
 def classifier_ready(dataset: str, directory: str | os.PathLike | None = None) -> bool:
@@ -462,6 +452,9 @@ class EvaluationJob(ReportingJob):
         if entry is None:
             return self._finish("cancelled")
         runs.append_eval(self.run_dir, entry)
+        work = estimates.Work("sample", estimates.network_key(loaded.config.model), self._device.type,
+                              min(self.config.n, self.config.batch_size), self.config.sampler)
+        estimates.record(self.run_dir.parent, work, entry["seconds_sampling"], total_steps(self.config, scheduler))
         with self._lock:
             self._entry, self._setting = entry, entry["setting"]
         self._finish("finished")
@@ -661,9 +654,12 @@ class QueueRunner(BackgroundJob):
                 self._update_error(exc)
                 self._end(claim, "failed", queue.describe_error(exc))
                 return
+            record_training_time(claim.run_dir, progress)
             if progress.state == "stopped":
                 self._end(claim, "stopped", "stopped by the user; resume the queue to continue it", pause=True)
                 return
+            if claim.eval is None:  # a sweep's run: scored at its sweep's setting, the queue's stays off
+                claim.eval = sweeps.queue_evaluation(self.runs_dir, name)
             if claim.eval is not None:
                 state, error = self._evaluate(claim)
                 self._end(claim, state, error, pause=state == "stopped")

@@ -355,8 +355,9 @@ def create(runs_dir: str | Path, sweep: Sweep) -> Path:
 def enqueue(runs_dir: str | Path, sweep: Sweep) -> Path:
     """Create the sweep and put its runs in the run queue (they train one after another, in the
     dashboard's queue worker or `python -m core queue run`). The queue scores every run it finishes
-    at one setting: it becomes the sweep's, and a queue set to another setting is refused (the table
-    would miss its scores), before anything is created."""
+    at one setting; a sweep's runs at the sweep's when the queue has none (only they, not later runs),
+    and a queue set to another setting is refused (the table would miss its scores), before anything
+    is created."""
     current = queue.read_queue(runs_dir)  # QueueDamaged before anything exists
     wanted = None if sweep.evaluation is None else queue.check_eval_setting(
         sweep.evaluation.sampler, sweep.evaluation.steps, sweep.evaluation.n)
@@ -364,10 +365,25 @@ def enqueue(runs_dir: str | Path, sweep: Sweep) -> Path:
         raise SweepError(f"the run queue scores at {current.eval.label}, this sweep at {wanted.label}: give the "
                          "sweep the queue's setting, or change the queue's (queue eval), then try again")
     folder = create(runs_dir, sweep)
-    if wanted is not None and current.eval is None:
-        queue.set_eval(runs_dir, wanted)
+    # The sweep's own setting scores its runs (`queue_evaluation`); the queue's, which applies to every
+    # later run, stays as the user set it.
     queue.add(runs_dir, [r.name for r in sweep.runs])
     return folder
+
+
+def queue_evaluation(runs_dir: str | Path, run: str) -> "queue.EvalSetting | None":
+    """The evaluation setting of the sweep that holds `run` (None when no readable sweep does): the
+    queue scores a sweep's runs at it when the queue itself has none."""
+    for name in list_sweeps(runs_dir):
+        try:
+            definition = load(runs_dir, name)
+        except RunError:
+            continue
+        if any(entry["name"] == run for entry in definition["runs"]):
+            evaluation = evaluation_of(definition)
+            return None if evaluation is None else queue.check_eval_setting(
+                evaluation.sampler, evaluation.steps, evaluation.n)
+    return None
 
 
 def load(runs_dir: str | Path, name: str) -> dict[str, Any]:
@@ -467,7 +483,7 @@ def results(runs_dir: str | Path, definition: dict[str, Any]) -> list[dict[str, 
             {k: tuple(v) if isinstance(v, list) else v for k, v in entry["changes"].items()}),
             "state": "missing", "steps": 0, "images": 0, "train_s": None, "final_loss": None,
             "setting": None, "n": None, "fd": None, "fd_ratio": None, "floor": None, "class_entropy": None,
-            "error": None}
+            "error": None, "noise": None}  # noise: the pure-noise reference (not a CSV column: format 1 stays)
         if runs.is_run_folder(run_dir, Path(runs_dir)):
             info = runs.run_info(run_dir)
             row["state"], row["error"] = info.state, info.error
@@ -481,6 +497,7 @@ def results(runs_dir: str | Path, definition: dict[str, Any]) -> list[dict[str, 
                 if found is not None:
                     row.update(setting=found.get("setting"), n=found.get("n"), fd=_number(found.get("fd")),
                                fd_ratio=_number(found.get("fd_ratio")), floor=_number(found.get("fd_floor")),
+                               noise=_number(found.get("fd_noise")),
                                class_entropy=_number(found.get("class_entropy")))
         rows.append(row)
     return rows

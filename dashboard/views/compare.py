@@ -159,7 +159,8 @@ space = st.radio("Measure", ["x0", "eps"], horizontal=True, key="cmp_bucket_spac
                               "eps": "MSE of ε (the training loss)"}.get)
 st.caption(f"On the first {cache.BUCKET_IMAGES} test images, split into {BUCKETS} ranges of t; same images, "
            "timesteps and noise for every run. Low t: fine detail; high t: overall layout.")
-estimate = sum(cache.run_call_seconds(i.path) for i in with_weights) * cache.BUCKET_IMAGES * BUCKETS * 1.2
+# One forward pass of BUCKET_IMAGES images per bucket: the cost of BUCKETS sampling steps at that batch.
+estimate = sum(cache.sampling_estimate(i, "ddim", BUCKETS, cache.BUCKET_IMAGES).seconds for i in with_weights)
 if st.button(f"Compute loss per timestep (about {format_duration(max(1.0, estimate))})", icon=":material/bar_chart:",
              key="cmp_buckets_button"):
     st.session_state["cmp_buckets"] = True
@@ -188,10 +189,8 @@ setting = SAMPLER_LABELS[sampler] + ("" if sampler == "ddpm" else f", {steps} st
 c2.caption(f"{setting}, {cache.COMPARE_SAMPLES} images per run, EMA weights when the run has them: the same "
            "starting noise for every run.")
 if show and with_weights:
-    def nfe(info: runs.RunInfo) -> int:
-        return info.config.schedule.timesteps if sampler == "ddpm" else min(steps, info.config.schedule.timesteps)
-
-    seconds = sum(cache.run_call_seconds(i.path) * nfe(i) * cache.COMPARE_SAMPLES * 1.1 for i in with_weights)
+    seconds = sum(cache.sampling_estimate(i, sampler, min(steps, i.config.schedule.timesteps),
+                                          cache.COMPARE_SAMPLES).seconds for i in with_weights)
     bar = st.progress(0.0, text=f"Sampling {len(with_weights)} runs (about {format_duration(max(1.0, seconds))} "
                                 "the first time; cached after)...")
     for k, info in enumerate(with_weights):

@@ -35,11 +35,16 @@ def latex_number(value: float) -> str:
     return rf"{float(mantissa):.4g} \times 10^{{{int(exponent)}}}"
 
 
-def source_ui() -> tuple[str, str, int, str, bool]:
-    """Dataset, schedule, T, pixel range and whether the linear betas scale with T."""
+def source_ui(installed: tuple[str, ...]) -> tuple[str, str, int, str, bool]:
+    """Dataset (of those installed), schedule, T, pixel range and whether the linear betas scale with T."""
     c1, c2, c3, c4, c5 = st.columns([2, 2, 2, 3, 2])
-    dataset = c1.selectbox("Dataset", DATASET_NAMES, format_func=DATASET_LABELS.get, key="fw_dataset",
-                           persist_state="session")
+    if st.session_state.get("fw_dataset") not in installed:
+        st.session_state.pop("fw_dataset", None)
+    dataset = c1.selectbox("Dataset", installed, format_func=DATASET_LABELS.get, key="fw_dataset",
+                           persist_state="session",
+                           help="Datasets installed on this machine" + (
+                               "" if len(installed) == len(DATASET_NAMES) else "; not installed: " + ", ".join(
+                                   DATASET_LABELS[d] for d in DATASET_NAMES if d not in installed)))
     schedule = c2.radio("Schedule", SCHEDULE_NAMES, horizontal=True, key="fw_schedule", persist_state="session",
                         help="linear: the book (Ho et al. 2020); cosine: Nichol & Dhariwal 2021")
     timesteps = int(c3.number_input("T (timesteps)", min_value=2, max_value=4000, value=1000, step=50,
@@ -75,11 +80,17 @@ st.title("Forward process")
 st.caption("The forward process adds Gaussian noise to a real image: x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε. "
            "Drag t to see how much of the image survives; no trained model is needed here.")
 
-dataset_name, schedule, T, pixel_range, scale = source_ui()
+installed = cache.installed_datasets()
+if not installed:
+    st.error("No dataset is installed on this machine, so there is no image to add noise to. Ask whoever runs "
+             "this server to run `make data` (it installs FashionMNIST), then reload this page.")
+    st.stop()
+dataset_name, schedule, T, pixel_range, scale = source_ui(installed)
 try:
     n_images = len(cache.dataset(dataset_name, "train"))
-except DatasetNotFoundError as exc:
-    st.error(str(exc))
+except DatasetNotFoundError:
+    st.error(f"{DATASET_LABELS[dataset_name]} could not be read on this machine; pick another dataset, or ask "
+             "whoever runs this server to install it again (`make data`).")
     st.stop()
 
 index, noise_seed = image_ui(n_images)

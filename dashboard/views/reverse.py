@@ -15,6 +15,7 @@ from core.store import runs
 from core.config import (DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, SAMPLER_NAMES, ConfigError,
                          SampleConfig)
 from core.store.export import frames_npz, grid_png, reverse_gif
+from core.work import estimates
 from core.work.jobs import SamplingJob
 from dashboard import cache, guidance
 from dashboard.charts import format_duration, scaled_grid
@@ -49,25 +50,37 @@ def _generate(run_dir: str) -> None:
     job = SamplingJob(loaded.model, cache.scheduler_for(loaded.config), config,
                       pixel_range=loaded.config.train.pixel_range, clip_default=loaded.config.train.clip_denoised,
                       record="all", device=cache.DEVICE, labels=labels, guidance=params.get("guidance", 1.0),
-                      prediction=loaded.config.train.prediction).start()
+                      prediction=loaded.config.train.prediction,
+                      timing=(runs_dir(), estimates.network_key(loaded.config.model))).start()
     meta = dict(params, run=loaded.name, used_ema=loaded.used_ema, timesteps=loaded.config.schedule.timesteps,
                 dataset=loaded.config.train.dataset)
     st.session_state["rev_job"] = {"job": job, "meta": meta}
 
 
-def _collect_finished() -> None:
-    """Move a finished generation's result into the page state (once)."""
+def status_frames(job: SamplingJob) -> int:
+    return len(job.result.frame_timesteps) if job.result is not None else 0
+
+
+def running_job():
+    """(entry, status) of the generation in progress, or (entry, None) when there is none running."""
     entry = st.session_state.get("rev_job")
     if entry is None:
+        return None, None
+    status = entry["job"].snapshot()
+    return entry, (status if status.state == "running" else None)
+
+
+def _collect_finished() -> None:
+    """Move a finished generation's result into the page state (once)."""
+    entry, running = running_job()
+    if entry is None or running is not None:
         return
     status = entry["job"].snapshot()
-    if status.state == "running":
-        return
     del st.session_state["rev_job"]
     if status.state == "finished":
         st.session_state["rev_result"] = {"result": entry["job"].result, "meta": entry["meta"],
                                           "elapsed_s": status.elapsed_s}
-        st.session_state["rev_frame"] = 0
+        st.session_state["rev_frame"] = status_frames(entry["job"])  # open on the finished images
         st.session_state["rev_playing"] = False
     elif status.state == "failed":
         st.session_state["rev_feedback"] = ("error", f"Generation failed: {status.error}")
@@ -106,33 +119,36 @@ def switch_run_settings(info: runs.RunInfo) -> None:
 
 
 # -- widgets ---------------------------------------------------------------------------------------------
-def sampler_ui(info: runs.RunInfo) -> dict:
-    """Sampler settings for this run, as a plain dict."""
+def sampler_ui(info: runs.RunInfo, top: list) -> dict:
+    """Sampler settings for this run, as a plain dict: sampler, steps and η in the `top` row's
+    columns, seed, count and EMA in a second row whose last columns hold Generate (returned too)."""
     T = info.config.schedule.timesteps
     has_ema = (info.path / "ema.safetensors").exists()
     switch_run_settings(info)
-    c1, c2, c3, c4, c5, c6 = st.columns([3, 1, 1, 1, 1, 1], vertical_alignment="bottom")
-    sampler = c1.selectbox("Sampler", SAMPLER_NAMES, key="rev_sampler",
-                           format_func=lambda name: f"{SAMPLER_LABELS[name]} ({SAMPLER_HELP[name]})",
-                           help=f"Default: {SAMPLER_LABELS[DEFAULT_FEW_STEP_SAMPLER]}, {DEFAULT_FEW_STEPS} steps "
-                                "(the best few-step setting measured so far); DDPM is the book's, every step.")
+    sampler = top[0].selectbox("Sampler", SAMPLER_NAMES, key="rev_sampler", format_func=SAMPLER_LABELS.get,
+                               help="; ".join(f"{SAMPLER_LABELS[k]}: {v}" for k, v in SAMPLER_HELP.items())
+                               + f". Default: {SAMPLER_LABELS[DEFAULT_FEW_STEP_SAMPLER]}, {DEFAULT_FEW_STEPS} "
+                               "steps (the best few-step setting measured so far); DDPM is the book's, every step.")
     few_steps = sampler != "ddpm"
     ddim = sampler == "ddim"
-    steps = c2.number_input(f"Steps (1 to T = {T})", min_value=1, max_value=T, key="rev_steps",
-                            disabled=not few_steps,
-                            help="DDPM always runs all T steps; the other samplers can skip.")
-    eta = c3.slider("η", 0.0, 1.0, step=0.1, key="rev_eta", disabled=not ddim,
-                    help="DDIM noise: 0 deterministic, 1 like DDPM")
+    steps = top[1].number_input(f"Steps (1 to T = {T})", min_value=1, max_value=T, key="rev_steps",
+                                disabled=not few_steps,
+                                help="DDPM always runs all T steps; the other samplers can skip.")
+    eta = top[2].slider("η", 0.0, 1.0, step=0.1, key="rev_eta", disabled=not ddim,
+                        help="DDIM noise: 0 deterministic, 1 like DDPM")
+    c4, c5, c6, c7, c8 = st.columns([1, 1, 1, 1.2, 3.8], vertical_alignment="bottom")
     seed = c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="rev_seed",
                            persist_state="session")
-    n = c5.number_input("Images", min_value=1, max_value=MAX_IMAGES, value=16, key="rev_n", persist_state="session")
+    n = c5.number_input("Images", min_value=1, max_value=MAX_IMAGES, value=16, key="rev_n", persist_state="session",
+                        disabled=bool(guidance.conditional_params(info, 1).get("ncol")),
+                        help="For one row per class, the count is 10 × Images per class (below).")
     use_ema = c6.toggle("EMA", disabled=not has_ema, key="rev_ema",
                         help="Sample with the EMA weights (usually better)" if has_ema
                         else "This run was trained without EMA")
     st.session_state["rev_per_run"][info.name] = {"rev_sampler": sampler, "rev_steps": int(steps),
                                                   "rev_eta": float(eta), "rev_ema": bool(use_ema)}
     del seed, n
-    return sampler_params(info)
+    return {"params": sampler_params(info), "button": c7, "estimate": c8}
 
 
 def sampler_params(info: runs.RunInfo) -> dict:
@@ -152,10 +168,10 @@ def current_params(info: runs.RunInfo) -> dict:
     return params
 
 
-def estimate_seconds(info: runs.RunInfo, params: dict) -> float:
-    """Network evaluations × images × the cost of one, measured on this machine (cached per run)."""
-    steps = params["steps"] or info.config.schedule.timesteps
-    return steps * params["n"] * cache.run_call_seconds(info.path, params["use_ema"]) * 1.1
+def estimate(info: runs.RunInfo, params: dict):
+    """This machine's recent pace for this network and sampler (core.work.estimates)."""
+    guided = bool(params.get("labels")) and params.get("guidance", 1.0) not in (0.0, 1.0)
+    return cache.sampling_estimate(info, params["sampler"], params["steps"], params["n"], params["use_ema"], guided)
 
 
 def feedback_ui() -> None:
@@ -165,16 +181,12 @@ def feedback_ui() -> None:
 
 
 def generation_panel() -> None:
-    entry = st.session_state.get("rev_job")
-    running_at_full_run = entry is not None and entry["job"].snapshot().state == "running"
+    running_at_full_run = running_job()[1] is not None
 
     @st.fragment(run_every=POLL_S if running_at_full_run else None)
     def panel() -> None:
-        entry = st.session_state.get("rev_job")
-        if entry is None:
-            return
-        status = entry["job"].snapshot()
-        if status.state == "running":
+        entry, status = running_job()
+        if status is not None:
             meta = entry["meta"]
             eta = f" · about {format_duration(status.eta_s)} left" if status.eta_s is not None else ""
             st.progress(status.fraction, text=f"Generating {meta['n']} images with {SAMPLER_LABELS[meta['sampler']]}: "
@@ -195,17 +207,26 @@ def _describe(meta: dict) -> str:
 
 
 def player(result, meta: dict) -> None:
-    """A frame slider over every recorded step (plus the final images), with play / pause."""
+    """The finished images first, and beside them a frame slider over every recorded step with play /
+    pause: both fit a 1400 × 900 window without scrolling."""
     last = len(result.frame_timesteps)  # frames 0..last-1 are recorded steps, frame `last` the result
     ncol = meta.get("ncol") or math.ceil(math.sqrt(meta["n"]))  # a per-class grid: one row per class
     playing = st.session_state.get("rev_playing", False)
+    names = guidance.row_names(meta, meta.get("dataset"))
+
+    def grid(images, px: int):
+        drawn = scaled_grid(images, ncol=ncol, target_px=px)
+        return guidance.labelled_rows(drawn, names) if names else drawn
+
+    final, scrub = st.columns([1, 2])
+    final.image(grid(result.images, 300), caption="x_0: the finished images")
 
     @st.fragment(run_every=PLAY_TICK_S if playing else None)
     def view() -> None:
         if st.session_state.get("rev_playing"):
             step = max(1, math.ceil(last / PLAY_TICKS))
             st.session_state["rev_frame"] = min(last, st.session_state.get("rev_frame", 0) + step)
-        c1, c2 = st.columns([1, 8], vertical_alignment="bottom")
+        c1, c2 = st.columns([1, 5], vertical_alignment="bottom")
         playing_now = st.session_state.get("rev_playing", False)
         if c1.button("Pause" if playing_now else "Play", key="rev_play",
                      icon=":material/pause:" if playing_now else ":material/play_arrow:"):
@@ -221,20 +242,18 @@ def player(result, meta: dict) -> None:
             xt, x0 = result.frames_xt[frame], result.frames_x0[frame]
             st.caption(f"Frame {frame} of {last}: t = {t}. Left, x_t going into the step at t; right, the "
                        "clean image x̂0 the model predicts from it.")
-        else:
-            xt = x0 = None
-            st.caption(f"Frame {last} of {last}: the finished images x_0.")
+        else:  # x_t and x̂0 are the finished images now
+            xt = x0 = result.images
+            st.caption(f"Frame {last} of {last}: the finished images. Press Play, or drag back towards the noise.")
         left, right = st.columns(2)
-        if frame < last:
-            left.image(scaled_grid(xt, ncol=ncol, target_px=440), caption="x_t")
-            right.image(scaled_grid(x0, ncol=ncol, target_px=440), caption="predicted x̂0")
-        else:  # x_t and x̂0 are the same images now: show them once
-            left.image(scaled_grid(result.images, ncol=ncol, target_px=440), caption="x_0")
+        left.image(grid(xt, 280), caption="x_t")
+        right.image(grid(x0, 280), caption="predicted x̂0")
         if st.session_state.get("rev_playing") and frame >= last:
             st.session_state["rev_playing"] = False
             st.rerun()
 
-    view()
+    with scrub:
+        view()
 
 
 def exports_ui(result, meta: dict) -> None:
@@ -258,25 +277,28 @@ def exports_ui(result, meta: dict) -> None:
 
 
 st.title("Reverse process")
-st.caption("Generate images from pure noise with a trained run, then scrub through every step: x_t on the left, "
-           "the model's current guess of the clean image x̂0 on the right.")
+st.caption("Generate images from pure noise with a trained run, then scrub through every step: x_t and the "
+           "model's current guess of the clean image x̂0.")
 
 candidates = sampleable(runs.list_runs(runs_dir()))
 if not candidates:
     st.info("No trained run yet. Train one on the **Train** page (the *Tiny smoke test* preset takes seconds).")
     st.stop()
 
-info = run_picker_ui(candidates, key="rev_run", help="Runs with saved weights")
-params = sampler_ui(info)
+top = st.columns([3, 3, 2, 2], vertical_alignment="bottom")
+with top[0]:
+    info = run_picker_ui(candidates, key="rev_run", help="Runs with saved weights")
+drawn = sampler_ui(info, top[1:])
+params = drawn["params"]
 params.update(guidance.conditional_ui(info, params["n"]))  # class, γ and row-per-class grid: step 10 runs only
-c1, c2 = st.columns([1, 5], vertical_alignment="center")
-c1.button("Generate", icon=":material/auto_awesome:", type="primary", on_click=_generate, args=(str(info.path),),
-          key="rev_generate", help="Runs in the background; the page stays usable.")
-c2.caption(f"About {format_duration(max(1.0, estimate_seconds(info, params)))} here.")
+drawn["button"].button("Generate", icon=":material/auto_awesome:", type="primary", on_click=_generate,
+                       args=(str(info.path),), key="rev_generate", help="Runs in the background; the page stays usable.")
 _collect_finished()
+if st.session_state.get("rev_job") is None:  # while generating, the live "left" figure replaces it
+    guess = estimate(info, params)
+    drawn["estimate"].caption(f"About {format_duration(max(1.0, guess.seconds))} here ({guess.note}).")
 feedback_ui()
 generation_panel()
-guidance.explorer_ui(info, params)
 
 done = st.session_state.get("rev_result")
 if done is not None and done["meta"]["run"] != info.name:
@@ -284,7 +306,7 @@ if done is not None and done["meta"]["run"] != info.name:
                "again, or click **Generate** for this run.")
     done = None
 if done is not None:
-    st.divider()
     st.markdown(f"**{_describe(done['meta'])}** · generated in {done['elapsed_s']:.1f} s")
     player(done["result"], done["meta"])
     exports_ui(done["result"], done["meta"])
+guidance.explorer_ui(info, params)

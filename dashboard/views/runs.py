@@ -26,31 +26,45 @@ def training_seconds(info: runs.RunInfo) -> float | None:
     return rows[-1].get("elapsed_s") if rows else None
 
 
+def latest_score(info: runs.RunInfo) -> dict | None:
+    """The run's newest eval.json entry (a damaged file shows as no score; its error is the run's)."""
+    if not info.readable:
+        return None
+    try:
+        entries = runs.read_eval(info.path)
+    except runs.RunError:
+        return None
+    return entries[-1] if entries else None
+
+
 def runs_table(infos: list[runs.RunInfo]) -> pd.DataFrame:
+    """One row per run, the columns people look for first (status, score, steps, time, loss) on the left."""
     rows = []
     for info in infos:
         c = info.config
         cost = cache.network_cost(c.model) if c else None
+        score = latest_score(info)
         rows.append({
             "run": info.name,
             "status": info.state,
+            "Fréchet distance": score.get("fd") if score else None,
+            "steps": info.step if c else None,
+            "training time": format_duration(training_seconds(info)) if c else "—",
+            "last loss": info.last_loss,
             "model": MODEL_LABELS.get(c.model.name, c.model.name) if c else "—",
             "optimizer": OPTIMIZER_LABELS.get(c.train.optimizer, c.train.optimizer) if c else "—",
+            "scored at": f"{score.get('setting')}, N = {score.get('n')}" if score else "",
             "dataset": DATASET_LABELS.get(c.train.dataset, c.train.dataset) if c else "—",
             "pixels": PIXEL_RANGE_LABELS.get(c.train.pixel_range, "—") if c else "—",
             "T": c.schedule.timesteps if c else None,
             "params (M)": cost["params"] / 1e6 if cost else None,
             "GFLOP/image": cost["forward_gflop"] if cost else None,
-            "steps": info.step if c else None,
-            "training time": format_duration(training_seconds(info)) if c else "—",
             "processes": info.meta.get("world_size", 1) if c else None,  # torchrun's world size
-            "last loss": info.last_loss,
             "updated": time.strftime("%Y-%m-%d %H:%M", time.localtime(info.updated_at)) if info.updated_at else "",
             "error": info.error or "",
         })
     table = pd.DataFrame(rows)
     return table.astype({"T": "Int64", "steps": "Int64"}) if rows else table
-
 
 
 def _delete(name: str) -> None:
@@ -115,7 +129,13 @@ table = runs_table(infos)
 if not table["error"].any():
     table = table.drop(columns="error")  # no empty column pushing the others off the right edge
 st.dataframe(table, hide_index=True, key="runs_table", width="stretch",
-             column_config={"last loss": st.column_config.NumberColumn(format="%.4f", width="small"),
+             column_config={"run": st.column_config.TextColumn(width="medium"),
+                            "status": st.column_config.TextColumn(width="small"),
+                            "Fréchet distance": st.column_config.NumberColumn(
+                                format="%.2f", width="small", help="the newest evaluation (lower is better); "
+                                "compare runs only at the same setting and N ('scored at')"),
+                            "training time": st.column_config.TextColumn(width="small"),
+                            "last loss": st.column_config.NumberColumn(format="%.4f", width="small"),
                             "params (M)": st.column_config.NumberColumn(format="%.2f", width="small"),
                             "GFLOP/image": st.column_config.NumberColumn(format="%.2f", help="one forward pass",
                                                                          width="small"),

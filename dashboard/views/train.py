@@ -20,9 +20,10 @@ from core.config import (DATASET_LABELS, DATASET_NAMES, DEFAULT_FEW_STEP_SAMPLER
                          PIXEL_RANGES, PREDICTION_LABELS, PREDICTION_NAMES, SAMPLER_LABELS, SAMPLER_NAMES,
                          SCHEDULE_NAMES, ConfigError)
 from core.work.jobs import JobBusy
-from core.train.training import Progress
+from core.train.training import Progress, total_steps_for
 from dashboard import cache
-from dashboard.charts import format_duration, live_loss_figure, plain_number, smoothed_eta, upscale
+from dashboard.charts import (format_duration, live_loss_figure, plain_number, smoothed_eta, steady_images_per_s,
+                              upscale)
 from dashboard.presets import (DEFAULT_PRESET, FORM_FIELDS, FORM_PRESETS, TINY_TAKES, UNUSED_MODEL_FIELDS,
                                config_from_form, default_run_name, form_values)
 from dashboard.state import form_memory, job_manager, runs_dir
@@ -201,11 +202,13 @@ def train_form_ui(preset: str) -> None:
                             help="loss weight min(SNR, γ) over the target's SNR factor (Hang et al. 2023, who "
                                  "use γ = 5); 0 is the book's plain MSE")
         conditional_fields_ui()
-        b1, b2, _ = st.columns([1, 1, 4])
+        b1, b2, b3 = st.columns([1, 1, 4], vertical_alignment="center")
         b1.button("Train", icon=":material/rocket_launch:", type="primary", on_click=_start_training,
                   key="train_button", help="Train now (refused while the queue trains a run)")
         b2.button("Add to queue", icon=":material/queue:", on_click=_queue_run, key="queue_add_button",
                   help="Create the run and queue it: queued runs train one after another (see Queue below)")
+        with b3:
+            training_estimate_ui(preset)
     form_memory().update(preset=preset, values=_form_values())
 
 
@@ -266,22 +269,68 @@ def _latest_grid(p: Progress) -> tuple[np.ndarray, str] | None:
         return np.asarray(img.convert("L")), path.stem
 
 
-def eta_ui_value(p: Progress) -> float | None:
-    """The ETA over the last minute's pace, from this page's own readings of the job."""
-    if not p.active:
-        return None
+def _history(p: Progress) -> list[tuple[float, int]]:
+    """This page's own (elapsed_s, step) readings of the job, the last 200."""
     history = st.session_state.setdefault("train_eta", {}).setdefault(p.run_name, [])
-    if not history or history[-1] != (p.elapsed_s, p.step):
+    if p.step and (not history or history[-1] != (p.elapsed_s, p.step)):
         history.append((p.elapsed_s, p.step))
         del history[:-200]
-    budget = None
+    return history
+
+
+def eta_ui_value(p: Progress) -> float | None:
+    """The ETA over the last minute's pace; before two readings, this machine's recorded pace for the
+    network (core.work.estimates), so it never sits at "—"."""
+    if not p.active:
+        return None
+    history = _history(p)
+    budget, config = None, None
     try:
-        budget_s = runs.load_config(Path(p.run_dir)).train.time_budget_s
-        budget = budget_s - p.elapsed_s if budget_s else None
+        config = runs.load_config(Path(p.run_dir))
+        budget = config.train.time_budget_s - p.elapsed_s if config.train.time_budget_s else None
     except runs.RunError:
         pass
     eta = smoothed_eta(history, p.total_steps, budget)
-    return eta if eta is not None else p.eta_s
+    if eta is None and p.eta_s:
+        eta = p.eta_s
+    if eta is None and config is not None and p.total_steps:
+        eta = cache.training_estimate(runs_dir(), config, p.total_steps - p.step).seconds
+        eta = min(eta, budget) if budget is not None else eta
+    return eta
+
+
+def images_per_s_value(p: Progress) -> float:
+    """A steady figure: the last minute's pace while training; the run's average once it has stopped."""
+    try:
+        batch = runs.load_config(Path(p.run_dir)).train.batch_size
+    except runs.RunError:
+        return p.images_per_s
+    if not p.active:
+        return p.step * batch / p.elapsed_s if p.elapsed_s > 0 and p.step else p.images_per_s
+    steady = steady_images_per_s(_history(p), batch)
+    return steady if steady is not None else p.images_per_s
+
+
+def training_estimate_ui(preset: str) -> None:
+    """How long the form's run would take here, before it is started."""
+    try:
+        config = config_from_form(preset, _form_values())
+    except ConfigError:
+        return  # the form's own error appears on Train
+    try:
+        n_images = len(cache.dataset(config.train.dataset, "train").images)
+    except Exception:  # noqa: BLE001 - a dataset not installed: Train will say so; estimate for the usual size
+        n_images = 60_000
+    n_images = min(n_images, config.train.limit_images or n_images)
+    steps = total_steps_for(config, n_images)
+    budget = config.train.time_budget_s
+    if not steps and not budget:
+        return
+    guess = cache.training_estimate(runs_dir(), config, steps) if steps else None
+    seconds = min(x for x in (guess.seconds if guess else None, budget or None) if x is not None)
+    why = guess.note if guess is not None and (not budget or guess.seconds < budget) else "its time budget"
+    st.caption(f"About **{format_duration(seconds)}** here for {steps:,} steps ({why})." if steps else
+               f"About **{format_duration(seconds)}** here ({why}).", help=None)
 
 
 def _loss_description(p: Progress) -> str:
@@ -303,12 +352,14 @@ def progress_ui(p: Progress, key: str = "train_loss_chart") -> None:
     st.markdown(f"#### {icon} Run `{p.run_name}` — {p.state}" + (f" ({p.message})" if p.message else ""))
     total = f"/{p.total_steps}" if p.total_steps else ""
     epochs = f"/{p.epochs}" if p.epochs else ""
+    speed = images_per_s_value(p)
     st.progress(_fraction(p), text=f"step {p.step}{total} · epoch {p.epoch}{epochs} · "
-                                   f"{p.images_per_s:,.0f} images/s · ETA {format_duration(eta)}")
+                                   f"{speed:,.0f} images/s · ETA {format_duration(eta)}")
     c1, c2, c3, c4, c5 = st.columns(5)
     c1.metric("Step", f"{p.step}{total}")
     c2.metric("Epoch", f"{p.epoch}{epochs}")
-    c3.metric("Images/s", f"{p.images_per_s:,.0f}")
+    c3.metric("Images/s", f"{speed:,.0f}",
+              help="over the last minute" if p.active else "the run's average (images trained ÷ training time)")
     if p.active:
         c4.metric("ETA", format_duration(eta), help="from the pace over the last minute")
     else:
