@@ -120,9 +120,13 @@ def tiny_run(tmp_path, trained_tiny_run) -> Path:
 
 
 # -- the CLI in this process -----------------------------------------------------------------------------
-# The warning filters an interpreter starts with (pytest swaps in its own per test): a warning that
-# `python -m core` would print on stderr is printed into the captured stderr here too.
-_START_FILTERS = list(warnings.filters)
+def _interpreter_warning_filters() -> None:
+    """The filters a fresh `python -m core` starts with (the warnings module's documented default
+    filter list), in place of pytest's, so a warning it would print lands in the captured stderr here."""
+    warnings.resetwarnings()
+    for category in (ImportWarning, ResourceWarning, PendingDeprecationWarning, DeprecationWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ def run_core(*argv: str, env: dict[str, str] | None = None, cwd: Path = REPO) ->
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-            warnings.filters[:] = _START_FILTERS
+            _interpreter_warning_filters()
             try:
                 code = main(list(argv))
             except SystemExit as exc:  # argparse: --help (0) and usage errors (2)

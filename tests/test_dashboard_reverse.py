@@ -10,11 +10,9 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO, tiny_config
-from core.store import runs
+from conftest import REPO, copy_run, tiny_config
 from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, ScheduleConfig
 from core.store.export import frames_npz, grid_png, reverse_gif
-from core.train.training import train_run
 
 APP = str(REPO / "dashboard" / "app.py")
 
@@ -117,13 +115,12 @@ def test_ddpm_runs_every_step_and_play_advances(app):
 
 
 @pytest.fixture
-def two_runs(tiny_run, tiny_images, monkeypatch):
-    """The tiny run (EMA, T = 20) and a run without EMA at T = 40."""
+def two_runs(tiny_run, trained_runs, monkeypatch):
+    """The tiny run (EMA, T = 20) and a run without EMA at T = 40 (trained once per session)."""
     config = tiny_config()
-    plain = runs.create_run(tiny_run.parent, "plain", type(config)(model=config.model,
-                                                                   schedule=ScheduleConfig(timesteps=40),
-                                                                   train=config.train))
-    train_run(plain, images=tiny_images)
+    plain = trained_runs(type(config)(model=config.model, schedule=ScheduleConfig(timesteps=40), train=config.train),
+                         "plain")
+    copy_run(plain, tiny_run.parent)
     monkeypatch.setenv("DDPM_RUNS_DIR", str(tiny_run.parent))
     at = AppTest.from_file(APP, default_timeout=120).run()
     at.switch_page("views/reverse.py").run()

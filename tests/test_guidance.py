@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -35,11 +36,11 @@ def conditional_config(**train_changes) -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def cond_run(tmp_path_factory):
-    """A finished tiny conditional run (ImprovedUNet, null token, per-sample dropout)."""
-    run_dir = runs.create_run(tmp_path_factory.mktemp("runs"), "cond", conditional_config(label_dropout=0.2))
-    train_run(run_dir, images=make_tiny_images())
-    return run_dir
+def cond_run(tmp_path_factory, trained_runs):
+    """A finished tiny conditional run (ImprovedUNet, null token, per-sample dropout), the module's copy of
+    one trained once per session."""
+    trained = trained_runs(conditional_config(label_dropout=0.2), "cond")
+    return shutil.copytree(trained, tmp_path_factory.mktemp("runs") / "cond", symlinks=True)
 
 
 # -- networks ------------------------------------------------------------------------------------------

@@ -60,20 +60,16 @@ def one_line_error(proc: subprocess.CompletedProcess, *parts: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A finished tiny run with EMA and one checkpoint, trained once for the module."""
-    run = runs.create_run(tmp_path_factory.mktemp("base") / "runs", "tiny", tiny_config(ema_decay=0.9))
-    train_run(run, images=make_tiny_images())
-    return run
+def base(tmp_path_factory, trained_tiny_run) -> Path:
+    """A finished tiny run with EMA and one checkpoint (conftest's, trained once per session), the module's copy."""
+    return shutil.copytree(trained_tiny_run, tmp_path_factory.mktemp("base") / "runs" / "tiny", symlinks=True)
 
 
 @pytest.fixture(scope="module")
-def base_two(tmp_path_factory) -> Path:
+def base_two(tmp_path_factory, trained_runs) -> Path:
     """A tiny run checkpointed at every step: its newest checkpoint (6) has a previous one (5)."""
-    run = runs.create_run(tmp_path_factory.mktemp("base2") / "runs", "tiny2",
-                          tiny_config(ema_decay=0.9, checkpoint_every_s=1e-9))
-    train_run(run, images=make_tiny_images())
-    return run
+    trained = trained_runs(tiny_config(ema_decay=0.9, checkpoint_every_s=1e-9), "tiny2")
+    return shutil.copytree(trained, tmp_path_factory.mktemp("base2") / "runs" / "tiny2", symlinks=True)
 
 
 def copy_run(source: Path, root: Path, name: str) -> Path:

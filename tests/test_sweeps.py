@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,14 +13,10 @@ from core.work import sweeps
 from core.cli.main import main
 from core.config import ConfigError, override, preset
 from core.errors import RunError
+from tests.conftest import run_core
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def core(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPM_DATA_ROOT": str(REPO / "data")}
-    return subprocess.run([sys.executable, "-m", "core", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+core = run_core  # `python -m core ...` in this process: the sweep's cost is training, not starting Python
 
 
 @pytest.mark.integration
