@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from core.config import ScheduleConfig, SampleConfig
-from core.diffusion.sampling import ReverseStep, make_stepper, reverse_process
+from core.diffusion.sampling import ReverseStep, reverse_process
 from core.diffusion.schedule import NoiseScheduler
+from core.diffusion.solvers import ddpm_step, from_generator, make_solver
 
 MU, S = 0.3, 0.5  # the data's mean and standard deviation
 
@@ -107,13 +108,13 @@ def test_first_dpm_solver_step_equals_a_ddim_step():
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m", "dpmpp2m-sde"])
 def test_every_step_is_finite_at_T_1000(schedule, sampler):
     scheduler = NoiseScheduler(ScheduleConfig(timesteps=1000, schedule=schedule))
-    stepper = make_stepper(scheduler, SampleConfig(sampler=sampler, steps=0 if sampler == "ddpm" else 50),
+    solver = make_solver(scheduler, SampleConfig(sampler=sampler, steps=0 if sampler == "ddpm" else 50),
                            pixel_range="symmetric")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, 28, 28, generator=gen) * 3  # far outside the data: the steps must still be finite
-    for index, t in enumerate(stepper.timesteps):
+    for index, t in enumerate(solver.timesteps):
         eps = torch.randn(2, 1, 28, 28, generator=gen)
-        out = stepper.step(eps, index, x, gen)
+        out = solver.step(eps, index, x, from_generator(gen, x))
         assert torch.isfinite(out.prev_sample).all() and torch.isfinite(out.pred_original_sample).all(), (t, index)
         x = out.prev_sample
 
@@ -134,11 +135,11 @@ def test_clipped_ddpm_equals_the_books_step_when_nothing_is_clipped():
     x0 = torch.rand(3, 1, 28, 28, generator=gen) * 1.6 - 0.8   # inside [-1, 1]
     eps = torch.randn(3, 1, 28, 28, generator=gen)
     x_t = scheduler.add_noise(x0, torch.full((3,), 40), eps)
-    book = scheduler.ddpm_step(eps, 40, x_t, generator=torch.Generator().manual_seed(1))
-    clipped = scheduler.ddpm_step(eps, 40, x_t, generator=torch.Generator().manual_seed(1), clip_range=(-1.0, 1.0))
+    book = ddpm_step(scheduler, eps, 40, x_t, noise=from_generator(torch.Generator().manual_seed(1), x_t))
+    clipped = ddpm_step(scheduler, eps, 40, x_t, noise=from_generator(torch.Generator().manual_seed(1), x_t), clip_range=(-1.0, 1.0))
     assert torch.allclose(book.prev_sample, clipped.prev_sample, atol=1e-5)
-    far = scheduler.ddpm_step(eps * 0 - 5, 40, x_t, generator=torch.Generator().manual_seed(1), clip_range=(-1.0, 1.0))
+    far = ddpm_step(scheduler, eps * 0 - 5, 40, x_t, noise=from_generator(torch.Generator().manual_seed(1), x_t), clip_range=(-1.0, 1.0))
     assert far.pred_original_sample.abs().max() <= 1.0
     assert not math.isclose(float(far.prev_sample.sum()),
-                            float(scheduler.ddpm_step(eps * 0 - 5, 40, x_t, generator=torch.Generator().manual_seed(1))
+                            float(ddpm_step(scheduler, eps * 0 - 5, 40, x_t, noise=from_generator(torch.Generator().manual_seed(1), x_t))
                                   .prev_sample.sum()))

@@ -42,6 +42,7 @@ from ..models import build_model, count_parameters
 from ..models.embedding import sinusoidal_encoding
 from ..diffusion.sampling import reverse_process
 from ..diffusion.schedule import NoiseScheduler
+from ..diffusion.solvers import DPMSolverPP2M, ddim_step, ddpm_step
 from ..train.training import Trainer
 from . import reference
 from .flops import flops_per_image
@@ -422,14 +423,19 @@ def scheduler_step_overhead(device: torch.device, n: int, repeats: int = 200) ->
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, 1, 28, 28, generator=gen).to(device)
     eps = torch.randn(n, 1, 28, 28, generator=gen).to(device)
+    dpm = DPMSolverPP2M(scheduler, SampleConfig(sampler="dpmpp2m", steps=50), (-1.0, 1.0), sde=False)
+
+    def dpm_step(t: int) -> torch.Tensor:  # a second-order step: history at t + 20, target t − 20
+        s, x0 = max(t - 20, 1), scheduler.pred_x0(x, t, eps).clamp(-1.0, 1.0)
+        return dpm.update(t, s, x, dpm.data_estimate(t, s, x0, min(t + 20, 1000), x), None)
+
     out = {}
     with torch.inference_mode():
-        for name, fn in (("ddpm_step_us", lambda t: scheduler.ddpm_step(eps, t, x, generator=gen)),
-                         ("ddim_step_us", lambda t: scheduler.ddim_step(eps, t, max(t - 20, 0), x,
-                                                                        clip_range=(-1.0, 1.0))),
-                         ("dpmpp2m_step_us", lambda t: scheduler.dpm_solver_pp_step(
-                             scheduler.pred_x0(x, t, eps).clamp(-1.0, 1.0), t, max(t - 20, 1), x,
-                             x0_prev=x, t_prev=min(t + 20, 1000)))):
+        for name, fn in (("ddpm_step_us", lambda t: ddpm_step(scheduler, eps, t, x,
+                                                               noise=lambda: torch.randn(x.shape, generator=gen))),
+                         ("ddim_step_us", lambda t: ddim_step(scheduler, eps, t, max(t - 20, 0), x,
+                                                              clip_range=(-1.0, 1.0))),
+                         ("dpmpp2m_step_us", dpm_step)):
             fn(500)
             _sync(device)
             start = time.perf_counter()
