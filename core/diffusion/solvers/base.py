@@ -26,7 +26,7 @@ class StepOutput(NamedTuple):
 
 def from_generator(generator: torch.Generator, like: torch.Tensor) -> Noise:
     """A Noise that draws like-shaped standard normals from one generator (a single stream for the batch)."""
-    return lambda: torch.randn(like.shape, generator=generator, device=generator.device)
+    return lambda: torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype)
 
 
 def draw(noise: Noise | None, like: torch.Tensor) -> torch.Tensor:
