@@ -11,7 +11,7 @@ from core.config import ConfigError, RunConfig, ScheduleConfig
 from core.config import PRESETS
 from core.diffusion.schedule import NoiseScheduler, cosine_beta_schedule
 from core.diffusion.solvers import ddim_step, ddpm_step, from_generator
-from core.diffusion.spacing import sampling_timesteps
+from core.diffusion.spacing import logsnr_grid, sampling_timesteps
 
 # A tiny run's config.json as format 1 wrote it: no scale_to_timesteps field.
 PRESETS_TINY_FORMAT_1 = {**PRESETS["tiny"].to_dict(), "format_version": 1}
@@ -147,14 +147,37 @@ def test_ddim_eta_one_has_the_ddpm_posterior_variance():
     assert out.prev_sample.std().item() == pytest.approx(ddpm_std, rel=0.03)
 
 
-@pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
-@pytest.mark.parametrize("steps", [1, 2, 7, 50, 200, 1000])
-def test_sampling_timesteps_start_at_T_and_decrease(steps, spacing):
-    ts = sampling_timesteps(NoiseScheduler(ScheduleConfig(timesteps=1000)), steps, spacing)
-    assert len(ts) == steps and ts[0] == 1000 and len(set(ts)) == steps
-    assert ts == sorted(ts, reverse=True) and ts[-1] >= 1
-    if steps == 1000:
-        assert ts == list(range(1000, 0, -1))
+@pytest.mark.parametrize("T", [10, 20, 50, 100, 1000])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_sampling_timesteps_fall_strictly_within_one_to_T_for_every_step_count(schedule, T):
+    """A property of every schedule, T and step count: N distinct timesteps, starting at T, strictly
+    decreasing, all in [1, T]. Before the fix log-SNR spacing gave [1000, 1002, 1001, ...] for cosine
+    T = 1000 at 20 steps and [20, 24, 23, ...] for linear T = 20."""
+    scheduler = NoiseScheduler(ScheduleConfig(timesteps=T, schedule=schedule))
+    for spacing in ("uniform", "logsnr"):
+        for steps in range(1, T + 1):
+            ts = sampling_timesteps(scheduler, steps, spacing)
+            assert len(ts) == steps and ts[0] == T and ts[-1] >= 1, (spacing, steps, ts)
+            assert all(a > b for a, b in zip(ts, ts[1:])), (spacing, steps, ts)
+    assert sampling_timesteps(scheduler, T, "logsnr") == list(range(T, 0, -1))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_logsnr_spacing_is_even_in_lambda_up_to_rounding(schedule):
+    """The continuous grid lies at even λ between λ_T and λ_1, and each timestep is its rounding unless
+    that would repeat the one before. Cosine's λ_t falls steeply near T (and by 3.4 over its last interval,
+    where β_T is capped), so at 20 steps its first 8 grid points all round to 999 or 1000 and the rule
+    spreads them down by one each: log-SNR spacing spends those steps at the noisy end by design."""
+    scheduler = NoiseScheduler(ScheduleConfig(timesteps=1000, schedule=schedule))
+    lambdas = scheduler.lambdas[1:].numpy()  # λ_1 .. λ_T
+    continuous = logsnr_grid(scheduler, 20)
+    at_grid = np.interp(continuous, np.arange(1, 1001), lambdas)
+    assert np.allclose(at_grid, np.linspace(lambdas[-1], lambdas[0], 21)[:-1], atol=1e-9)
+    ts = sampling_timesteps(scheduler, 20, "logsnr")
+    rounded = [int(round(float(c))) for c in continuous]
+    free = [i for i in range(1, 20) if rounded[i] < ts[i - 1]]
+    assert len(free) >= 10 and all(ts[i] == rounded[i] for i in free), (ts, rounded)
+    assert all(ts[i] == ts[i - 1] - 1 for i in range(1, 20) if i not in free)
 
 
 def test_uniform_spacing_is_trailing_and_logsnr_is_denser_at_small_t():
