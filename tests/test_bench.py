@@ -85,6 +85,13 @@ def test_bench_json_has_every_measurement_with_sane_types():
     assert _is_number(overhead["ddpm_step_us"]) and _is_number(overhead["dpmpp2m_step_us"])
     assert overhead["dpmpp2m_fraction_of_network_eval"] == pytest.approx(
         overhead["dpmpp2m_step_us"] / 1e6 / result["sampling"]["unet"]["network_eval_s"], rel=0.05)
+    noise = result["noise_streams"]  # per-image noise streams against one batched draw, same run
+    assert noise["n"] == result["sampling"]["unet"]["n"] and isinstance(targets["noise_streams_met"], bool)
+    assert noise["per_image_over_batched"] == pytest.approx(noise["per_image_draw_us"] / noise["batched_draw_us"],
+                                                            rel=0.05)
+    extra = (noise["setup_us"] + 20 * max(noise["per_image_draw_us"] - noise["batched_draw_us"], 0)) / 1e6
+    assert noise["extra_fraction_of_sampling"] == pytest.approx(
+        extra / (20 * result["sampling"]["unet"]["network_eval_s"]), rel=0.05, abs=1e-4)
 
 
 def test_bench_cli_writes_the_same_json_it_prints(tmp_path, capsys):

@@ -46,6 +46,7 @@ from ..diffusion.solvers import DPMSolverPP2M, ddim_step, ddpm_step
 from ..train.training import Trainer
 from . import reference
 from .flops import flops_per_image
+from .noise_cost import measure_noise_streams
 
 BENCH_VERSION = 1
 MODEL_PRESETS = {"unet": "book", "improved_unet": "improved"}  # the model each preset trains
@@ -58,6 +59,7 @@ TARGETS = {  # from the project's issue; reported as booleans, never asserted in
     "cpu_train_peak_rss_mb": 2048,
     "gpu_speedup_vs_reference": 10.0,
     "guided_over_unguided_step": 2.0,   # classifier-free guidance: both halves in one batched pass
+    "noise_streams_fraction": 0.05,     # per-image noise streams: extra cost / sampling time (20 steps)
 }
 GUIDANCE_PRESET = "improved-cfg"        # the conditional network whose guided step is timed
 BENCH_GUIDANCE = 3.0                    # the book's γ
@@ -605,6 +607,8 @@ def run_bench(plan: BenchPlan = FULL, device: str = "auto", *, channels_last: bo
     # The solver's own work per step against one network evaluation of the book's UNet, same N.
     overhead["dpmpp2m_fraction_of_network_eval"] = _r(
         overhead["dpmpp2m_step_us"] / 1e6 / result["sampling"]["unet"]["network_eval_s"])
+    say("per-image noise streams against batched noise")
+    result["noise_streams"] = measure_noise_streams(dev, plan.samples, result["sampling"]["unet"]["network_eval_s"])
     say("guided against unguided sampling")
     result["guidance"] = measure_guidance(dev, plan, sample_cl)
 
@@ -673,6 +677,9 @@ def _targets(result: dict, dev: torch.device) -> dict:
         "guided_over_unguided_step": result["guidance"]["guided_over_unguided"],
         "guided_over_unguided_target": TARGETS["guided_over_unguided_step"],
         "guided_over_unguided_met": result["guidance"]["guided_over_unguided"] <= TARGETS["guided_over_unguided_step"],
+        "noise_streams_fraction": result["noise_streams"]["extra_fraction_of_sampling"],
+        "noise_streams_target": TARGETS["noise_streams_fraction"],
+        "noise_streams_met": result["noise_streams"]["extra_fraction_of_sampling"] <= TARGETS["noise_streams_fraction"],
     }
     if dev.type == "cuda" and ref is not None:
         out.update(gpu_speedup_vs_reference=ref["train_speedup"],
