@@ -69,12 +69,15 @@ def test_ddim_is_first_order_and_dpm_solver_pp_second_order():
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_dpm_solver_pp_error_falls_with_every_added_step_across_the_lower_order_final_threshold(schedule):
-    """With the default settings, more steps are closer to the exact ODE end at every count from 5 to 20,
-    and 10 steps at least 20 % closer than first-order DDIM. When the step into the last timestep was also
-    taken first order below 15 steps, 14 steps was worse than 15 (and 10 steps 0.095 against 0.076)."""
+def test_dpm_solver_pp_error_falls_smoothly_across_the_lower_order_final_threshold(schedule):
+    """With the default settings the error at the exact ODE end falls with every added step from 5 to 20,
+    with no cliff at 15 steps (here 14 -> 15 falls 1.19× on linear, 1.45× on cosine, like its neighbours).
+    When the step into the last timestep was also taken first order below 15 steps, 14 -> 15 fell 1.7×
+    (linear) and 3.8× (cosine), and 10 steps was barely better than first-order DDIM."""
     errors = [ode_error("dpmpp2m", n, schedule=schedule) for n in range(5, 21)]
-    assert all(a > b for a, b in zip(errors, errors[1:])), [round(e, 4) for e in errors]
+    ratios = [a / b for a, b in zip(errors, errors[1:])]
+    assert all(r > 1 for r in ratios), [round(r, 2) for r in ratios]
+    assert ratios[14 - 5] < 1.6, [round(r, 2) for r in ratios]
     assert errors[10 - 5] < 0.8 * ode_error("ddim", 10, schedule=schedule)
 
 
