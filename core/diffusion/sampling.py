@@ -34,6 +34,7 @@ __all__ = ["Denoiser", "ReverseStep", "SampleResult", "StepOutput", "collect", "
 # as `prediction` says. A plain model fits; so does a wrapper that adds labels or guidance.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+
 @dataclass(frozen=True)
 class ReverseStep:
     """One reverse step of one batch: the sampler was at `t` with `x_t` and moved to `x_next`."""
