@@ -275,7 +275,9 @@ class SampleConfig:
     batch_size: int = 256
     spacing: str = "uniform"         # timesteps of the few-step samplers: even in t or in log-SNR
     clip: str = "auto"               # x̂0 clipped to the data range: auto, on, off
-    lower_order_final: bool = True   # DPM-Solver++: first order at the last step when steps < 15
+    # DPM-Solver++: kept so saved requests still load. The final step into t = 0 is always first order
+    # (σ_0 = 0 leaves no second-order term), as in diffusers and DPM-Solver; no other step is lowered.
+    lower_order_final: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("sampler", self.sampler, SAMPLER_NAMES)

@@ -20,6 +20,7 @@ from core.models import UNet, build_model
 from core.models.embedding import sinusoidal_encoding
 from core.diffusion.sampling import sample
 from core.diffusion.schedule import NoiseScheduler
+from core.diffusion.solvers import ddpm_step, from_generator
 
 from conftest import make_tiny_images
 
@@ -84,6 +85,13 @@ def test_bench_json_has_every_measurement_with_sane_types():
     assert _is_number(overhead["ddpm_step_us"]) and _is_number(overhead["dpmpp2m_step_us"])
     assert overhead["dpmpp2m_fraction_of_network_eval"] == pytest.approx(
         overhead["dpmpp2m_step_us"] / 1e6 / result["sampling"]["unet"]["network_eval_s"], rel=0.05)
+    noise = result["noise_streams"]  # per-image noise streams against one batched draw, same run
+    assert noise["n"] == result["sampling"]["unet"]["n"] and isinstance(targets["noise_streams_met"], bool)
+    assert noise["per_image_over_batched"] == pytest.approx(noise["per_image_draw_us"] / noise["batched_draw_us"],
+                                                            rel=0.05)
+    extra = (noise["setup_us"] + 20 * max(noise["per_image_draw_us"] - noise["batched_draw_us"], 0)) / 1e6
+    assert noise["extra_fraction_of_sampling"] == pytest.approx(
+        extra / (20 * result["sampling"]["unet"]["network_eval_s"]), rel=0.05, abs=1e-4)
 
 
 def test_bench_cli_writes_the_same_json_it_prints(tmp_path, capsys):
@@ -156,7 +164,7 @@ def test_reference_diffuser_matches_the_scheduler():
         torch.manual_seed(7)  # the book draws its noise from the global generator
         book = diffuser.denoise(model, x, t)
         # a fresh CPU generator with the same seed draws the same numbers as the global one
-        product = scheduler.ddpm_step(eps, step, x, generator=torch.Generator().manual_seed(7))
+        product = ddpm_step(scheduler, eps, step, x, noise=from_generator(torch.Generator().manual_seed(7), x))
         torch.testing.assert_close(product.prev_sample, book, rtol=1e-4, atol=1e-5)
     assert model.training  # the book toggles back to train() after every step
 

@@ -99,9 +99,17 @@ def test_unconditional_runs_have_no_class_picker(tiny_run, monkeypatch):
     monkeypatch.setenv("DDPM_RUNS_DIR", str(tiny_run.parent))
     at = AppTest.from_file(APP, default_timeout=120).run()
     at.switch_page("views/reverse.py").run()
-    assert not at.exception
+    assert not at.exception and not at.error
     assert not [w for w in at.selectbox if w.key == "rev_class"]
     assert not [w for w in at.slider if w.key == "rev_guidance"]
+    # ... on a page that did render this run's controls, and still generates (without labels):
+    # an empty or broken page would pass the two checks above
+    assert at.selectbox(key="rev_run").value == "tiny" and at.selectbox(key="rev_sampler").value is not None
+    at.selectbox(key="rev_sampler").set_value("ddim").run()
+    at.number_input(key="rev_steps").set_value(3).run()
+    at.number_input(key="rev_n").set_value(4).run()
+    done = generate(at)
+    assert not done["meta"].get("labels") and done["result"].images.shape == (4, 28, 28)
 
 
 def test_train_form_has_the_conditional_options(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from core.config import ConfigError, ModelConfig, SampleConfig, ScheduleConfig
 from core.models import build_model
 from core.diffusion.sampling import collect, reverse_process, sample, total_steps
 from core.diffusion.schedule import NoiseScheduler
+from core.diffusion.spacing import sampling_timesteps
 
 
 @pytest.fixture
@@ -25,12 +26,34 @@ def scheduler():
     return NoiseScheduler(ScheduleConfig(timesteps=12))
 
 
-def test_same_seed_same_images_whatever_the_batch_size(model, scheduler):
+def final_images(model, scheduler, config: SampleConfig, **kwargs) -> torch.Tensor:
+    """The float images (model range) a whole reverse process ends with, in image order."""
+    return torch.cat([step.x_next for step in reverse_process(model, scheduler, config, **kwargs) if step.last])
+
+
+def test_same_seed_same_images_and_another_seed_others(model, scheduler):
     a = sample(model, scheduler, SampleConfig(n=6, seed=5, batch_size=6)).images
     b = sample(model, scheduler, SampleConfig(n=6, seed=5, batch_size=6)).images
     c = sample(model, scheduler, SampleConfig(n=6, seed=6, batch_size=6)).images
     assert a.shape == (6, 28, 28) and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m", "dpmpp2m-sde"])
+def test_image_i_of_a_seed_is_the_same_whatever_the_batch_size_and_the_other_images(model, scheduler, sampler):
+    """Every image has its own noise stream (x_T and each step's noise), seeded from (seed, i): batches
+    of 1, 3 and 8, and a request for only the first 3 images, give the same images. DDIM with η > 0
+    and the SDE form draw noise at every step, so a batch-wide stream would show here."""
+    def images(n: int, batch_size: int) -> torch.Tensor:
+        config = SampleConfig(sampler=sampler, steps=0 if sampler == "ddpm" else 5, eta=0.5, n=n, seed=11, clip="on",
+                              batch_size=batch_size)
+        return final_images(model, scheduler, config, pixel_range="symmetric")
+    reference = images(8, 8)
+    # the same network on a different batch may round its last bit differently: compare to 1e-4
+    for batch_size in (1, 3):
+        torch.testing.assert_close(images(8, batch_size), reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(images(3, 3), reference[:3], atol=1e-4, rtol=0)
+    assert (reference[0] - reference[1]).abs().max() > 0.1  # and the images differ from one another
 
 
 def test_records_every_frame_for_ddpm(model, scheduler):
@@ -42,7 +65,7 @@ def test_records_every_frame_for_ddpm(model, scheduler):
 
 def test_records_only_chosen_steps_for_ddim(model, scheduler):
     result = sample(model, scheduler, SampleConfig(sampler="ddim", steps=4, n=2), record=[12, 9, 5])
-    ts = scheduler.sampling_timesteps(4)
+    ts = sampling_timesteps(scheduler, 4)
     assert ts == [12, 9, 6, 3]
     assert result.frame_timesteps == [12, 9]
     assert result.frames_xt.shape == (2, 2, 28, 28)
@@ -87,6 +110,13 @@ def test_every_sampler_runs_through_the_same_loop(model, scheduler, sampler):
 
 
 def test_unit_range_images_are_the_books_clamp(model, scheduler):
-    """In [0, 1] mode a sample is x·255 clamped to [0, 255]: a well-trained-or-not model still gives uint8."""
-    img = sample(model, scheduler, SampleConfig(n=2), pixel_range="unit").images
-    assert img.min() >= 0 and img.max() <= 255
+    """In [0, 1] mode a sample is x·255 clamped to [0, 255] and rounded: pixels below 0 become 0 and
+    above 1 become 255 (not wrapped around), the rest round(x·255). The untrained network lands outside
+    [0, 1] on both sides, so the clamp is exercised."""
+    config = SampleConfig(n=2)
+    x = final_images(model, scheduler, config, pixel_range="unit").squeeze(1).double().numpy()
+    img = sample(model, scheduler, config, pixel_range="unit").images
+    assert (x < 0).any() and (x > 1).any()
+    assert (img[x < 0] == 0).all() and (img[x > 1] == 255).all()
+    inside = (x >= 0) & (x <= 1)
+    assert np.array_equal(img[inside], np.round(x[inside] * 255).astype(np.uint8))

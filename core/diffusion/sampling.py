@@ -5,10 +5,11 @@ like improved-diffusion's `p_sample_loop_progressive`. Everything else is a thin
 `sample` keeps the final images (and frames, when asked), a caller that wants progress counts the
 steps it receives, and a caller that wants to stop early stops iterating (`itertools.islice`).
 
-Every sampler plugs into the same loop through a `Stepper`: DDPM (the book, every t), DDIM (any
-number of steps, η) and DPM-Solver++(2M) in its ODE and SDE forms. Seeded and batched; runs under
-`torch.inference_mode` with the model put in eval mode once (the book toggles eval()/train() at
-each of its 1000 steps).
+Every sampler plugs into the same loop through a `Solver` (core/diffusion/solvers/, one file each):
+DDPM (the book, every t), DDIM (any number of steps, η) and DPM-Solver++(2M) in its ODE and SDE
+forms. Seeded per image (core/diffusion/noise.py: image i of seed s is the same whatever the batch)
+and batched; runs under `torch.inference_mode` with the model put in eval mode once (the book
+toggles eval()/train() at each of its 1000 steps).
 """
 from __future__ import annotations
 
@@ -19,16 +20,19 @@ import numpy as np
 import torch
 
 from ..config import PREDICTION_NAMES, ConfigError, SampleConfig
-from ..data.datasets import IMAGE_SHAPE, data_range, to_uint8
+from ..data.datasets import IMAGE_SHAPE, to_uint8
 from ..device import resolve_device
 from .guidance import guided
-from .schedule import NoiseScheduler, StepOutput
+from .noise import ImageNoise
+from .schedule import NoiseScheduler
+from .solvers import StepOutput, make_solver
+
+__all__ = ["Denoiser", "ReverseStep", "SampleResult", "StepOutput", "collect", "reverse_process", "sample",
+           "total_steps"]
 
 # The network as the loop sees it: (x_t (B,1,28,28), t (B,) long) -> its prediction (B,1,28,28), ε̂ or v̂
 # as `prediction` says. A plain model fits; so does a wrapper that adds labels or guidance.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++: below this many steps the last step is first order (Lu et al.)
 
 
 @dataclass(frozen=True)
@@ -47,91 +51,6 @@ class ReverseStep:
         return self.index == self.num_steps - 1
 
 
-class Stepper:
-    """One sampler's reverse steps: the timesteps it visits and the update at each of them."""
-
-    def __init__(self, scheduler: NoiseScheduler, config: SampleConfig, clip_range: tuple[float, float] | None):
-        self.scheduler, self.config, self.clip_range = scheduler, config, clip_range
-        self.timesteps = self.make_timesteps()
-
-    def make_timesteps(self) -> list[int]:
-        steps = self.config.resolved_steps(self.scheduler.num_timesteps)
-        return self.scheduler.sampling_timesteps(steps, self.config.spacing)
-
-    def next_timestep(self, index: int) -> int:
-        return self.timesteps[index + 1] if index + 1 < len(self.timesteps) else 0
-
-    def reset(self) -> None:
-        """Forget what earlier steps left behind (a new batch starts)."""
-
-    def step(self, eps: torch.Tensor, index: int, x_t: torch.Tensor, generator: torch.Generator) -> StepOutput:
-        raise NotImplementedError
-
-
-class DDPMStepper(Stepper):
-    """The book's ancestral sampler at every t = T..1 (optionally with x̂0 clipped)."""
-
-    def make_timesteps(self) -> list[int]:
-        self.config.resolved_steps(self.scheduler.num_timesteps)  # refuses a step count below T
-        return list(range(self.scheduler.num_timesteps, 0, -1))
-
-    def step(self, eps, index, x_t, generator):
-        return self.scheduler.ddpm_step(eps, self.timesteps[index], x_t, generator=generator,
-                                        clip_range=self.clip_range)
-
-
-class DDIMStepper(Stepper):
-    def step(self, eps, index, x_t, generator):
-        return self.scheduler.ddim_step(eps, self.timesteps[index], self.next_timestep(index), x_t,
-                                        eta=self.config.eta, clip_range=self.clip_range, generator=generator)
-
-
-class DPMSolverPPStepper(Stepper):
-    """DPM-Solver++(2M): keeps the previous x̂0 for its second-order multistep update."""
-
-    def __init__(self, scheduler, config, clip_range, sde: bool):
-        super().__init__(scheduler, config, clip_range)
-        self.sde = sde
-        self.reset()
-
-    def reset(self) -> None:
-        self.previous: tuple[int, torch.Tensor] | None = None  # (t, x̂0) of the step before
-
-    def step(self, eps, index, x_t, generator):
-        t, s = self.timesteps[index], self.next_timestep(index)
-        x0 = self.scheduler.pred_x0(x_t, t, eps)
-        if self.clip_range is not None:
-            x0 = x0.clamp(*self.clip_range)
-        second_order = self.previous is not None
-        if self.config.lower_order_final and len(self.timesteps) < LOWER_ORDER_FINAL_BELOW \
-                and index == len(self.timesteps) - 2:
-            second_order = False  # the step into the last timestep, as the paper recommends for few steps
-        t_prev, x0_prev = self.previous if second_order else (None, None)
-        x_next = self.scheduler.dpm_solver_pp_step(x0, t, s, x_t, x0_prev=x0_prev, t_prev=t_prev,
-                                                   sde=self.sde, generator=generator)
-        self.previous = (t, x0)
-        return StepOutput(x_next, x0)
-
-
-def make_stepper(scheduler: NoiseScheduler, config: SampleConfig, *, pixel_range: str,
-                 clip_default: bool = False) -> Stepper:
-    """The stepper for `config.sampler`; `clip_default` is the run's own DDPM clipping default."""
-    clip_range = data_range(pixel_range) if config.resolved_clip(clip_default) else None
-    if config.sampler == "ddpm":
-        return DDPMStepper(scheduler, config, clip_range)
-    if config.sampler == "ddim":
-        return DDIMStepper(scheduler, config, clip_range)
-    if config.sampler in ("dpmpp2m", "dpmpp2m-sde"):
-        return DPMSolverPPStepper(scheduler, config, clip_range, sde=config.sampler.endswith("sde"))
-    raise ConfigError(f"sampler = {config.sampler!r} is not allowed")  # SampleConfig refuses it first
-
-
-def batch_generator(seed: int, batch_start: int) -> torch.Generator:
-    """One CPU generator per batch, seeded from (seed, batch start): the same seed gives the same
-    images on every device and whatever the batch size of the caller's other requests."""
-    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + batch_start)
-
-
 def reverse_process(model: Denoiser, scheduler: NoiseScheduler, config: SampleConfig = SampleConfig(), *,
                     pixel_range: str = "unit", clip_default: bool = False, device: torch.device | str = "cpu",
                     channels_last: bool = False, labels: torch.Tensor | None = None,
@@ -143,15 +62,15 @@ def reverse_process(model: Denoiser, scheduler: NoiseScheduler, config: SampleCo
     `labels` (n,) makes it class-conditional: each batch samples a conditional network guided
     towards its slice of the labels at scale `guidance` (core.guidance); None is unconditional.
     `prediction` is what the network was trained to predict (the run's `train.prediction`): its
-    output becomes ε̂ here, once, before any Stepper sees it, so every sampler handles every target.
+    output becomes ε̂ here, once, before any Solver sees it, so every sampler handles every target.
     """
     if prediction not in PREDICTION_NAMES:
         raise ConfigError(f"prediction = {prediction!r} is not allowed: choose one of {', '.join(PREDICTION_NAMES)}")
     if labels is not None and len(labels) != config.n:
         raise ConfigError(f"labels = {len(labels)} labels is not allowed: give one per sample (n = {config.n})")
     device = resolve_device(device)
-    stepper = make_stepper(scheduler, config, pixel_range=pixel_range, clip_default=clip_default)
-    timesteps = stepper.timesteps
+    solver = make_solver(scheduler, config, pixel_range=pixel_range, clip_default=clip_default)
+    timesteps = solver.timesteps
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     module = model if isinstance(model, torch.nn.Module) else None
     was_training = module.training if module is not None else False
@@ -161,9 +80,9 @@ def reverse_process(model: Denoiser, scheduler: NoiseScheduler, config: SampleCo
         with torch.inference_mode():
             for start in range(0, config.n, config.batch_size):
                 b = min(config.batch_size, config.n - start)
-                gen = batch_generator(config.seed, start)
-                x = torch.randn((b, *IMAGE_SHAPE), generator=gen).to(device).contiguous(memory_format=memory_format)
-                stepper.reset()
+                noise = ImageNoise(config.seed, start, b, IMAGE_SHAPE, device)
+                x = noise().contiguous(memory_format=memory_format)  # x_T: each image's first draw
+                solver.reset()
                 denoise = model if labels is None else guided(model, labels[start:start + b].to(device), guidance)
                 for index, t in enumerate(timesteps):
                     t_batch = torch.full((b,), t, device=device, dtype=torch.long)
@@ -171,7 +90,7 @@ def reverse_process(model: Denoiser, scheduler: NoiseScheduler, config: SampleCo
                     # Guidance mixed the outputs linearly, with weights summing to 1, and for a fixed
                     # x_t the conversion to ε̂ is affine in the output: guiding v̂ equals guiding ε̂.
                     eps = scheduler.pred_eps(model_output, x, t_batch, prediction)
-                    out = stepper.step(eps, index, x, gen)
+                    out = solver.step(eps, index, x, noise)
                     yield ReverseStep(start, index, len(timesteps), t, x, out.pred_original_sample, out.prev_sample)
                     x = out.prev_sample
     finally:
