@@ -42,6 +42,7 @@ from ..diffusion.guidance import (Conditioning, check_conditional, check_guidanc
                        describe_labels, even_labels, per_class_labels)
 from ..diffusion.sampling import collect, reverse_process, total_steps
 from ..diffusion.schedule import NoiseScheduler
+from ..train.data import load_training_images
 from ..train.training import DiskFull, TrainingDiverged, check_data_fits, train_run
 
 EXIT_USAGE = 2
@@ -318,7 +319,7 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
     # dataset or one too small for a batch on every rank leaves nothing behind, on every rank.
     device = distributed.device_for(world, resolve_device(config.train.device))
     check_backend(args.dist_backend, device)
-    images = load_images(config.train.dataset, "train", args.data_root)
+    images = load_training_images(config.train.dataset, args.data_root, world)  # rank 0 prepares, then all read
     n_images = min(len(images), config.train.limit_images) if config.train.limit_images else len(images)
     check_data_fits(n_images, config.train.batch_size, world.size)
 
