@@ -24,8 +24,9 @@ from ..diffusion.guidance import even_labels
 from ..diffusion.sampling import sample
 from ..store import checkpoint, runs
 from ..store.export import save_grid
-from .distributed import World, all_reduce_sum
-from .progress import Progress, ProgressFn, StopRequested, TrainingDiverged, divergence_message, eta_seconds
+from .distributed import World, all_reduce_sum, broadcast_object
+from .progress import (DiskFull, Progress, ProgressFn, StopRequested, TrainingDiverged, as_reported,
+                       divergence_message, eta_seconds)
 from .trainer import Trainer
 
 GRID_SAMPLES = 16
@@ -33,6 +34,7 @@ GRID_SEED = 1234
 FIRST_CHECKPOINT_S = 30.0  # a run's first checkpoint comes after this long or its first epoch, if sooner
 PREVIEW_GUIDANCE = 3.0  # the book's γ; a run trained without label dropout previews at γ = 1
 HEARTBEAT_S = 10.0  # status.json's "running" is refreshed this often, so a dead trainer shows as stale
+FAILURES = {"TrainingDiverged": TrainingDiverged, "DiskFull": DiskFull}  # rank 0's failures the others raise alike
 
 
 @dataclass
@@ -60,6 +62,7 @@ class TrainLoop:
         self.metrics = runs.MetricsWriter(run_dir / "metrics.csv") if self.master else None
         self.order = torch.empty(0, dtype=torch.long)
         self.time_up = False  # under torchrun all ranks agree on it at log rows
+        self.save_agreed = False  # under torchrun: a checkpoint is due, as rank 0 said at the last log row
         self.saved_at: list[int] = []  # steps checkpointed by this job
         # Non-finite losses are collected on the device (no sync per step on a GPU) and checked at every
         # log row and before every checkpoint; on the CPU of a single process a check costs nothing, so it
@@ -129,10 +132,12 @@ class TrainLoop:
         now, train, step = time.perf_counter(), self.config.train, self.trainer.step
         wants_stop = self.stop_requested() or bool(train.time_budget_s and self.elapsed() >= train.time_budget_s)
         device = self.trainer.device
+        wants_save = self.master and self.time_to_save()  # rank 0's clock decides for all ranks
         sums = torch.stack([torch.as_tensor(self.window_loss, dtype=torch.float64, device=device),
                             *torch.tensor([self.window_count, self.window_images / max(now - self.window_start, 1e-9),
-                                           float(wants_stop)], dtype=torch.float64, device=device)])
-        loss_sum, count, ips, stops = all_reduce_sum(sums, self.world).tolist()
+                                           float(wants_stop), float(wants_save)], dtype=torch.float64, device=device)])
+        loss_sum, count, ips, stops, saves = all_reduce_sum(sums, self.world).tolist()
+        self.save_agreed = saves > 0
         mean_loss = loss_sum / count  # the loss averaged over ranks
         if not math.isfinite(mean_loss):  # every rank sees the same sum: all raise at this same step
             raise TrainingDiverged(divergence_message(f"loss became {mean_loss}", step, self.config))
@@ -181,15 +186,34 @@ class TrainLoop:
 
     # -- named decisions and side effects --------------------------------------------------------------
     def save(self) -> None:
-        """A complete checkpoint at the current position (rank 0); refused when the loss went non-finite."""
+        """A complete checkpoint at the current position, written by rank 0; refused when the loss
+        went non-finite. Under torchrun every rank comes here at the same step and learns rank 0's
+        outcome, so a full disk or non-finite weights end all ranks at once, rather than leaving the
+        others in their next all-reduce until the process-group timeout (NCCL does not notice a dead peer)."""
+        failure = None
         if self.master:
-            if bool(self.diverged):  # one device sync
-                raise TrainingDiverged(divergence_message("loss became nan or inf", self.trainer.step, self.config))
-            self.trainer.save_checkpoint(self.run_dir, self.epoch, self.elapsed(), epoch_images=self.cursor)
-            self.saved_at.append(self.trainer.step)
+            try:
+                if bool(self.diverged):  # one device sync
+                    raise TrainingDiverged(divergence_message("loss became nan or inf", self.trainer.step, self.config))
+                self.trainer.save_checkpoint(self.run_dir, self.epoch, self.elapsed(), epoch_images=self.cursor)
+            except Exception as exc:  # noqa: BLE001 - told to the other ranks, then raised here as it is
+                failure = exc
+        if self.world.distributed:
+            told = broadcast_object(None if failure is None else rank0_failure(failure, self.run_dir), self.world)
+            if told is not None and failure is None:
+                kind, message = told
+                raise FAILURES.get(kind, RuntimeError)(message)
+        if failure is not None:
+            raise failure
+        self.saved_at.append(self.trainer.step)
         self.last_checkpoint, self.first_checkpoint_due = time.perf_counter(), False
+        self.save_agreed = False
 
     def checkpoint_due(self) -> bool:
+        """Time for a checkpoint: by this process's clock, or under torchrun as agreed at the last log row."""
+        return self.save_agreed if self.world.distributed else self.time_to_save()
+
+    def time_to_save(self) -> bool:
         since = time.perf_counter() - self.last_checkpoint
         every = self.config.train.checkpoint_every_s
         return bool(every and since >= every) or (self.first_checkpoint_due and since >= FIRST_CHECKPOINT_S)
@@ -235,3 +259,11 @@ def preview_grid(run_dir: Path, trainer: Trainer, filename: str) -> Path:
                     guidance=PREVIEW_GUIDANCE if conditional and train.label_dropout > 0 else 1.0,
                     prediction=train.prediction)
     return save_grid(run_dir / "samples" / filename, result.images, ncol=4)
+
+
+def rank0_failure(exc: BaseException, run_dir: Path) -> tuple[str, str]:
+    """(kind, one line) of rank 0's failure to save, for the other ranks to raise as their own."""
+    reported = as_reported(exc, run_dir)
+    if type(reported).__name__ in FAILURES:
+        return type(reported).__name__, str(reported)
+    return "RuntimeError", f"rank 0 could not save the checkpoint ({type(reported).__name__}: {reported})"

@@ -6,9 +6,11 @@ names without importing the loop itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from ..config import RunConfig
+from ..store.io import is_disk_full
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,3 +80,12 @@ def divergence_message(symptom: str, step: int, config: RunConfig) -> str:
                 if config.train.lr > 3e-3 else
                 "try a lower learning rate or gradient clipping (--grad-clip 1.0)")
     return f"{symptom} at step {step}: training diverged; {hint}"
+
+
+def as_reported(exc: BaseException, run_dir: Path) -> BaseException:
+    """A full disk (ENOSPC, EDQUOT, EFBIG) becomes DiskFull with what to do; every other error stays itself."""
+    if not is_disk_full(exc):
+        return exc
+    folder = Path(exc.filename).parent if getattr(exc, "filename", None) else run_dir
+    return DiskFull(f"disk full in {folder} ({exc.strerror}); the last complete checkpoint is kept: free some "
+                    "space, then resume the run")

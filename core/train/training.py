@@ -20,12 +20,12 @@ from ..device import resolve_device
 from ..errors import RunError
 from ..models import budget
 from ..store import checkpoint, runs
-from ..store.io import is_disk_full
 from .data import load_training_images, training_data, training_labels
 from .distributed import World, broadcast_object, current_world, device_for, is_peer_failure, peer_failure_message
 from .loop import FIRST_CHECKPOINT_S, GRID_SAMPLES, GRID_SEED, PREVIEW_GUIDANCE, Position, TrainLoop, preview_grid
 from .plan import check_data_fits, checkpoint_position, steps_per_epoch, total_steps_for
-from .progress import DiskFull, Progress, ProgressFn, StopRequested, TrainingDiverged, divergence_message
+from .progress import (DiskFull, Progress, ProgressFn, StopRequested, TrainingDiverged, as_reported,
+                       divergence_message)
 from .trainer import EMA, Trainer, build_optimizer, min_snr_weight, step_seed
 
 __all__ = ["DiskFull", "EMA", "FIRST_CHECKPOINT_S", "GRID_SAMPLES", "GRID_SEED", "PREVIEW_GUIDANCE", "Progress",
@@ -63,7 +63,7 @@ def train_run(run_dir: Path, *, resume: bool = False, images: ImageSet | None = 
             return loop.finish(stopped=loop.run_loop())
         except BaseException as exc:
             _record_failure(exc, run_dir, progress, world, on_progress)
-            reported = _as_reported(exc, run_dir)
+            reported = as_reported(exc, run_dir)
             if reported is exc:
                 raise
             raise reported from None
@@ -120,20 +120,11 @@ def _restore(run_dir: Path, trainer: Trainer, n_images: int, world: World) -> Po
     return Position(*broadcast_object((start.elapsed_s, start.epoch, start.cursor), world))
 
 
-def _as_reported(exc: BaseException, run_dir: Path) -> BaseException:
-    """A full disk becomes DiskFull with what to do; every other error stays itself."""
-    if not is_disk_full(exc):
-        return exc
-    folder = Path(exc.filename).parent if getattr(exc, "filename", None) else run_dir
-    return DiskFull(f"disk full in {folder} ({exc.strerror}); the last complete checkpoint is kept: free some "
-                    "space, then resume the run")
-
-
 def _record_failure(exc: BaseException, run_dir: Path, progress: Progress, world: World,
                     on_progress: ProgressFn | None) -> None:
     """One line in progress and (rank 0) in status.json: failed, or interrupted when a peer died."""
     peer_failed = is_peer_failure(exc)
-    raised = _as_reported(exc, run_dir)
+    raised = as_reported(exc, run_dir)
     message = peer_failure_message(exc) if peer_failed else \
         str(raised) if isinstance(raised, (TrainingDiverged, ConfigError, RunError, DiskFull)) else \
         f"{type(raised).__name__}: {raised}"
