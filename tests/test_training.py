@@ -61,16 +61,18 @@ def test_resume_continues_steps_and_metrics(tmp_path, tiny_images):
     assert io.weights_metadata(run / "model.safetensors")["step"] == "8"
 
 
-@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "label-dropout"])
-def test_stop_and_resume_gives_the_losses_of_a_run_that_never_stopped(tmp_path, tiny_images, conditional):
+@pytest.mark.parametrize("variant", ["unconditional", "label-dropout", "network-dropout"])
+def test_stop_and_resume_gives_the_losses_of_a_run_that_never_stopped(tmp_path, tiny_images, variant):
     """20 steps straight against 10, stop, resume, 10 more: the same loss at every step. An epoch is
     8 steps, so the stop falls mid-epoch (the data order must continue) and the run crosses two
-    epoch ends; the conditional run also draws per-sample label dropout. The old loop failed this:
+    epoch ends; the other variants also draw per-sample label dropout or dropout masks. The old loop failed this:
     its resume replayed the t / ε stream from step 0 (the random state was not saved)."""
     config = tiny_config(max_steps=20, epochs=0, log_every=1, ema_decay=0.9)
-    if conditional:
+    if variant == "label-dropout":
         config = replace(config, model=replace(config.model, num_classes=10),
                          train=replace(config.train, label_dropout=0.3, label_dropout_mode="sample"))
+    if variant == "network-dropout":  # nn.Dropout's masks come from the global generator
+        config = replace(config, model=replace(config.model, dropout=0.2))
     straight = runs.create_run(tmp_path, "straight", config)
     train_run(straight, images=tiny_images)
     halves = runs.create_run(tmp_path, "halves", replace(config, train=replace(config.train, max_steps=10)))

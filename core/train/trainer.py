@@ -5,7 +5,8 @@ scheduler's ᾱ table and regresses the model's ε̂ on ε (the book's MSE), or,
 says, v̂ on v and / or with Min-SNR-γ weights. The loop (`loop.py`) decides which images and when.
 
 Random draws: every step takes its t, ε and label dropout from a generator seeded by
-(seed, rank, step) alone (`step_seed`), counter-based as Philox-style samplers do. The stream of a
+(seed, rank, step) alone (`step_seed`), counter-based as Philox-style samplers do (and, for a
+network with dropout, reseeds the global generator nn.Dropout draws from the same way). The stream of a
 step therefore depends on nothing that came before it, so a resumed run draws at step s exactly
 what the run that never stopped drew, and the checkpoint's step is the whole random state. (The data
 order is seeded by (seed, epoch) in the loop, the position within the epoch is in the checkpoint.)
@@ -162,7 +163,10 @@ class Trainer:
     def forward_backward(self, x_0: torch.Tensor, timesteps: torch.Tensor | None = None,
                          noise: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of one batch and its gradients (averaged over ranks by DDP in backward)."""
-        self.generator.manual_seed(step_seed(self.config.train.seed, self.world.rank, self.step))
+        seed = step_seed(self.config.train.seed, self.world.rank, self.step)
+        self.generator.manual_seed(seed)
+        if self.config.model.dropout > 0:  # nn.Dropout draws its masks from the global generator
+            torch.manual_seed(seed ^ 1)
         # t in 1..T; x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε (scheduler.add_noise, written out: its range
         # check would sync with the device every step, and it gathers from the float64 table)
         if timesteps is None:
