@@ -7,6 +7,8 @@ fast path gives the same numbers as the plain path.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -22,7 +24,7 @@ from core.diffusion.sampling import sample
 from core.diffusion.schedule import NoiseScheduler
 from core.diffusion.solvers import ddpm_step, from_generator
 
-from conftest import make_tiny_images
+from conftest import REPO, make_tiny_images
 
 # A smaller plan than the CLI's --smoke, for the in-process structural test.
 TINY = BenchPlan(mode="smoke", batch_size=2, samples=2, train_warmup=0, train_steps=1, ddpm_timed_steps=1,
@@ -239,3 +241,14 @@ def test_training_step_is_what_the_loop_runs(tmp_path):
     trainer.order = torch.randperm(64, generator=gen)
     losses = [trainer.step().item() for _ in range(3)]
     assert losses == pytest.approx(progress.losses, rel=1e-6)
+
+
+def test_starting_the_cli_does_not_load_the_evaluation_stack():
+    """torchmetrics (with scipy and matplotlib) and pandas (with pyarrow) took 163 MB of RSS in every
+    `python -m core` process, training and `bench` included, where they are the base of the peak
+    memory reported: they are imported where FID and the report need them."""
+    heavy = ("torchmetrics", "scipy", "matplotlib", "pandas", "pyarrow")
+    code = f"import sys, core.cli.main; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

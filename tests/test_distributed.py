@@ -269,3 +269,105 @@ def test_bench_ddp_reports_the_scaling_of_two_processes_against_one():
     one, two = ddp["one_process"]["images_per_s"], ddp["n_processes"]["images_per_s"]
     assert one > 0 and two > 0
     assert ddp["scaling_efficiency"] == pytest.approx(two / (2 * one), rel=0.01)
+
+
+# -- exact resume and the edges of a job (issue 21 items 5 and 6) ----------------------------------------
+@pytest.mark.integration
+@pytest.mark.slow
+def test_torchrun_stop_and_resume_gives_the_losses_of_a_job_that_never_stopped(tmp_path):
+    """2 ranks, 12 steps straight against 6, stop, resume, 6 more: the same metrics.csv losses.
+    Each rank draws its own t and ε; the resumed job must continue both streams and the data order
+    (the old loop replayed the streams from step 0)."""
+    runs_dir = tmp_path / "runs"
+    flags = ("--preset", "tiny", "--device", "cpu", "--epochs", "0", "--limit-images", "512")
+    for name, steps in (("straight", "12"), ("halves", "6")):
+        done = subprocess.run(_torchrun(runs_dir, *flags, "--max-steps", steps, name=name), cwd=REPO, env=_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    resumed = subprocess.run(_torchrun(runs_dir, "--resume", "--max-steps", "12", name="halves"), cwd=REPO,
+                             env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = runs.read_metrics(runs_dir / "straight"), runs.read_metrics(runs_dir / "halves")
+    assert [int(r["step"]) for r in got] == [int(r["step"]) for r in expected] == list(range(2, 13, 2))
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in got], dtype=torch.float64),
+                               torch.tensor([r["loss"] for r in expected], dtype=torch.float64), rtol=1e-5, atol=1e-7)
+
+
+def _load_with_rank1_unable_to_write(rank: int, world_size: int, port: int, root: str, out: str) -> None:
+    """Both ranks load the training set from an empty data root; rank 1 cannot write a byte
+    (RLIMIT_FSIZE 0, SIGXFSZ ignored, so a write fails with EFBIG) and gets there first, so
+    it succeeds only if it waits for rank 0 instead of preparing the files itself."""
+    import resource
+
+    from core.train.data import load_training_images
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    os.chdir(out)  # no ./data here: the empty root is the only place with a chance
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        if rank == 1:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write raises EFBIG instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))
+        else:
+            time.sleep(3)  # rank 1 reaches the data first: it must wait, not prepare the files itself
+        images = load_training_images("fashion_mnist", root, World(rank=rank, size=world_size))
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)  # the soft limit goes back up to write the result
+        Path(out, f"rank{rank}").write_text(str(len(images)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
+                    reason="needs Debian's dataset-fashion-mnist to prepare a data root from")
+def test_only_rank_0_prepares_the_dataset_on_a_first_run(tmp_path):
+    root, out = tmp_path / "data", tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_load_with_rank1_unable_to_write, args=(2, _free_port(), str(root), str(out)), nprocs=2, join=True)
+    assert [(out / f"rank{r}").read_text() for r in (0, 1)] == ["60000", "60000"]
+    assert not [p.name for p in root.rglob("*.tmp")]
+    assert len(list((root / "FashionMNIST" / "raw").glob("*-ubyte"))) == 4  # prepared here, by rank 0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_full_disk_on_rank_0_ends_every_rank_within_seconds(tmp_path):
+    """Rank 0 alone writes, so a full disk (RLIMIT_FSIZE: the first checkpoint cannot be written)
+    fails rank 0 alone; rank 1 must end within seconds of it, not at the 300 s process-group
+    timeout, and with rank 0's reason rather than a broken connection."""
+    import resource
+    runs_dir = tmp_path / "runs"
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))  # config.json fits, the weights do not
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    job = subprocess.Popen(_torchrun(runs_dir, "--preset", "tiny", "--device", "cpu", "--epochs", "0",
+                                     "--max-steps", "100000", "--checkpoint-every", "1", name="full"),
+                           cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           preexec_fn=small_files)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((runs_dir / "full" / "status.json").exists()
+                   and runs.read_status(runs_dir / "full")["state"] == "failed"):
+            assert job.poll() is None or time.monotonic() < deadline, "rank 0 never failed"
+            if job.poll() is not None:
+                break
+            time.sleep(0.1)
+        failed_at = time.monotonic()
+        output, _ = job.communicate(timeout=60)  # a hung rank 1 would wait out the 300 s timeout
+        assert time.monotonic() - failed_at < 60
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait(timeout=60)
+    assert job.returncode != 0
+    status = runs.read_status(runs_dir / "full")
+    assert status["state"] == "failed" and status["error"].startswith("disk full in "), status
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    # Rank 1 learnt rank 0's outcome at the checkpoint and ended with it (quietly: rank 0 alone
+    # prints it), instead of finding the connection closed in its next all-reduce (the old loop).
+    assert errors and errors[0].startswith("error: disk full in "), output[-3000:]
+    assert not [line for line in errors if "network failed" in line], output[-3000:]
+    codes = _rank_exit_codes(output)  # torchrun may stop a rank a few milliseconds behind: SIGTERM
+    assert 1 in codes and set(codes) <= {1, -signal.SIGTERM}, output[-3000:]

@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_config
 from core.store import io, runs
 from core.config import ConfigError, SampleConfig, override
-from core.work.jobs import JobBusy, JobManager, SamplingJob
+from core.work.jobs import JobBusy, JobManager, ReportingJob, SamplingJob
 from core.diffusion.sampling import sample
 from core.diffusion.schedule import NoiseScheduler
 
@@ -95,3 +95,25 @@ def test_sampling_job_cancel_and_failure_are_reported(tiny_run):
     assert bad.join(60)
     status = bad.snapshot()
     assert status.state == "failed" and "DDPM runs every step" in status.error
+
+
+class _Countdown(ReportingJob):
+    """The smallest ReportingJob: it counts the steps of a generator through `_counted` and keeps
+    nothing of its own (the sampling and evaluation jobs set `_done` themselves, which hid that
+    `_counted` read a field only subclasses created)."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps = steps
+
+    def work(self) -> None:
+        for _ in self._counted(step for step in range(self.steps)):  # a generator, as reverse_process is
+            pass
+        with self._lock:
+            self._state = "finished"
+
+
+def test_a_reporting_job_counts_the_steps_it_passes_through():
+    job = _Countdown(5).start()
+    assert job.join(60)
+    assert (job._state, job._error, job._done) == ("finished", None, 5)

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from core.store import checkpoint, io, runs
-from core.train import training
+from core.train import loop as training_loop
 from core.work.jobs import JobManager
 from core.models import build_model
 from core.train.training import TrainingDiverged, train_run
@@ -166,7 +166,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_interrupted_at_step_0(tmp_p
 def test_the_first_checkpoint_comes_early(tmp_path, tiny_images, monkeypatch):
     """With no interval set and an epoch of 8 steps, the first checkpoint still comes at once when
     FIRST_CHECKPOINT_S has passed (0 here, 30 s in use); later ones wait for the epoch end."""
-    monkeypatch.setattr(training, "FIRST_CHECKPOINT_S", 0.0)
+    monkeypatch.setattr(training_loop, "FIRST_CHECKPOINT_S", 0.0)
     run_dir = runs.create_run(tmp_path, "first", tiny_config(max_steps=6, log_every=1, checkpoint_every_s=0.0))
     seen = []
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -55,6 +56,37 @@ def test_resume_continues_steps_and_metrics(tmp_path, tiny_images):
     assert [int(r["step"]) for r in runs.read_metrics(run)] == [2, 4, 6, 8]
     assert cfg.train.max_steps == 4
     assert any(k.endswith("exp_avg") for k in optimizer_before)  # Adam moments were saved
+    # ... and loaded: Adam's step count went on from 4 (a fresh optimizer would count 4 steps, not 8)
+    assert int(load_file(str(run / "optimizer.safetensors"))["0.step"]) == 8
+    assert io.weights_metadata(run / "model.safetensors")["step"] == "8"
+
+
+@pytest.mark.parametrize("variant", ["unconditional", "label-dropout", "network-dropout"])
+def test_stop_and_resume_gives_the_losses_of_a_run_that_never_stopped(tmp_path, tiny_images, variant):
+    """20 steps straight against 10, stop, resume, 10 more: the same loss at every step. An epoch is
+    8 steps, so the stop falls mid-epoch (the data order must continue) and the run crosses two
+    epoch ends; the other variants also draw per-sample label dropout or dropout masks. The old loop failed this:
+    its resume replayed the t / ε stream from step 0 (the random state was not saved)."""
+    config = tiny_config(max_steps=20, epochs=0, log_every=1, ema_decay=0.9)
+    if variant == "label-dropout":
+        config = replace(config, model=replace(config.model, num_classes=10),
+                         train=replace(config.train, label_dropout=0.3, label_dropout_mode="sample"))
+    if variant == "network-dropout":  # nn.Dropout's masks come from the global generator
+        config = replace(config, model=replace(config.model, dropout=0.2))
+    straight = runs.create_run(tmp_path, "straight", config)
+    train_run(straight, images=tiny_images)
+    halves = runs.create_run(tmp_path, "halves", replace(config, train=replace(config.train, max_steps=10)))
+    assert train_run(halves, images=tiny_images).state == "finished"
+    io.atomic_write_text(halves / "config.json", config.to_json())
+    assert train_run(halves, resume=True, images=tiny_images).step == 20
+
+    expected, got = runs.read_metrics(straight), runs.read_metrics(halves)
+    assert [int(r["step"]) for r in got] == [int(r["step"]) for r in expected] == list(range(1, 21))
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in got], dtype=torch.float64),
+                               torch.tensor([r["loss"] for r in expected], dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    for name in ("model.safetensors", "ema.safetensors"):  # and so the same weights at the end
+        for key, value in load_file(str(straight / name)).items():
+            torch.testing.assert_close(load_file(str(halves / name))[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_epochs_bound_the_run(tmp_path, tiny_images):

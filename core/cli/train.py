@@ -10,7 +10,7 @@ from pathlib import Path
 from ..config import (DATASET_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES, PIXEL_RANGES,
                       PREDICTION_NAMES, PRESETS, SCHEDULE_NAMES, ConfigError, RunConfig, check_run_name, override,
                       preset)
-from ..data.datasets import load_images
+from ..train.data import load_training_images
 from ..device import resolve_device
 from ..errors import CliError
 from ..models import budget
@@ -212,7 +212,7 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
     # dataset or one too small for a batch on every rank leaves nothing behind, on every rank.
     device = distributed.device_for(world, resolve_device(config.train.device))
     check_backend(args.dist_backend, device)
-    images = load_images(config.train.dataset, "train", args.data_root)
+    images = load_training_images(config.train.dataset, args.data_root, world)  # rank 0 prepares, then all read
     n_images = min(len(images), config.train.limit_images) if config.train.limit_images else len(images)
     check_data_fits(n_images, config.train.batch_size, world.size)
 

@@ -30,19 +30,21 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ..config import ConfigError
 from ..data.datasets import ImageSet, to_uint8
 from ..store.io import atomic_write_bytes
 from .classifier import Classifier, FeatureExtractor, read_metadata
 from .pixels import as_nchw
+
+if TYPE_CHECKING:
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
 NOISE_PIXEL_RANGE = "symmetric"   # the noise ceiling's x_T is shown as if the model range were [-1, 1]
 MIN_IMAGES = 2                    # a covariance needs two samples; compare numbers at N >= 1000
@@ -88,13 +90,16 @@ def class_statistics(logits: torch.Tensor, class_names: tuple[str, ...]) -> dict
     }
 
 
-def frechet_metric(feature: nn.Module) -> FrechetInceptionDistance:
+def frechet_metric(feature: nn.Module) -> "FrechetInceptionDistance":
     """torchmetrics' FID around our feature module; the real statistics survive `reset()`.
 
     With a custom module torchmetrics passes the images through untouched (normalize=False keeps
     them uint8) and reads the feature size from `feature.num_features` instead of probing it
     with a dummy 299x299 RGB image.
     """
+    # Imported here: torchmetrics pulls in scipy and matplotlib (~100 MB of RSS), which training and
+    # `core bench` never use but would carry as the base of their peak memory.
+    from torchmetrics.image.fid import FrechetInceptionDistance
     return FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=False)
 
 

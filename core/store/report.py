@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-import pandas as pd
-
 from . import runs
 from ..config import run_label as recipe_label
 from .io import MAX_IMAGE_BYTES, read_bounded_bytes
@@ -22,6 +20,7 @@ def ema_smooth(values, weight: float) -> np.ndarray:
     values = np.asarray(values, dtype=float)
     if len(values) == 0 or weight <= 0:
         return values
+    import pandas as pd  # here, not at the top: pandas and pyarrow cost ~60 MB of RSS in every CLI command
     return pd.Series(values).ewm(alpha=1 - weight, adjust=True).mean().to_numpy()
 
 

@@ -87,12 +87,14 @@ class BackgroundJob:
 
 
 class ReportingJob(BackgroundJob):
-    """A background job that reports a state (running, finished, failed, cancelled), an error and
-    its own clock; cancelling is stopping."""
+    """A background job that reports a state (running, finished, failed, cancelled), an error, its
+    own clock and its progress (`_done` of `_total` steps, which `_counted` advances); cancelling is
+    stopping."""
 
     def __init__(self) -> None:
         super().__init__()
         self._state, self._error = "running", None
+        self._done, self._total = 0, 0  # here, not in subclasses: `_counted` counts into them
         self._started = time.perf_counter()
         self._ended: float | None = None
 
