@@ -29,7 +29,7 @@ from ..work import sweeps
 from ..work import queue as run_queue
 from .argtypes import number, whole_number
 from ..bench.flops import model_costs
-from .console import EXIT_SIGNAL, ProgressBar, StopOnSignals
+from .console import EXIT_FAILED, EXIT_SIGNAL, EXIT_USAGE, ProgressBar, StopOnSignals
 from ..config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES,
                      PIXEL_RANGES, PREDICTION_NAMES, PRESETS, SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES,
                      ConfigError, RunConfig, SampleConfig, check_run_name, objective_label, override, preset)
@@ -44,8 +44,6 @@ from ..diffusion.sampling import collect, reverse_process, total_steps
 from ..diffusion.schedule import NoiseScheduler
 from ..train.training import DiskFull, TrainingDiverged, check_data_fits, train_run
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
 CONDITIONAL_CLASSES = 10  # both datasets have ten classes
 # What a resumed run cannot change: it would no longer match its weights, optimizer state or curve.
 RESUME_FIXED_FLAGS = ("model", "base_channels", "channel_mults", "num_res_blocks", "attention", "norm",
@@ -57,7 +55,10 @@ RESUME_FIXED_FLAGS = ("model", "base_channels", "channel_mults", "num_res_blocks
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
-        self.exit(EXIT_USAGE, f"error: {message} (see `python -m core {self.prog.split()[-1]} --help`)\n")
+        # prog is "python -m core queue move" for a sub-subcommand: name the whole command, not its last word
+        words = self.prog.split()
+        command = " ".join(["python", "-m", "core", *words[words.index("core") + 1:]] if "core" in words else words)
+        self.exit(EXIT_USAGE, f"error: {message} (see `{command} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,7 +289,7 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
         if not args.resume:
             name = default_run_name(args, config)
             run_dir = runs.run_path(runs_dir, name)
-            if run_dir.exists():
+            if os.path.lexists(run_dir):
                 raise ConfigError(f"name = {name!r} is not allowed: a run of that name exists in {run_dir.parent}; "
                                   "pick another name, or resume it with --resume")
             # before the folder exists: a run that cannot fit in memory leaves nothing
@@ -405,6 +406,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise RunError(f"run {run_dir.name!r}: {exc}") from None
     loaded = runs.load_model(run_dir, use_ema=not args.no_ema, device=device)
+    if loaded.fallback:
+        print(f"note: run {loaded.name!r}: {loaded.fallback}", file=sys.stderr)
     cond = conditioning(args, loaded.config, loaded.name)
     sample_config = replace(sample_config, n=cond.n)
     scheduler = NoiseScheduler(loaded.config.schedule)
@@ -448,7 +451,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             "model": cfg.model.name if cfg else "?", "optimizer": cfg.train.optimizer if cfg else "?",
             "dataset": cfg.train.dataset if cfg else "?", "step": info.step,
             "objective": objective_label(cfg.train) if cfg else "?",  # '' for the book's ε + MSE
-            "last_loss": info.last_loss, "error": info.error,
+            "last_loss": info.last_loss, "error": info.error, "fallback": info.fallback,
         })
     if args.json:
         print(json.dumps(rows))
@@ -464,6 +467,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
               f"{r['step']:>7} {loss:>8}{objective}")
         if r["error"] and r["state"] in ("damaged", "failed"):
             print(f"    {r['error']}")
+        if r["fallback"]:
+            print(f"    note: {r['fallback']}")
     return 0
 
 
@@ -587,11 +592,14 @@ def _print_queue(current: run_queue.Queue) -> None:
 def cmd_queue(args: argparse.Namespace) -> int:
     runs_dir = runs_dir_of(args)
     command = args.queue_command
+    if command != "list":  # a worker killed on the last entry left it `running`: say interrupted now
+        run_queue.recover(runs_dir)
+    else:
+        current = run_queue.recover_view(runs_dir)
     if command == "add":
         added = run_queue.add(runs_dir, args.runs)
         print("queued " + ", ".join(f"{e.run} (entry {e.id})" for e in added))
     elif command == "list":
-        current = run_queue.read_queue(runs_dir)
         if args.json:
             print(json.dumps({"paused": current.paused, "eval": current.eval.to_dict() if current.eval else None,
                               "entries": [{**e.to_dict(), "position": current.position(e.id)}
@@ -633,7 +641,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def _work_queue(runs_dir: Path, args: argparse.Namespace) -> int:
-    from ..work.jobs import QueueRunner  # jobs imports the evaluation stack: only this command needs it
+    from ..work.queue_worker import QueueRunner  # the worker imports the evaluation stack: only this command needs it
 
     current = run_queue.read_queue(runs_dir)  # a damaged file is refused before anything starts
     if current.paused:
@@ -664,6 +672,15 @@ def _work_queue(runs_dir: Path, args: argparse.Namespace) -> int:
     return EXIT_SIGNAL[stop.signal] if stop.signal is not None else 0
 
 
+MAX_ERROR_LINE = 600  # characters: a hostile file must not print pages (its values are cut where named)
+
+
+def error_line(exc: BaseException) -> str:
+    """An error as one line of at most MAX_ERROR_LINE characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= MAX_ERROR_LINE else text[:MAX_ERROR_LINE - 1] + "…"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -676,14 +693,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except (ConfigError, RunError, DatasetNotFoundError, CliError) as exc:
         if main_rank:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except (TrainingDiverged, DiskFull) as exc:  # the run is already marked failed in its folder
         if main_rank:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {error_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except distributed.PeerFailure as exc:  # every rank says why it ends; the run is marked interrupted
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

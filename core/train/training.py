@@ -9,6 +9,7 @@ loses at most the work since its last checkpoint.
 from __future__ import annotations
 
 import copy
+import sys
 import math
 import threading
 import time
@@ -169,6 +170,7 @@ class Trainer:
         self.autocast = autocast_for(device)
         self.step = 0  # optimisation steps taken so far
         self.resumed_metadata: dict[str, str] = {}  # the loaded checkpoint's weights metadata, on resume
+        self.fallback_note: str | None = None  # set on resume when previous/ was loaded instead of the newest
         self.model.train()
 
     @property
@@ -292,6 +294,9 @@ class Trainer:
         saved = checkpoint.latest(run_dir, name)
         if saved is None:
             return 0.0
+        if saved.fallback and self.world.is_main:  # said out loud: the newer steps are trained again
+            print(f"note: run {name!r}: {saved.fallback_note}", file=sys.stderr, flush=True)
+        self.fallback_note = saved.fallback_note
         blobs = saved.blobs
         load_weights_bytes(blobs["model.safetensors"], "model.safetensors", self.model, name)
         if self.ema is not None:
@@ -414,8 +419,10 @@ def train_run(run_dir: Path, *, resume: bool = False, images: ImageSet | None = 
             peer_failed = is_peer_failure(exc)
             if is_disk_full(exc):
                 folder = Path(exc.filename).parent if getattr(exc, "filename", None) else run_dir
-                raised: BaseException = DiskFull(f"disk full in {folder} ({exc.strerror}); the last complete "
-                                                 "checkpoint is kept: free some space, then resume the run")
+                kept = ("the last complete checkpoint is kept" if checkpoint.exists(run_dir) else
+                        "the run had no checkpoint yet, so it starts over")  # never claim one that does not exist
+                raised: BaseException = DiskFull(f"disk full in {folder} ({exc.strerror}); {kept}: free some space, "
+                                                 "then resume the run")
             else:
                 raised = exc
             message = peer_failure_message(exc) if peer_failed else \
