@@ -380,7 +380,9 @@ class RunConfig:
     def from_json(cls, text: str) -> "RunConfig":
         try:
             data = safejson.loads(text)
-        except ValueError as exc:  # not JSON, a number out of range, nesting 100,000 levels deep
+        except safejson.JSONNestingError:  # a hostile file nested 100,000 levels deep
+            raise ConfigError("config.json is nested too deeply to be a run file") from None
+        except ValueError as exc:  # not JSON, a number out of range
             raise ConfigError(f"config.json is not valid JSON ({safejson.describe(exc)})") from None
         return cls.from_dict(data)
 

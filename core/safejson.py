@@ -23,6 +23,10 @@ class JSONNumberError(ValueError):
     """A number in a JSON file is out of range (non-finite float, integer past 2**53)."""
 
 
+class JSONNestingError(ValueError):
+    """A JSON file nested deeper than Python's recursion allows (a hostile file, 100,000 levels)."""
+
+
 def _short(text: str) -> str:
     return text if len(text) <= 24 else f"{text[:12]}…({len(text)} characters)"
 
@@ -47,7 +51,7 @@ def loads(text: str | bytes) -> Any:
     try:
         return json.loads(text, parse_float=finite_float, parse_int=bounded_int, parse_constant=finite_float)
     except RecursionError:
-        raise ValueError("nested too deeply to be a file of the workbench") from None
+        raise JSONNestingError("nested too deeply to be a file of the workbench") from None
 
 
 def describe(exc: ValueError) -> str:

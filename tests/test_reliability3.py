@@ -11,6 +11,8 @@ import io as text_io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from core.store import checkpoint, io, runs
 from core.store.export import run_bundle
 from core.train.training import train_run
 from core.work import queue
-from tests.conftest import make_tiny_images, tiny_config
+from tests.conftest import REPO, make_tiny_images, tiny_config
 
 HUGE = "9" * 400
 
@@ -358,3 +360,14 @@ def test_q9_argument_errors_name_the_whole_subcommand():
     """Q9: argument errors named `python -m core move --help` for `queue move`."""
     rc, _, err = cli("queue", "move")
     assert rc == 2 and "python -m core queue move --help" in err
+
+
+def test_q9_dashboard_started_elsewhere_refuses_to_serve_without_its_binding(tmp_path):
+    """Q9: .streamlit/config.toml is read from the working folder, so the app started elsewhere
+    dropped the 127.0.0.1 binding and XSRF protection. Now it refuses to serve, and says where to start."""
+    code = ("from streamlit.testing.v1 import AppTest\n"
+            f"at = AppTest.from_file({str(REPO / 'dashboard' / 'app.py')!r}, default_timeout=120).run()\n"
+            "print('ERRORS', [e.value for e in at.error], 'EXCEPTIONS', len(at.exception))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "started outside" in proc.stdout and "EXCEPTIONS 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]

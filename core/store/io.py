@@ -221,7 +221,9 @@ def parse_json(data: bytes, name: str, run: str) -> Any:
         return safejson.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise RunError(f"run {run!r}: {name} is not text") from None
-    except ValueError as exc:  # JSONDecodeError, a number out of range, nesting too deep
+    except safejson.JSONNestingError:
+        raise RunError(f"run {run!r}: {name} is nested too deeply to be a run file") from None
+    except ValueError as exc:  # JSONDecodeError, a number out of range
         raise RunError(f"run {run!r}: {name} is not valid JSON ({safejson.describe(exc)})") from None
 
 

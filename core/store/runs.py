@@ -44,9 +44,10 @@ from . import checkpoint
 from ..config import ConfigError, RunConfig, check_run_name, run_label
 from ..device import resolve_device
 from ..errors import RunError
-from .io import (MAX_EVAL_BYTES, MAX_JSON_BYTES, MAX_METRICS_BYTES, atomic_write_text, is_disk_full,
+from .io import (MAX_JSON_BYTES, MAX_METRICS_BYTES, atomic_write_text, is_disk_full,
                  load_weights_bytes, open_folder, overwrite_in_place, read_bounded_bytes, read_json_file)
 from ..models import build_model
+from .evals import append_eval, read_eval  # noqa: F401 - runs.append_eval / runs.read_eval for callers
 
 DEFAULT_RUNS_DIR = Path(os.environ.get("DDPM_RUNS_DIR", "checkpoints"))
 METRIC_FIELDS = ("step", "epoch", "loss", "lr", "elapsed_s", "images_per_s")
@@ -68,6 +69,11 @@ def run_path(runs_dir: str | os.PathLike, name: str) -> Path:
     path = root / name
     if path.parent != root:  # defence in depth; check_run_name already forbids '/' and '..'
         raise ConfigError(f"name = {name!r} is not allowed: it leaves the runs folder {root}")
+    if path.is_symlink():
+        target = path.resolve()
+        raise ConfigError(f"name = {name!r} is not allowed: " + (
+            f"it is a link to the run {target.name!r}; use that name" if target.parent == root and
+            is_run_folder(target, root) else f"it is a link that leaves the runs folder {root}"))
     return path
 
 
@@ -352,20 +358,6 @@ class RunInfo:
         return f"{self.name} · {run_label(self.config)}"
 
 
-def read_eval(path: Path) -> list[dict[str, Any]]:
-    """The evaluation entries of eval.json (objects only); RunError when the file is hostile."""
-    data = read_json_file(path / "eval.json", MAX_EVAL_BYTES, path.name, missing_ok=True)
-    if data is None:
-        return []
-    if not isinstance(data, list):
-        raise RunError(f"run {path.name!r}: eval.json is not a list of evaluation entries")
-    for index, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise RunError(f"run {path.name!r}: eval.json entry {index} is not an object; delete the file "
-                           "or fix that entry, then evaluate again")
-    return data
-
-
 def run_info(path: Path) -> RunInfo:
     """Everything the run list shows; never raises for a damaged run: the damage of any file is
     confined to this run, listed as damaged with the reason."""
@@ -423,20 +415,6 @@ def delete_run(runs_dir: str | os.PathLike, name: str) -> None:
         raise RunError(f"run {name!r}: no such run folder {path}")
     with RunLock(path):  # refuses a run being trained, and keeps a resume from starting meanwhile
         shutil.rmtree(path)
-
-
-def append_eval(path: Path, entry: dict[str, Any]) -> None:
-    """Add an evaluation entry, replacing an earlier one of the same sampler setting, sample count and
-    classifier (a figure at another N or from another classifier is another measurement, kept)."""
-    key = ("setting", "n", "classifier_sha256")
-    try:  # a non-finite figure (damaged statistics) would replace a good entry and make eval.json unreadable
-        json.dumps(entry, allow_nan=False)
-    except ValueError:
-        raise RunError(f"run {path.name!r}: the evaluation gave a non-finite figure; eval.json was left as it "
-                       "was (delete the classifier's *.test-stats.safetensors cache and evaluate again)") from None
-    entries = [e for e in read_eval(path) if not isinstance(e, dict) or any(e.get(k) != entry.get(k) for k in key)]
-    entries.append(entry)
-    atomic_write_text(path / "eval.json", json.dumps(entries, indent=2, allow_nan=False))
 
 
 # -- rebuilding a trained model ----------------------------------------------------------------------

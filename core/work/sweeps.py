@@ -487,13 +487,17 @@ def results(runs_dir: str | Path, definition: dict[str, Any]) -> list[dict[str, 
     evaluation = evaluation_of(definition)
     rows = []
     for entry in definition["runs"]:
-        run_dir = runs.run_path(runs_dir, entry["name"])
+        try:
+            run_dir: Path | None = runs.run_path(runs_dir, entry["name"])
+            link_error = None
+        except ConfigError as exc:  # the run's name is a link planted in its place: not the run, never read
+            run_dir, link_error = None, str(exc)
         row: dict[str, Any] = {"run": entry["name"], "label": entry["label"], "changes": _changes_label(
             {k: tuple(v) if isinstance(v, list) else v for k, v in entry["changes"].items()}),
             "state": "missing", "steps": 0, "images": 0, "train_s": None, "final_loss": None,
             "setting": None, "n": None, "fd": None, "fd_ratio": None, "floor": None, "class_entropy": None,
-            "error": None}
-        if runs.is_run_folder(run_dir, Path(runs_dir)):
+            "error": link_error}
+        if run_dir is not None and runs.is_run_folder(run_dir, Path(runs_dir)):
             info = runs.run_info(run_dir)
             row["state"], row["error"] = info.state, info.error
             if info.readable and info.config is not None:
@@ -544,7 +548,11 @@ def run(runs_dir: str | Path, name: str, train: TrainFn, evaluate: EvalFn, say: 
     evaluation = evaluation_of(definition)
     total = len(definition["runs"])
     for index, entry in enumerate(definition["runs"], 1):
-        run_dir = runs.run_path(runs_dir, entry["name"])
+        try:
+            run_dir = runs.run_path(runs_dir, entry["name"])
+        except ConfigError as exc:  # a link planted in the run's place is never trained through
+            say(f"[{index}/{total}] {entry['name']}: skipped ({exc})")
+            continue
         info = runs.run_info(run_dir) if run_dir.is_dir() else None
         if info is None or not info.readable:
             say(f"[{index}/{total}] {entry['name']}: skipped ({info.error if info else 'the run folder is missing'})")
