@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from . import safejson
+
 # 2: the linear schedule scales with T (`scale_to_timesteps`); format-1 files keep the unscaled one.
 # 3: class-conditional runs (`model.num_classes`, `train.label_dropout*`); formats 1 and 2 read as
 #    unconditional runs. An older reader refuses the new fields, so a format-3 folder says so first.
@@ -62,8 +64,14 @@ class ConfigError(ValueError):
     """A configuration value is not allowed. The message names the field, the value and the rule."""
 
 
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters: an error line names a 10,000-entry list, it does not print it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"
+
+
 def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{field_name} = {value!r} is not allowed: {allowed}")
+    raise ConfigError(f"{field_name} = {short_repr(value)} is not allowed: {allowed}")
 
 
 def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -346,6 +354,10 @@ class RunConfig:
     def from_dict(cls, data: Any) -> "RunConfig":
         if not isinstance(data, dict):
             raise ConfigError("config is not a JSON object")
+        unknown = sorted(str(k)[:40] for k in data if k not in ("format_version", "model", "schedule", "train"))
+        if unknown:  # as inside a section: a misspelt or foreign key is a mistake, not something to ignore
+            raise ConfigError(f"config has unknown top-level keys: {', '.join(unknown[:5])}"
+                              f"{' …' if len(unknown) > 5 else ''} (it holds format_version, model, schedule, train)")
         version = data.get("format_version")
         if version is None:
             raise ConfigError("config misses the field format_version")
@@ -369,13 +381,11 @@ class RunConfig:
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config.json is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        except RecursionError:  # a hostile file nested 100,000 levels deep
+            data = safejson.loads(text)
+        except safejson.JSONNestingError:  # a hostile file nested 100,000 levels deep
             raise ConfigError("config.json is nested too deeply to be a run file") from None
-        except ValueError as exc:  # e.g. an integer of more than 4300 digits
-            raise ConfigError(f"config.json is not valid JSON ({str(exc)[:120]})") from None
+        except ValueError as exc:  # not JSON, a number out of range
+            raise ConfigError(f"config.json is not valid JSON ({safejson.describe(exc)})") from None
         return cls.from_dict(data)
 
 

@@ -21,6 +21,14 @@ VIEWS = Path(__file__).parent / "views"
 
 st.set_page_config(page_title="Diffusion workbench", page_icon=":material/blur_on:", layout="wide")
 
+# Streamlit reads .streamlit/config.toml from the working folder only: started elsewhere, the app would
+# listen on every interface without XSRF protection. Refuse to serve rather than silently drop both.
+if not st.get_option("server.address") or not st.get_option("server.enableXsrfProtection"):
+    st.error(f"The dashboard was started outside {REPO_ROOT}, so its .streamlit/config.toml (127.0.0.1 only, XSRF "
+             f"protection) was not read. Start it from there: cd {REPO_ROOT} && make run (or pass "
+             "--server.address 127.0.0.1 to put it on this machine only).")
+    st.stop()
+
 pages = [
     st.Page(VIEWS / "forward.py", title="Forward process", icon=":material/blur_on:", url_path="forward", default=True),
     st.Page(VIEWS / "train.py", title="Train", icon=":material/model_training:", url_path="train"),

@@ -152,7 +152,10 @@ LIST_CASES = [
     ("metrics-to-a-secret", planted_symlink("metrics.csv", "/etc/passwd"), "damaged", "metrics.csv is a symbolic link"),
     ("stale-pid-1", lambda run: stale_running(run), "interrupted", None),
     ("killed-before-checkpoint", lambda run: killed_before_checkpoint(run), "interrupted", None),
-    ("flipped-byte", lambda run: _flip_a_tensor_byte(run / "model.safetensors"), "finished", None),
+    # Issue 23 (Q1): the list verifies the newest checkpoint, so a flipped byte with no intact previous/
+    # shows as damaged instead of "finished" at a step nothing can load.
+    ("flipped-byte", lambda run: _flip_a_tensor_byte(run / "model.safetensors"), "damaged",
+     "model.safetensors is damaged or truncated"),
     ("eval-not-entries", lambda run: (run / "eval.json").write_text("[1, 2]"), "damaged",
      "eval.json entry 0 is not an object"),
 ]

@@ -1,4 +1,4 @@
-"""core.queue (the queue file) and core.jobs.QueueRunner (its worker): order, moves, refusals, a damaged
+"""core.queue (the queue file) and core.work.queue_worker.QueueRunner (its worker): order, moves, refusals, a damaged
 file left byte-identical, recovery after a killed worker, two runs trained in turn, a failing run that
 does not stop the queue, stop and resume, and the evaluation entry written when each run ends."""
 from __future__ import annotations
@@ -17,7 +17,8 @@ from conftest import REPO, tiny_config
 from core.work import queue
 from core.store import runs
 from core.config import ConfigError
-from core.work.jobs import JobBusy, JobManager, QueueRunner
+from core.work.jobs import JobBusy, JobManager
+from core.work.queue_worker import QueueRunner
 
 
 @pytest.fixture

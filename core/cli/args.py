@@ -10,9 +10,8 @@ from ..config import CLIP_NAMES, DEVICE_NAMES, SAMPLER_NAMES, SPACING_NAMES
 from ..errors import CliError
 from ..store import runs
 from .argtypes import number, whole_number
+from .console import EXIT_FAILED, EXIT_USAGE  # noqa: F401 - re-exported to the command modules
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
 
 RUNS_DIR_HELP = "folder of run folders (default checkpoints)"
 DATA_ROOT_HELP = "folder holding FashionMNIST/raw or MNIST/raw (env DDPM_DATA_ROOT)"
@@ -20,7 +19,10 @@ DATA_ROOT_HELP = "folder holding FashionMNIST/raw or MNIST/raw (env DDPM_DATA_RO
 
 class CliParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
-        self.exit(EXIT_USAGE, f"error: {message} (see `python -m core {self.prog.split()[-1]} --help`)\n")
+        # prog is "python -m core queue move" for a sub-subcommand: name the whole command, not its last word
+        words = self.prog.split()
+        command = " ".join(["python", "-m", "core", *words[words.index("core") + 1:]] if "core" in words else words)
+        self.exit(EXIT_USAGE, f"error: {message} (see `{command} --help`)\n")
 
 
 def add_runs_dir(parser, help: str = RUNS_DIR_HELP):

@@ -10,6 +10,8 @@ from tqdm import tqdm
 
 # The shell's convention for a process ended by a signal: 128 + its number (Ctrl-C 130, SIGTERM 143).
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_USAGE = 2   # a bad input, said in one line
+EXIT_FAILED = 1  # the work itself failed (a run diverged, the disk filled, a sweep's run failed)
 
 
 class StopOnSignals:

@@ -170,7 +170,10 @@ def run_classifier(train, args: argparse.Namespace, device: torch.device) -> Cla
 def obtain_classifier(dataset: str, args: argparse.Namespace, device: torch.device) -> Classifier:
     """The dataset's classifier; fitted first (with a message) when it is missing or unusable."""
     try:
-        return load_classifier(dataset, args.classifier_dir, device=device)
+        classifier = load_classifier(dataset, args.classifier_dir, device=device)
+        if classifier.note:  # a fallback is said out loud
+            _log(f"note: {classifier.note}")
+        return classifier
     except ClassifierError as exc:  # missing, damaged or older architecture: all are fixed by a fit
         reason = str(exc).split(";")[0]
     _log(f"{reason}: fitting it now on the {dataset} training split (once; a few minutes on a CPU). "
@@ -195,6 +198,8 @@ def _cmd_real(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     train = load_images(dataset, "train", args.data_root)
     evaluator = QualityEvaluator(classifier, load_images(dataset, "test", args.data_root), device,
                                  batch_size=args.batch_size)
+    if evaluator.cache_note:
+        _log(f"note: {evaluator.cache_note}")
     real = real_subset(train, args.n, args.seed)
     stats = evaluator.class_statistics(real)
     return {"dataset": dataset, "n": args.n, "seed": args.seed,
@@ -246,6 +251,8 @@ def _cmd_run(args: argparse.Namespace, device: torch.device) -> list[dict[str, A
     settings = sample_settings(args)
     run_dir, _ = _run_dataset(args)
     loaded = runs.load_model(run_dir, use_ema=not args.no_ema, device=device)
+    if loaded.fallback:
+        _log(f"note: run {loaded.name!r}: {loaded.fallback}")
     guidances, labels = conditioning(args, loaded)
     scheduler = NoiseScheduler(loaded.config.schedule)
     for config in settings:
@@ -254,6 +261,8 @@ def _cmd_run(args: argparse.Namespace, device: torch.device) -> list[dict[str, A
     train, test = run_data(loaded.config, args.data_root)
     classifier = run_classifier(train, args, device)
     evaluator = QualityEvaluator(classifier, test, device, batch_size=args.batch_size)
+    if evaluator.cache_note:
+        _log(f"note: {evaluator.cache_note}")
     raw_weights = not loaded.used_ema and (run_dir / "ema.safetensors").exists()
     entries = []
     for config in settings:

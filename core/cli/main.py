@@ -21,6 +21,7 @@ from ..train.training import DiskFull, TrainingDiverged
 from . import bench, data, evaluate, queue, report, runs, sample, sweep, train
 from .args import EXIT_FAILED, EXIT_USAGE, CliParser, runs_dir_of  # noqa: F401 - runs_dir_of: re-exported
 
+MAX_ERROR_LINE = 600  # characters: a hostile file must not print pages (its values are cut where named)
 # In the order `python -m core --help` lists them.
 COMMANDS = (train, sample, evaluate, sweep, bench, report, data, queue, runs)
 
@@ -34,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(exc: BaseException) -> str:
+    """An error as one line of at most MAX_ERROR_LINE characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= MAX_ERROR_LINE else text[:MAX_ERROR_LINE - 1] + "…"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Under torchrun every rank runs this; rank 0 alone prints a user error, all exit alike.
@@ -42,14 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except (ConfigError, RunError, DatasetNotFoundError, CliError) as exc:
         if main_rank:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except (TrainingDiverged, DiskFull) as exc:  # the run is already marked failed in its folder
         if main_rank:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {error_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except distributed.PeerFailure as exc:  # every rank says why it ends; the run is marked interrupted
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -66,11 +66,14 @@ def _print_queue(current: run_queue.Queue) -> None:
 def run(args: argparse.Namespace) -> int:
     runs_dir = runs_dir_of(args)
     command = args.queue_command
+    if command != "list":  # a worker killed on the last entry left it `running`: say interrupted now
+        run_queue.recover(runs_dir)
+    else:
+        current = run_queue.recover_view(runs_dir)
     if command == "add":
         added = run_queue.add(runs_dir, args.runs)
         print("queued " + ", ".join(f"{e.run} (entry {e.id})" for e in added))
     elif command == "list":
-        current = run_queue.read_queue(runs_dir)
         if args.json:
             print(json.dumps({"paused": current.paused, "eval": current.eval.to_dict() if current.eval else None,
                               "entries": [{**e.to_dict(), "position": current.position(e.id)}
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _work_queue(runs_dir: Path, args: argparse.Namespace) -> int:
-    from ..work.jobs import QueueRunner  # jobs imports the evaluation stack: only this command needs it
+    from ..work.queue_worker import QueueRunner  # the worker imports the evaluation stack: only this command needs it
 
     current = run_queue.read_queue(runs_dir)  # a damaged file is refused before anything starts
     if current.paused:

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
             "model": cfg.model.name if cfg else "?", "optimizer": cfg.train.optimizer if cfg else "?",
             "dataset": cfg.train.dataset if cfg else "?", "step": info.step,
             "objective": objective_label(cfg.train) if cfg else "?",  # '' for the book's ε + MSE
-            "last_loss": info.last_loss, "error": info.error,
+            "last_loss": info.last_loss, "error": info.error, "fallback": info.fallback,
         })
     if args.json:
         print(json.dumps(rows))
@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
               f"{r['step']:>7} {loss:>8}{objective}")
         if r["error"] and r["state"] in ("damaged", "failed"):
             print(f"    {r['error']}")
+        if r["fallback"]:
+            print(f"    note: {r['fallback']}")
     return 0
 
 

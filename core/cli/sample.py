@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io as bytes_io
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise RunError(f"run {run_dir.name!r}: {exc}") from None
     loaded = runs.load_model(run_dir, use_ema=not args.no_ema, device=device)
+    if loaded.fallback:
+        print(f"note: run {loaded.name!r}: {loaded.fallback}", file=sys.stderr)
     cond = conditioning(args, loaded.config, loaded.name)
     sample_config = replace(sample_config, n=cond.n)
     scheduler = NoiseScheduler(loaded.config.schedule)

@@ -19,7 +19,7 @@ from ..work import sweeps
 from .args import add_data_root, add_runs_dir, runs_dir_of
 from .argtypes import number, whole_number
 from ..config import PRESETS, SAMPLER_NAMES, DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS
-from .console import EXIT_SIGNAL, ProgressBar, StopOnSignals
+from .console import EXIT_FAILED, EXIT_SIGNAL, ProgressBar, StopOnSignals
 from ..data.datasets import load_images
 from ..errors import CliError
 from ..evaluation.scoring import evaluate_run
@@ -133,7 +133,14 @@ def run(args: argparse.Namespace, runs_dir: Path) -> int:
         rows = sweeps.run(runs_dir, name, train, evaluate, say=lambda line: print(line, flush=True))
     print_table(rows)
     print(f"results: {sweeps.sweep_path(runs_dir, name) / 'results.csv'} and results.json")
-    return EXIT_SIGNAL[stopped.signal] if stopped.signal is not None else 0
+    if stopped.signal is not None:
+        return EXIT_SIGNAL[stopped.signal]
+    failed = [row["run"] for row in rows if row["state"] not in ("finished",)]
+    if failed:  # a sweep with failed runs is not a success: scripts must see it
+        print(f"error: {len(failed)} of {len(rows)} runs did not finish ({', '.join(failed[:3])}"
+              f"{' …' if len(failed) > 3 else ''}); fix the cause, then continue with --resume {name}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 def print_table(rows: list[dict]) -> None:

@@ -3,6 +3,7 @@ rank of a torchrun job."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 from pathlib import Path
@@ -182,7 +183,7 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
         if not args.resume:
             name = default_run_name(args, config)
             run_dir = runs.run_path(runs_dir, name)
-            if run_dir.exists():
+            if os.path.lexists(run_dir):
                 raise ConfigError(f"name = {name!r} is not allowed: a run of that name exists in {run_dir.parent}; "
                                   "pick another name, or resume it with --resume")
             # before the folder exists: a run that cannot fit in memory leaves nothing

@@ -52,7 +52,8 @@ from torch.nn import functional as F
 
 from ..config import DATASET_NAMES, ConfigError
 from ..data.datasets import CLASS_NAMES, ImageSet
-from ..store.io import atomic_write_bytes
+from ..errors import RunError
+from ..store.io import atomic_write_bytes, read_bounded_bytes, safetensors_metadata
 from .pixels import as_nchw, image_shape
 
 ARCH_VERSION = 1          # bump when the network changes: older files are then refitted
@@ -64,6 +65,7 @@ MIN_STEPS = 300                 # a small folder still gets enough optimizer ste
 ENV_CLASSIFIER_DIR = "DDPM_CLASSIFIER_DIR"
 DEFAULT_CLASSIFIER_DIR = Path("data") / "classifiers"
 SHIPPED_CLASSIFIER_DIR = Path(__file__).resolve().parents[2] / "classifiers"
+MAX_CLASSIFIER_BYTES = 64 << 20  # the network is ~1.3 MB of float32 weights
 # What `fit` must reach on the test split; a fit below it is still saved, with a warning.
 REQUIRED_ACCURACY = {"fashion_mnist": 0.91, "mnist": 0.99}
 
@@ -197,6 +199,7 @@ class Classifier:
     fit_seconds: float = 0.0
     names: tuple[str, ...] = ()  # the class names; empty: the built-in dataset's own
     fingerprint: str = ""        # of the images it was fitted on; empty: a built-in dataset's classifier
+    note: str | None = None     # a fallback taken while loading it, for the caller to say out loud
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -342,8 +345,22 @@ def save_classifier(classifier: Classifier, path: Path) -> Classifier:
 
 def load_classifier(dataset: str, directory: str | os.PathLike | None = None,
                     device: torch.device | str = "cpu") -> Classifier:
-    """Load the dataset's classifier; ClassifierNotFoundError / ClassifierError say how to (re)fit it."""
-    return load_classifier_file(classifier_path(dataset, directory), dataset, device)
+    """Load the dataset's classifier; ClassifierNotFoundError / ClassifierError say how to (re)fit it.
+
+    When the shipped classifier is damaged and one was fitted here before (by `eval`, after it
+    failed to load), that one is used, and `Classifier.note` says so for the caller to print: a
+    damaged shipped file must not make every evaluation refit (minutes) a classifier it then ignores."""
+    path = classifier_path(dataset, directory)
+    try:
+        return load_classifier_file(path, dataset, device)
+    except ClassifierError as exc:
+        fitted = DEFAULT_CLASSIFIER_DIR / f"{dataset}.safetensors"
+        if path == fitted or directory or os.environ.get(ENV_CLASSIFIER_DIR) or not fitted.is_file():
+            raise
+        reason = str(exc).split(";")[0]
+    classifier = load_classifier_file(fitted, dataset, device)
+    classifier.note = f"{reason}; scoring with the classifier fitted here instead ({fitted})"
+    return classifier
 
 
 def load_fingerprinted(dataset: str, fingerprint: str, directory: str | os.PathLike | None = None,
@@ -354,31 +371,37 @@ def load_fingerprinted(dataset: str, fingerprint: str, directory: str | os.PathL
                                       "NAME --fit-classifier`")
     if classifier.fingerprint != fingerprint:
         raise ClassifierError(f"classifier {path} was fitted on other images (fingerprint "
-                              f"{classifier.fingerprint or 'none'}); fit one with `python -m core eval --run NAME "
+                              f"{classifier.fingerprint[:40] or 'none'}); fit one with `python -m core eval --run NAME "
                               "--fit-classifier`")
     return classifier
 
 
 def load_classifier_file(path: Path, dataset: str, device: torch.device | str = "cpu",
                          refit: str | None = None) -> Classifier:
-    """Load one classifier file, checking its dataset, architecture version and shape."""
+    """Load one classifier file, checking its size, dataset, architecture version, shape and numbers."""
     refit = refit or f"fit a new one with `{fit_command(dataset)}`"
     try:
-        blob = path.read_bytes()
-    except FileNotFoundError:
-        raise ClassifierNotFoundError(f"no classifier for {dataset} at {path}; {refit} "
-                                      f"(a few minutes on a CPU, once)") from None
+        blob = read_bounded_bytes(path, MAX_CLASSIFIER_BYTES, "classifier")
+    except RunError as exc:
+        if str(exc).endswith(" is missing"):
+            raise ClassifierNotFoundError(f"no classifier for {dataset} at {path}; {refit} "
+                                          f"(a few minutes on a CPU, once)") from None
+        reason = str(exc).removeprefix("run 'classifier': ")
+        raise ClassifierError(f"classifier {path} is unusable ({reason}); {refit}") from None
     try:
         state = load(blob)
-        metadata = read_metadata(blob)
+        metadata = safetensors_metadata(blob)
     except (SafetensorError, ValueError, OSError) as exc:
-        raise ClassifierError(f"classifier {path} is damaged ({exc}); {refit}") from None
+        raise ClassifierError(f"classifier {path} is damaged ({str(exc)[:160]}); {refit}") from None
     version = metadata.get("arch_version")
     if metadata.get("dataset") != dataset:
-        raise ClassifierError(f"classifier {path} was fitted on {metadata.get('dataset')!r}, not {dataset!r}; {refit}")
+        raise ClassifierError(f"classifier {path} was fitted on {str(metadata.get('dataset'))[:40]!r}, not "
+                              f"{dataset!r}; {refit}")
     if version != str(ARCH_VERSION):
-        raise ClassifierError(f"classifier {path} has architecture version {version}, this code needs "
+        raise ClassifierError(f"classifier {path} has architecture version {str(version)[:20]}, this code needs "
                               f"{ARCH_VERSION}; {refit}")
+    if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
+        raise ClassifierError(f"classifier {path} is damaged (non-finite weights); {refit}")
     try:
         # Files without shape keys are 28x28x1 with 10 classes: the shipped FashionMNIST classifier.
         shape = {k: int(metadata.get(k, default)) for k, default in
@@ -389,30 +412,19 @@ def load_classifier_file(path: Path, dataset: str, device: torch.device | str = 
         model = FeatureClassifier(shape["channels"], shape["image_size"], shape["num_classes"])
         model.load_state_dict(state, strict=True)
         test_accuracy = float(metadata["test_accuracy"])
-        if not 0.0 <= test_accuracy <= 1.0:
-            raise ValueError(f"test accuracy {test_accuracy} outside [0, 1]")
+        fit_seconds = float(metadata.get("fit_seconds", 0) or 0)
+        if not (0.0 <= test_accuracy <= 1.0 and 0.0 <= fit_seconds < 1e9):
+            raise ValueError("test_accuracy or fit_seconds out of range")
     except (RuntimeError, KeyError, ValueError, ConfigError) as exc:
         first = str(exc).splitlines()[0][:200]
         raise ClassifierError(f"classifier {path} does not fit the network ({first}); {refit}") from None
     builtin = dataset in CLASS_NAMES and names == tuple(CLASS_NAMES[dataset])
     return Classifier(model=model.to(device, memory_format=torch.channels_last).eval(), dataset=dataset,
                       test_accuracy=test_accuracy, path=path, sha256=hashlib.sha256(blob).hexdigest(),
-                      fit_seconds=_finite(metadata.get("fit_seconds")), names=() if builtin else names,
-                      fingerprint=metadata.get("fingerprint", ""))
-
-
-def _finite(text: str | None) -> float:
-    try:
-        value = float(text or 0)
-    except ValueError:
-        return 0.0
-    return value if math.isfinite(value) else 0.0
+                      fit_seconds=fit_seconds, names=() if builtin else names,
+                      fingerprint=str(metadata.get("fingerprint", ""))[:200])
 
 
 def read_metadata(blob: bytes) -> dict[str, str]:
-    """The __metadata__ of a safetensors blob: an 8-byte little-endian header length, then JSON."""
-    if len(blob) < 8:
-        raise ValueError("file is shorter than its header")
-    size = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + size].decode("utf-8"))
-    return dict(header.get("__metadata__") or {})
+    """The __metadata__ of a safetensors blob (bounded and checked in store.io)."""
+    return safetensors_metadata(blob)

@@ -33,14 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
 from torch import nn
 
 from ..config import ConfigError
 from ..data.datasets import ImageSet, to_uint8
-from ..store.io import atomic_write_bytes
-from .classifier import Classifier, FeatureExtractor, read_metadata
+from ..errors import RunError
+from ..store.cache import load_cache, save_cache
+from .classifier import Classifier, FeatureExtractor
 from .pixels import as_nchw
 
 if TYPE_CHECKING:
@@ -48,7 +47,7 @@ if TYPE_CHECKING:
 
 NOISE_PIXEL_RANGE = "symmetric"   # the noise ceiling's x_T is shown as if the model range were [-1, 1]
 MIN_IMAGES = 2                    # a covariance needs two samples; compare numbers at N >= 1000
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the manifest holds the sha256 of the statistics
 
 
 # -- the pieces, each a plain function ----------------------------------------------------------------
@@ -166,6 +165,7 @@ class QualityEvaluator:
         self.test = test  # kept for the per-class statistics of conditional runs
         self._test_features: torch.Tensor | None = None
         self.test_sha256 = hashlib.sha256(test.images.numpy().tobytes()).hexdigest()
+        self.cache_note: str | None = None  # why a cached statistic was not used, said by the caller
         self.stats_from_cache = self._load_cached_stats()
         if not self.stats_from_cache:
             self._update(test.images, real=True)
@@ -182,25 +182,28 @@ class QualityEvaluator:
                 "test_sha256": self.test_sha256}
 
     def _load_cached_stats(self) -> bool:
+        """Use the cache only when it is intact (sha256 of its numbers in its manifest), finite and
+        fits; otherwise say why in `cache_note` and recompute (a damaged cache is only slower)."""
         path = self.cache_path
-        if path is None or not path.is_file() or not self.classifier.sha256:
+        if path is None or not self.classifier.sha256:
+            return False
+        state, why = load_cache(path, self._cache_key())
+        if state is None:
+            if why != "missing":
+                self.cache_note = f"{path.name} is {why}: recomputing the test statistics"
             return False
         try:
-            blob = path.read_bytes()
-            if any(read_metadata(blob).get(k) != v for k, v in self._cache_key().items()):
-                return False  # another classifier or test split: recompute and overwrite
-            state = load(blob)
-            # Read and check all three first; assign only when every one is there and fits, so a
-            # damaged cache can never leave half of the metric's state overwritten.
             feature_sum = state["feature_sum"].to(self.device, torch.float64)
             outer_sum = state["feature_outer_sum"].to(self.device, torch.float64)
             count = state["count"].to(self.device, torch.long).reshape(())
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
-            return False  # a damaged cache is only a slower evaluation
-        dim = self.metric.real_features_sum.shape
-        if feature_sum.shape != dim or outer_sum.shape != self.metric.real_features_cov_sum.shape \
-                or int(count) < 2 or not bool(torch.isfinite(feature_sum).all() and torch.isfinite(outer_sum).all()):
+        except (KeyError, RuntimeError) as exc:
+            self.cache_note = f"{path.name} lacks its statistics ({exc}): recomputing them"
             return False
+        if feature_sum.shape != self.metric.real_features_sum.shape \
+                or outer_sum.shape != self.metric.real_features_cov_sum.shape or int(count) < 2:
+            self.cache_note = f"{path.name} does not fit this classifier: recomputing the test statistics"
+            return False
+        # Assigned only once all three are read and checked: never half a state.
         self.metric.real_features_sum, self.metric.real_features_cov_sum = feature_sum, outer_sum
         self.metric.real_features_num_samples = count
         return True
@@ -209,13 +212,13 @@ class QualityEvaluator:
         path = self.cache_path
         if path is None or not self.classifier.sha256:
             return
-        tensors = {"feature_sum": self.metric.real_features_sum.cpu().clone(),
-                   "feature_outer_sum": self.metric.real_features_cov_sum.cpu().clone(),
-                   "count": self.metric.real_features_num_samples.cpu().reshape(1).clone()}
+        tensors = {"feature_sum": self.metric.real_features_sum,
+                   "feature_outer_sum": self.metric.real_features_cov_sum,
+                   "count": self.metric.real_features_num_samples.reshape(1)}
         try:
-            atomic_write_bytes(path, save(tensors, metadata=self._cache_key()))
-        except OSError:
-            pass  # a read-only cache folder only costs speed
+            save_cache(path, tensors, self._cache_key())
+        except (OSError, RunError, ValueError):
+            pass  # a read-only or planted cache folder only costs speed
 
     def _update(self, images: torch.Tensor, real: bool) -> None:
         for start in range(0, len(images), self.batch_size):
@@ -229,6 +232,9 @@ class QualityEvaluator:
         self._update(images, real=False)
         value = float(self.metric.compute())
         self.metric.reset()
+        if not math.isfinite(value):  # never a figure: eval.json must not hold one, nor replace a good one
+            raise RunError("the Fréchet distance came out non-finite (damaged test statistics or samples); "
+                           "nothing was written")
         return max(value, 0.0)  # tiny negatives are round-off of an exact match
 
     @torch.no_grad()

@@ -4,6 +4,8 @@ background `EvaluationJob`, so both write the same entries.
 """
 from __future__ import annotations
 
+import sys
+
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -41,7 +43,10 @@ def load_or_fit_classifier(dataset: str, directory: str | Path | None = None, de
                            progress: FitProgress | None = None) -> tuple[Classifier, bool]:
     """The dataset's classifier and whether it had to be fitted now (missing, damaged or outdated)."""
     try:
-        return load_classifier(dataset, directory, device=device), False
+        classifier = load_classifier(dataset, directory, device=device)
+        if classifier.note:  # a fallback is said out loud (the server's log for the dashboard's jobs)
+            print(f"note: {classifier.note}", file=sys.stderr)
+        return classifier, False
     except ClassifierError:
         pass
     fitted = fit(load_images(dataset, "train", data_root), load_images(dataset, "test", data_root),

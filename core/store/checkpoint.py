@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load
+
 from ..errors import RunError
 from .io import (MAX_JSON_BYTES, atomic_write_text, fsync_folder, read_json_file, read_tensor_file,
                  safetensors_metadata, sha256_hex, temp_path, write_new_file)
@@ -48,6 +52,15 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
     fallback: bool = False  # True when the newest checkpoint was torn and this is the one before
+    fallback_reason: str = ""  # why the newest was not used: said out loud by every caller
+
+    @property
+    def fallback_note(self) -> str | None:
+        """The line that says a fallback was taken (stderr, the run's listing, the page); None if none."""
+        if not self.fallback:
+            return None
+        return (f"the newest checkpoint is unusable ({shorten(self.fallback_reason)}); using the previous one "
+                f"(step {self.step}) from {PREVIOUS}/")
 
 
 # -- values ------------------------------------------------------------------------------------------
@@ -90,8 +103,14 @@ def read_manifest(folder: Path, run: str) -> dict[str, Any] | None:
             "meta": meta if isinstance(meta, dict) else {}, "files": files}
 
 
+def shorten(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _verified(folder: Path, manifest: dict[str, Any], names: list[str], run: str) -> dict[str, bytes]:
-    """The bytes of `names` in `folder`, each matching the manifest's size and sha256."""
+    """The bytes of `names` in `folder`, each matching the manifest's size and sha256, the weights
+    finite (NaN planted under a resealed manifest is damage, and previous/ may still be intact)."""
     blobs = {}
     for name in names:
         expected = manifest["files"][name]
@@ -99,8 +118,50 @@ def _verified(folder: Path, manifest: dict[str, Any], names: list[str], run: str
         if len(data) != expected["size"] or sha256_hex(data) != expected["sha256"]:
             raise RunError(f"run {run!r}: {name} is damaged or truncated (its sha256 does not match the "
                            f"step-{manifest['step']} {MANIFEST}); resume from an intact copy or delete the run")
+        if name != "optimizer.safetensors" and not finite_weights(data):
+            raise RunError(f"run {run!r}: {name} holds non-finite weights (NaN or inf) under a matching "
+                           f"{MANIFEST}: the file was altered, or the run diverged before it was saved")
+        _VERIFIED[_file_key(folder / name)] = expected["sha256"]
         blobs[name] = data
     return blobs
+
+
+def finite_weights(data: bytes) -> bool:
+    """Whether every floating tensor of safetensors `data` is finite (unparsable data counts as
+    finite here: the weights' loader reports it with its own message)."""
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, OSError):
+        return True
+    return all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
+
+
+# Files whose sha256 matched their manifest, by (path, inode, size, mtime): listing the runs checks
+# the newest checkpoint of each without hashing gigabytes again on every refresh.
+_VERIFIED: dict[tuple, str] = {}
+
+
+def _file_key(path: Path) -> tuple | None:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return (str(path), info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def newest_problem(run_dir: Path, run: str) -> str | None:
+    """Why the newest checkpoint (the run folder's manifest) cannot be used, or None when it can
+    (or the run has none): for the run's listing, which otherwise shows a step it cannot load."""
+    try:
+        manifest = read_manifest(run_dir, run)
+        if manifest is None:
+            previous = run_dir / PREVIOUS / MANIFEST
+            return f"run {run!r}: {MANIFEST} is missing" if os.path.lexists(previous) else None
+        names = [n for n in manifest["files"] if _VERIFIED.get(_file_key(run_dir / n)) != manifest["files"][n]["sha256"]]
+        _verified(run_dir, manifest, names, run)
+    except RunError as exc:
+        return str(exc)
+    return None
 
 
 def _candidates(run_dir: Path, run: str) -> list[tuple[Path, dict[str, Any] | None, RunError | None]]:
@@ -157,7 +218,9 @@ def _latest(run_dir: Path, run: str, pick: Picker) -> Checkpoint | None:
             first_error = first_error or exc
             continue
         return Checkpoint(folder, manifest["step"], manifest["epoch"], manifest["elapsed_s"], manifest["meta"],
-                          blobs, fallback=folder != run_dir)
+                          blobs, fallback=folder != run_dir,
+                          fallback_reason=str(first_error) if folder != run_dir and first_error else
+                          f"{MANIFEST} is missing" if folder != run_dir else "")
     raise first_error or RunError(f"run {run!r}: no complete checkpoint")
 
 
@@ -167,9 +230,10 @@ def latest(run_dir: Path, run: str) -> Checkpoint | None:
     return _latest(run_dir, run, lambda folder, names: names)
 
 
-def latest_weights(run_dir: Path, run: str, use_ema: bool = True) -> tuple[str, bytes] | None:
-    """(file name, verified bytes) of the weights to sample from: the EMA weights when asked for and
-    present, else the raw ones; from the previous checkpoint when the newest is torn."""
+def latest_weights(run_dir: Path, run: str, use_ema: bool = True) -> tuple[str, bytes, str | None] | None:
+    """(file name, verified bytes, fallback note) of the weights to sample from: the EMA weights when
+    asked for and present, else the raw ones; from the previous checkpoint (and a note that says so)
+    when the newest is torn."""
     def pick(folder: Path, names: list[str]) -> list[str]:
         ema = "ema.safetensors"
         return [ema if use_ema and ema in names and _present(folder, ema) else "model.safetensors"]
@@ -177,7 +241,7 @@ def latest_weights(run_dir: Path, run: str, use_ema: bool = True) -> tuple[str, 
     if found is None:
         return None
     name = "ema.safetensors" if use_ema and "ema.safetensors" in found.blobs else "model.safetensors"
-    return name, found.blobs[name]
+    return name, found.blobs[name], found.fallback_note
 
 
 def summary(run_dir: Path, run: str) -> dict[str, Any] | None:
@@ -196,6 +260,23 @@ def summary(run_dir: Path, run: str) -> dict[str, Any] | None:
             "epoch": whole_number(state.get("epoch", 0), "epoch", "state.json", run),
             "elapsed_s": seconds(state.get("elapsed_s", 0.0), "elapsed_s", "state.json", run),
             "meta": meta if isinstance(meta, dict) else {}}
+
+
+def listed(run_dir: Path, run: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(summary, fallback note) for the run list: when the newest checkpoint is unusable the list
+    shows the step the loaders will really use (previous/'s) and says so, instead of a step that
+    cannot be loaded."""
+    problem = newest_problem(run_dir, run)
+    if problem is None:
+        return summary(run_dir, run), None
+    try:
+        previous = None if (run_dir / PREVIOUS).is_symlink() else read_manifest(run_dir / PREVIOUS, run)
+    except RunError:
+        previous = None
+    if previous is None:
+        raise RunError(f"{problem} (and no intact previous checkpoint)")
+    note = Checkpoint(run_dir / PREVIOUS, previous["step"], fallback=True, fallback_reason=problem).fallback_note
+    return previous, note
 
 
 def exists(run_dir: Path) -> bool:

@@ -5,6 +5,7 @@ and the CLI can write files through the same code.
 from __future__ import annotations
 
 import io
+import os
 import math
 import zipfile
 from pathlib import Path
@@ -125,8 +126,17 @@ def run_bundle(run_dir: str | Path, include_optimizer: bool = False) -> bytes:
         samples = run_dir / "samples"
         if samples.is_dir() and not samples.is_symlink():
             for png in sorted(samples.glob("*.png")):
+                if _hard_linked(png):  # a second name of a file from elsewhere (never written by a run)
+                    continue
                 _add(zf, png, f"{run_dir.name}/samples/{png.name}", MAX_IMAGE_BYTES, run_dir.name)
     return buf.getvalue()
+
+
+def _hard_linked(path: Path) -> bool:
+    try:
+        return os.lstat(path).st_nlink > 1
+    except OSError:
+        return True
 
 
 def _add(zf: zipfile.ZipFile, path: Path, arcname: str, limit: int, run: str) -> None:

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 
+from .. import safejson
 from ..errors import RunError
 
 # Size limits, checked before a byte is read. The JSON files of a run are a few KB; 1 MiB leaves
@@ -47,13 +48,46 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def write_new_file(path: Path, data: bytes) -> None:
+class UnsafeFolder(RunError):
+    """A folder on the way to a write is a link, or not a folder: nothing is written through it."""
+
+
+def open_folder(folder: str | os.PathLike, inside: str | os.PathLike | None = None) -> int:
+    """A file descriptor of `folder`, opened without following a link at any step below `inside`
+    (by default, at `folder`'s own name only). Every write and lock of the workbench is made relative
+    to such a descriptor, so a run folder, `sweeps/` or a sweep's folder replaced by a link to a
+    folder elsewhere is refused instead of written through."""
+    folder = Path(os.path.abspath(folder))
+    base = Path(os.path.abspath(inside)) if inside is not None else folder.parent
+    try:
+        parts = folder.relative_to(base).parts
+    except ValueError:
+        raise UnsafeFolder(f"{folder} is not inside {base}; nothing is written outside it") from None
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise UnsafeFolder(f"{base / part} is a symbolic link or not a folder; nothing is written "
+                                   "through it: move it away, then try again") from None
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_new_file(path: Path, data: bytes, dir_fd: int | None = None) -> None:
     """Write `data` to a file that must not exist yet, and fsync it.
 
     O_EXCL | O_NOFOLLOW: a name planted in a shared run folder (a symlink to a file elsewhere)
     is never followed and written through.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     try:
         view = memoryview(data)
         while view:
@@ -63,20 +97,37 @@ def write_new_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, inside: str | os.PathLike | None = None) -> None:
+    """Replace `path` by `data` atomically, relative to its folder opened by `open_folder` (checked
+    for links from `inside` down). A folder in the file's place is refused in one line."""
     path = Path(path)
-    tmp = temp_path(path)
+    name, tmp = path.name, temp_path(path).name
+    folder = open_folder(path.parent, inside)
     try:
-        tmp.unlink(missing_ok=True)  # a leftover of a killed process with our pid
-        write_new_file(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk or a kill mid-write leaves no temp file behind
-        raise
+        try:
+            if stat.S_ISDIR(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+                raise UnsafeFolder(f"{path} is a folder where a file belongs; move it away, then try again")
+        except FileNotFoundError:
+            pass
+        try:
+            os.unlink(tmp, dir_fd=folder)  # a leftover of a killed process with our pid
+        except FileNotFoundError:
+            pass
+        try:
+            write_new_file(Path(tmp), data, dir_fd=folder)
+            os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            try:  # a full disk or a kill mid-write leaves no temp file behind
+                os.unlink(tmp, dir_fd=folder)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(folder)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, inside: str | os.PathLike | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), inside)
 
 
 def overwrite_in_place(path: Path, data: bytes) -> None:
@@ -163,25 +214,17 @@ def read_bounded_bytes(path: str | os.PathLike, max_bytes: int, run: str, *, mis
         os.close(fd)
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999 parses to inf; no run file holds one legitimately
-        raise ValueError(f"the number {text} is out of range")
-    return value
-
-
 def parse_json(data: bytes, name: str, run: str) -> Any:
-    """JSON from a run file: finite numbers only, and depth or size attacks become a RunError."""
+    """JSON from a run file through the one number-checking reader (`core.safejson`): finite
+    numbers, integers bounded, and depth or size attacks become a RunError."""
     try:
-        return json.loads(data.decode("utf-8"), parse_float=_finite_float,
-                          parse_constant=lambda c: _finite_float(c))
+        return safejson.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise RunError(f"run {run!r}: {name} is not text") from None
-    except RecursionError:
+    except safejson.JSONNestingError:
         raise RunError(f"run {run!r}: {name} is nested too deeply to be a run file") from None
-    except (ValueError, OverflowError) as exc:  # JSONDecodeError is a ValueError; so are huge ints
-        reason = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else str(exc)[:120]
-        raise RunError(f"run {run!r}: {name} is not valid JSON ({reason})") from None
+    except ValueError as exc:  # JSONDecodeError, a number out of range
+        raise RunError(f"run {run!r}: {name} is not valid JSON ({safejson.describe(exc)})") from None
 
 
 def read_json_file(path: str | os.PathLike, max_bytes: int, run: str, *, missing_ok: bool = False) -> Any:
@@ -268,7 +311,7 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
     size = int.from_bytes(data[:8], "little")
     if size > min(MAX_HEADER_BYTES, len(data) - 8):
         raise ValueError("header length is past the end of the file")
-    header = json.loads(data[8:8 + size].decode("utf-8"))
+    header = safejson.loads(data[8:8 + size].decode("utf-8"))
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise ValueError("__metadata__ must map names to strings")
@@ -348,8 +391,8 @@ def load_optimizer_bytes(data: bytes, name: str, optimizer: torch.optim.Optimize
     try:
         meta = safetensors_metadata(data)
         tensors = parse_safetensors(data, name, run)
-        groups = json.loads(meta["param_groups"], parse_float=_finite_float, parse_constant=_finite_float)
-        scalars = json.loads(meta.get("scalars", "{}"), parse_float=_finite_float, parse_constant=_finite_float)
+        groups = safejson.loads(meta["param_groups"])
+        scalars = safejson.loads(meta.get("scalars", "{}"))
         if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups) \
                 or not isinstance(scalars, dict):
             raise ValueError("param_groups must be a list of objects and scalars an object")

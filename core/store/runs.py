@@ -44,14 +44,17 @@ from . import checkpoint
 from ..config import ConfigError, RunConfig, check_run_name, run_label
 from ..device import resolve_device
 from ..errors import RunError
-from .io import (MAX_EVAL_BYTES, MAX_JSON_BYTES, MAX_METRICS_BYTES, atomic_write_text, is_disk_full,
-                 load_weights_bytes, overwrite_in_place, read_bounded_bytes, read_json_file)
+from .io import (MAX_JSON_BYTES, MAX_METRICS_BYTES, atomic_write_text, is_disk_full,
+                 load_weights_bytes, open_folder, overwrite_in_place, read_bounded_bytes, read_json_file)
 from ..models import build_model
+from .evals import append_eval, read_eval  # noqa: F401 - runs.append_eval / runs.read_eval for callers
 
 DEFAULT_RUNS_DIR = Path(os.environ.get("DDPM_RUNS_DIR", "checkpoints"))
 METRIC_FIELDS = ("step", "epoch", "loss", "lr", "elapsed_s", "images_per_s")
 LOCK_FILE = ".lock"
 SWEEPS_FOLDER = "sweeps"  # <runs>/sweeps/<name>/ holds the sweeps (core.sweeps); never a run
+QUEUE_FILE = "queue.json"  # <runs>/queue.json is the run queue (core.work.queue); never a run
+RESERVED_NAMES = (SWEEPS_FOLDER, QUEUE_FILE)
 STATES = ("created", "running", "finished", "stopped", "failed", "interrupted")
 RESUMABLE_STATES = ("stopped", "interrupted", "failed")  # a finished run resumes too, given a longer limit
 
@@ -61,9 +64,16 @@ def run_path(runs_dir: str | os.PathLike, name: str) -> Path:
     """The folder of run `name`, guaranteed to lie directly inside `runs_dir`."""
     check_run_name(name)
     root = Path(runs_dir).resolve()
-    path = (root / name).resolve()
+    # The name itself is not resolved: a run name planted as a link to a sibling run must be seen as
+    # a link (and refused by every reader and writer), not silently become that sibling.
+    path = root / name
     if path.parent != root:  # defence in depth; check_run_name already forbids '/' and '..'
         raise ConfigError(f"name = {name!r} is not allowed: it leaves the runs folder {root}")
+    if path.is_symlink():
+        target = path.resolve()
+        raise ConfigError(f"name = {name!r} is not allowed: " + (
+            f"it is a link to the run {target.name!r}; use that name" if target.parent == root and
+            is_run_folder(target, root) else f"it is a link that leaves the runs folder {root}"))
     return path
 
 
@@ -80,9 +90,10 @@ def is_run_folder(path: Path, root: Path) -> bool:
 def create_run(runs_dir: str | os.PathLike, name: str, config: RunConfig) -> Path:
     """Make a new run folder with its config; refuses to overwrite an existing run."""
     path = run_path(runs_dir, name)
-    if name == SWEEPS_FOLDER:
-        raise ConfigError(f"name = {name!r} is not allowed: the runs folder keeps its sweeps there; pick another name")
-    if path.exists():
+    if name in RESERVED_NAMES:
+        raise ConfigError(f"name = {name!r} is not allowed: the runs folder keeps its "
+                          f"{'sweeps' if name == SWEEPS_FOLDER else 'run queue'} there; pick another name")
+    if os.path.lexists(path):  # a dangling link counts: mkdir would follow it out of the runs folder
         raise ConfigError(f"name = {name!r} is not allowed: a run of that name exists in {path.parent}; "
                           "pick another name, or resume it with --resume")
     path.mkdir(parents=True)
@@ -126,11 +137,17 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         name, path = self.run_dir.name, self.run_dir / LOCK_FILE
+        # The run folder is opened first without following a link: a run name planted as a link to
+        # a folder elsewhere must not get that folder's .lock created, truncated or written.
+        folder = open_folder(self.run_dir)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+            fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644,
+                         dir_fd=folder)
         except OSError as exc:
             raise RunError(f"run {name!r}: {LOCK_FILE} cannot be opened ({exc.strerror}); delete it if it is "
                            "not a regular file") from None
+        finally:
+            os.close(folder)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise RunError(f"run {name!r}: {LOCK_FILE} is not a regular file; delete it")
@@ -332,26 +349,13 @@ class RunInfo:
     updated_at: float = 0.0
     evals: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    fallback: str | None = None       # the newest checkpoint is unusable and previous/ is used: why
 
     @property
     def label(self) -> str:
         if self.config is None:
             return f"{self.name} (unreadable)"
         return f"{self.name} · {run_label(self.config)}"
-
-
-def read_eval(path: Path) -> list[dict[str, Any]]:
-    """The evaluation entries of eval.json (objects only); RunError when the file is hostile."""
-    data = read_json_file(path / "eval.json", MAX_EVAL_BYTES, path.name, missing_ok=True)
-    if data is None:
-        return []
-    if not isinstance(data, list):
-        raise RunError(f"run {path.name!r}: eval.json is not a list of evaluation entries")
-    for index, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise RunError(f"run {path.name!r}: eval.json entry {index} is not an object; delete the file "
-                           "or fix that entry, then evaluate again")
-    return data
 
 
 def run_info(path: Path) -> RunInfo:
@@ -376,7 +380,7 @@ def run_info(path: Path) -> RunInfo:
 def _run_info(path: Path, config: RunConfig) -> RunInfo:
     name = path.name
     status = read_status(path)
-    saved = checkpoint.summary(path, name)
+    saved, fallback = checkpoint.listed(path, name)
     metrics = read_metrics(path, name)
     state = status.get("state", "created")
     error = status.get("error")
@@ -385,7 +389,7 @@ def _run_info(path: Path, config: RunConfig) -> RunInfo:
         step=saved["step"] if saved else 0, epoch=saved["epoch"] if saved else 0,
         last_loss=metrics[-1]["loss"] if metrics else None,
         error=None if error is None else str(error)[:2000], updated_at=_number(status.get("updated_at")),
-        evals=read_eval(path), meta=saved["meta"] if saved else {},
+        evals=read_eval(path), meta=saved["meta"] if saved else {}, fallback=fallback,
     )
     if info.state == "damaged" and info.error is None:
         info.error = f"run {name!r}: status.json holds an unknown state {str(state)[:40]!r}"
@@ -400,7 +404,7 @@ def list_runs(runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> list[RunInfo]:
     root = Path(runs_dir)
     if not root.is_dir():
         return []
-    infos = [run_info(p) for p in sorted(root.iterdir()) if not p.name.startswith(".") and p.name != SWEEPS_FOLDER
+    infos = [run_info(p) for p in sorted(root.iterdir()) if not p.name.startswith(".") and p.name not in RESERVED_NAMES
              and is_run_folder(p, root)]
     return sorted(infos, key=lambda i: (-i.updated_at, i.name))
 
@@ -413,15 +417,6 @@ def delete_run(runs_dir: str | os.PathLike, name: str) -> None:
         shutil.rmtree(path)
 
 
-def append_eval(path: Path, entry: dict[str, Any]) -> None:
-    """Add an evaluation entry, replacing an earlier one of the same sampler setting, sample count and
-    classifier (a figure at another N or from another classifier is another measurement, kept)."""
-    key = ("setting", "n", "classifier_sha256")
-    entries = [e for e in read_eval(path) if not isinstance(e, dict) or any(e.get(k) != entry.get(k) for k in key)]
-    entries.append(entry)
-    atomic_write_text(path / "eval.json", json.dumps(entries, indent=2))
-
-
 # -- rebuilding a trained model ----------------------------------------------------------------------
 @dataclass
 class LoadedRun:
@@ -430,6 +425,7 @@ class LoadedRun:
     config: RunConfig
     model: nn.Module
     used_ema: bool
+    fallback: str | None = None  # the previous checkpoint was loaded: why (callers say it out loud)
 
 
 def load_model(path: Path, use_ema: bool = True, device: torch.device | str = "cpu") -> LoadedRun:
@@ -448,8 +444,8 @@ def load_model(path: Path, use_ema: bool = True, device: torch.device | str = "c
     found = checkpoint.latest_weights(path, path.name, use_ema)
     if found is None:
         raise RunError(f"run {path.name!r}: model.safetensors is missing (the run has no checkpoint yet)")
-    name, data = found
+    name, data, fallback = found
     model = build_model(config.model)
     load_weights_bytes(data, name, model, path.name)
     model.to(device).eval()
-    return LoadedRun(path.name, path, config, model, name == "ema.safetensors")
+    return LoadedRun(path.name, path, config, model, name == "ema.safetensors", fallback)

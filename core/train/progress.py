@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import RunConfig
+from ..store import checkpoint
 from ..store.io import is_disk_full
 
 
@@ -87,5 +88,6 @@ def as_reported(exc: BaseException, run_dir: Path) -> BaseException:
     if not is_disk_full(exc):
         return exc
     folder = Path(exc.filename).parent if getattr(exc, "filename", None) else run_dir
-    return DiskFull(f"disk full in {folder} ({exc.strerror}); the last complete checkpoint is kept: free some "
-                    "space, then resume the run")
+    kept = ("the last complete checkpoint is kept" if checkpoint.exists(run_dir) else
+            "the run had no checkpoint yet, so it starts over")  # never claim one that does not exist
+    return DiskFull(f"disk full in {folder} ({exc.strerror}); {kept}: free some space, then resume the run")

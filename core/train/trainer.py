@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import sys
 from pathlib import Path
 
 import torch
@@ -117,6 +118,7 @@ class Trainer:
         self.autocast = autocast_for(device)
         self.step = 0  # optimisation steps taken so far
         self.resumed_metadata: dict[str, str] = {}  # the loaded checkpoint's weights metadata, on resume
+        self.fallback_note: str | None = None  # set on resume when previous/ was loaded instead of the newest
         self.model.train()
 
     @property
@@ -256,6 +258,9 @@ class Trainer:
         saved = checkpoint.latest(run_dir, name)
         if saved is None:
             return 0.0
+        if saved.fallback and self.world.is_main:  # said out loud: the newer steps are trained again
+            print(f"note: run {name!r}: {saved.fallback_note}", file=sys.stderr, flush=True)
+        self.fallback_note = saved.fallback_note
         blobs = saved.blobs
         load_weights_bytes(blobs["model.safetensors"], "model.safetensors", self.model, name)
         if self.ema is not None:

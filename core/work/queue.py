@@ -39,7 +39,7 @@ from ..config import ConfigError, SampleConfig, check_run_name
 from ..errors import RunError
 from ..store.io import MAX_JSON_BYTES, atomic_write_text, parse_json, read_bounded_bytes
 
-QUEUE_FILE = "queue.json"
+QUEUE_FILE = runs.QUEUE_FILE
 EDIT_LOCK = ".queue.lock"
 WORKER_LOCK = ".queue.worker.lock"
 FORMAT_VERSION = 1
@@ -290,7 +290,9 @@ def _edit(runs_dir: str | os.PathLike, change: Callable[[Queue], Queue]) -> Queu
     runs_dir = Path(runs_dir)
     with _edit_lock(runs_dir):
         before = read_queue(runs_dir)
-        after = change(before)
+        # Every edit first marks a dead worker's `running` entry interrupted: otherwise a worker
+        # killed on the last entry leaves it running for good (add, remove and resume refuse it).
+        after = change(_recovered(before, runs_dir))
         if after != before:
             atomic_write_text(queue_path(runs_dir), after.to_json())
         return after
@@ -316,6 +318,8 @@ def _replace_entry(queue: Queue, entry: Entry) -> Queue:
 def check_eval_setting(sampler: Any, steps: Any, n: Any) -> EvalSetting:
     """An eval setting checked as `SampleConfig` checks it (ConfigError names the bad value)."""
     config = SampleConfig(sampler=sampler, steps=steps, n=n)
+    if config.n < 2:  # as `eval` and `sweep` refuse it: every evaluation of the queue would fail
+        raise ConfigError(f"n = {n!r} is not allowed: a Fréchet distance needs at least 2 samples")
     if config.sampler == "ddpm" and config.steps:
         raise ConfigError(f"steps = {steps!r} is not allowed: DDPM runs every step; give 0 (= T)")
     return EvalSetting(config.sampler, config.steps, config.n)
@@ -448,6 +452,11 @@ def _recovered(queue: Queue, runs_dir: Path) -> Queue:
     return replace(_replace_entry(queue, entry), paused=True)
 
 
+def recover_view(runs_dir: str | os.PathLike) -> Queue:
+    """The queue as `recover` would leave it, without writing (for listings)."""
+    return _recovered(read_queue(runs_dir), Path(runs_dir))
+
+
 def recover(runs_dir: str | os.PathLike) -> Queue:
     """A `running` entry that no live worker holds was interrupted (its process died): mark it so and
     pause the queue, so the user decides when to go on. Only writes when that is the case."""
@@ -529,4 +538,4 @@ def describe_error(exc: BaseException) -> str:
 
 __all__ = ["QUEUE_FILE", "STATES", "Claim", "Entry", "EvalSetting", "Queue", "QueueDamaged", "QueueError", "add",
            "check_eval_setting", "claim_next", "clear_finished", "describe_error", "down", "finish", "move",
-           "pause", "queue_path", "read_queue", "recover", "remove", "resume", "set_eval", "up", "worker_active"]
+           "pause", "queue_path", "read_queue", "recover", "recover_view", "remove", "resume", "set_eval", "up", "worker_active"]

@@ -19,6 +19,7 @@ import io as text_io
 import itertools
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field, fields
@@ -32,7 +33,7 @@ from ..config import (DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, MAX_SAMPLES, 
                      SampleConfig, ScheduleConfig, TrainConfig, check_run_name, override, preset)
 from ..device import resolve_device
 from ..errors import RunError
-from ..store.io import MAX_JSON_BYTES, atomic_write_text, read_json_file
+from ..store.io import MAX_JSON_BYTES, atomic_write_text, open_folder, read_json_file
 
 SWEEP_FORMAT = 1
 MAX_RUNS = 64            # a bigger grid is almost surely a typo, and days of CPU time
@@ -233,8 +234,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "run"
 
 
+MAX_SWEEP_NAME = 77  # a run name (at most 80 characters) is the sweep's name, "-NN" and a slug
+
+
 def _run_name(sweep: str, index: int, slug: str) -> str:
-    return f"{sweep}-{index:02d}-{slug}"[:80].rstrip("-.")
+    """`<sweep>-<NN>-<slug>`, the slug cut to fit 80 characters: the index always survives the cut,
+    so two runs of one sweep never share a name."""
+    head = f"{sweep}-{index:02d}"
+    return f"{head}-{slug}"[:80].rstrip("-.") if len(head) < 79 else head
 
 
 def _changes_label(changes: dict[str, Any]) -> str:
@@ -251,6 +258,9 @@ def plan(name: str, base: str, budget: Budget, *, mode: str = "grid",
     per step of a named path), each adding its change to the ones before; a factor gives its target value.
     """
     check_run_name(name)
+    if len(name) > MAX_SWEEP_NAME:
+        raise SweepError(f"name = {name[:20]}… ({len(name)} characters) is not allowed: a sweep's runs are named "
+                         f"<name>-NN-…, so a sweep name holds at most {MAX_SWEEP_NAME} characters")
     if mode not in MODES:
         raise SweepError(f"mode = {mode!r} is not allowed: choose grid or path")
     factors = list(factors or [])
@@ -333,6 +343,21 @@ def sweep_path(runs_dir: str | Path, name: str) -> Path:
     return sweeps_root(runs_dir) / name
 
 
+def _make_folder(runs_dir: str | Path, folder: Path) -> None:
+    """mkdir sweeps/ (once) and sweeps/<name>, each relative to its checked parent: a `sweeps`
+    planted as a link out of the runs folder is refused, never written through."""
+    Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    for sub in (folder.parent, folder):
+        parent = open_folder(sub.parent, inside=runs_dir)
+        try:
+            os.mkdir(sub.name, 0o755, dir_fd=parent)
+        except FileExistsError:
+            pass  # checked as a real folder by the next open_folder
+        finally:
+            os.close(parent)
+    os.close(open_folder(folder, inside=runs_dir))
+
+
 def create(runs_dir: str | Path, sweep: Sweep) -> Path:
     """The sweep folder and its run folders; refuses names in use before writing anything."""
     folder = sweep_path(runs_dir, sweep.name)
@@ -345,8 +370,8 @@ def create(runs_dir: str | Path, sweep: Sweep) -> Path:
                          "sweep name")
     for run in sweep.runs:  # a grid may hold one network too big for this machine: say so before anything exists
         memory.check_training_fits(run.config, resolve_device(run.config.train.device))
-    folder.mkdir(parents=True)
-    atomic_write_text(folder / "sweep.json", json.dumps(sweep.to_dict(), indent=2))
+    _make_folder(runs_dir, folder)
+    atomic_write_text(folder / "sweep.json", json.dumps(sweep.to_dict(), indent=2), inside=runs_dir)
     for run in sweep.runs:
         runs.create_run(runs_dir, run.name, run.config)
     return folder
@@ -478,13 +503,17 @@ def results(runs_dir: str | Path, definition: dict[str, Any]) -> list[dict[str, 
     evaluation = evaluation_of(definition)
     rows = []
     for entry in definition["runs"]:
-        run_dir = runs.run_path(runs_dir, entry["name"])
+        try:
+            run_dir: Path | None = runs.run_path(runs_dir, entry["name"])
+            link_error = None
+        except ConfigError as exc:  # the run's name is a link planted in its place: not the run, never read
+            run_dir, link_error = None, str(exc)
         row: dict[str, Any] = {"run": entry["name"], "label": entry["label"], "changes": _changes_label(
             {k: tuple(v) if isinstance(v, list) else v for k, v in entry["changes"].items()}),
             "state": "missing", "steps": 0, "images": 0, "train_s": None, "final_loss": None,
             "setting": None, "n": None, "fd": None, "fd_ratio": None, "floor": None, "class_entropy": None,
-            "error": None, "noise": None}  # noise: the pure-noise reference (not a CSV column: format 1 stays)
-        if runs.is_run_folder(run_dir, Path(runs_dir)):
+            "error": link_error, "noise": None}  # noise: the pure-noise reference (not a CSV column: format 1 stays)
+        if run_dir is not None and runs.is_run_folder(run_dir, Path(runs_dir)):
             info = runs.run_info(run_dir)
             row["state"], row["error"] = info.state, info.error
             if info.readable and info.config is not None:
@@ -513,9 +542,10 @@ def write_results(runs_dir: str | Path, name: str) -> list[dict[str, Any]]:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if row[k] is None else row[k] for k in RESULT_FIELDS})
-    atomic_write_text(folder / "results.csv", buffer.getvalue())
+    atomic_write_text(folder / "results.csv", buffer.getvalue(), inside=runs_dir)
     atomic_write_text(folder / "results.json", json.dumps({"sweep": name, "budget": definition["budget"],
-                                                           "eval": definition["eval"], "rows": rows}, indent=2))
+                                                           "eval": definition["eval"], "rows": rows}, indent=2),
+                      inside=runs_dir)
     return rows
 
 
@@ -535,7 +565,11 @@ def run(runs_dir: str | Path, name: str, train: TrainFn, evaluate: EvalFn, say: 
     evaluation = evaluation_of(definition)
     total = len(definition["runs"])
     for index, entry in enumerate(definition["runs"], 1):
-        run_dir = runs.run_path(runs_dir, entry["name"])
+        try:
+            run_dir = runs.run_path(runs_dir, entry["name"])
+        except ConfigError as exc:  # a link planted in the run's place is never trained through
+            say(f"[{index}/{total}] {entry['name']}: skipped ({exc})")
+            continue
         info = runs.run_info(run_dir) if run_dir.is_dir() else None
         if info is None or not info.readable:
             say(f"[{index}/{total}] {entry['name']}: skipped ({info.error if info else 'the run folder is missing'})")

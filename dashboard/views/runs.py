@@ -61,7 +61,7 @@ def runs_table(infos: list[runs.RunInfo]) -> pd.DataFrame:
             "GFLOP/image": cost["forward_gflop"] if cost else None,
             "processes": info.meta.get("world_size", 1) if c else None,  # torchrun's world size
             "updated": time.strftime("%Y-%m-%d %H:%M", time.localtime(info.updated_at)) if info.updated_at else "",
-            "error": info.error or "",
+            "error": info.error or (f"note: {info.fallback}" if info.fallback else ""),
         })
     table = pd.DataFrame(rows)
     return table.astype({"T": "Int64", "steps": "Int64"}) if rows else table
@@ -154,6 +154,8 @@ name = st.selectbox("Run", list(by_name), key="runs_pick",
 chosen = by_name[name]
 if chosen.error:
     st.error(chosen.error)
+if chosen.fallback:  # a fallback is said out loud: the step shown is previous/'s
+    st.warning(f"Run {chosen.name!r}: {chosen.fallback}")
 actions_ui(chosen)
 
 st.subheader("Evaluate")

@@ -1,0 +1,159 @@
+"""Evaluation in the background: `EvaluationJob` samples a run at one setting and scores it (the
+dashboard's Evaluate panel and the queue worker) and records its pace for core.work.estimates;
+`EvaluationManager` keeps one per process."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..store import runs
+from ..config import SampleConfig
+from ..data.datasets import load_images
+from ..device import resolve_device
+from ..evaluation.classifier import FitConfig, classifier_path
+from ..evaluation.frechet import QualityEvaluator
+from ..evaluation.scoring import load_or_fit_classifier, score_setting, setting_name
+from ..diffusion.sampling import total_steps
+from ..diffusion.schedule import NoiseScheduler
+from . import estimates
+from .background import JobBusy, ReportingJob
+
+PHASES = ("loading", "fitting classifier", "sampling", "scoring", "done")
+
+
+@dataclass(frozen=True)
+class EvaluationStatus:
+    run_name: str
+    setting: str        # e.g. dpmpp2m-20 (the eval.json key)
+    state: str          # running, finished, failed, cancelled
+    phase: str          # one of PHASES
+    done: int           # reverse steps done (phase sampling) or classifier steps (fitting)
+    total: int
+    elapsed_s: float
+    eta_s: float | None
+    error: str | None
+    entry: dict[str, Any] | None
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.state == "running"
+
+
+def classifier_ready(dataset: str, directory: str | os.PathLike | None = None) -> bool:
+    return classifier_path(dataset, directory).is_file()
+
+
+class EvaluationJob(ReportingJob):
+    """Score one run at one sampler setting in the background, as `python -m core eval` does, and add
+    the entry to its eval.json. Fits the dataset's classifier first when it is missing."""
+
+    thread_name = "evaluation"
+
+    def __init__(self, run_dir: Path, config: SampleConfig, *, use_ema: bool = True,
+                 device: torch.device | str = "cpu", classifier_dir: str | os.PathLike | None = None,
+                 data_root: str | None = None, fit_config: FitConfig | None = None):
+        super().__init__()
+        self.run_dir, self.config = Path(run_dir), config
+        self._use_ema, self._device = use_ema, resolve_device(device)
+        self._classifier_dir, self._data_root, self._fit_config = classifier_dir, data_root, fit_config
+        self._phase = "loading"
+        self._done, self._total = 0, 0
+        self._phase_started = self._started
+        self._entry: dict[str, Any] | None = None
+        self._setting = config.setting
+
+    def _set_phase(self, phase: str, total: int = 0) -> None:
+        with self._lock:
+            self._phase, self._done, self._total = phase, 0, total
+            self._phase_started = time.perf_counter()
+
+    def _on_fit_step(self, done: int, total: int, loss: float) -> None:
+        del loss
+        with self._lock:
+            self._done, self._total = done, total
+
+    def _sampling_phase(self, steps, total: int, description: str):
+        """score_setting's step wrapper: the sampling phase, counted, then the scoring phase."""
+        del description
+        self._set_phase("sampling", total)
+        yield from self._counted(steps)
+        if not self.stop_requested:
+            self._set_phase("scoring")  # features of the samples, the floor and the noise ceiling
+
+    def work(self) -> None:
+        loaded = runs.load_model(self.run_dir, use_ema=self._use_ema, device=self._device)
+        scheduler = NoiseScheduler(loaded.config.schedule)
+        steps = self.config.resolved_steps(scheduler.num_timesteps)
+        raw_weights = not loaded.used_ema and (self.run_dir / "ema.safetensors").exists()
+        with self._lock:
+            self._setting = setting_name(self.config, steps, raw_weights)
+        dataset = loaded.config.train.dataset
+        if not classifier_ready(dataset, self._classifier_dir):
+            self._set_phase("fitting classifier")
+        classifier, _ = load_or_fit_classifier(dataset, self._classifier_dir, self._device, self._data_root,
+                                               self._fit_config, progress=self._on_fit_step)
+        if self.stop_requested:
+            return self._finish("cancelled")
+        self._set_phase("scoring")  # the test statistics, once per classifier
+        evaluator = QualityEvaluator(classifier, load_images(dataset, "test", self._data_root), self._device)
+        train = load_images(dataset, "train", self._data_root)
+        entry = score_setting(self.config, loaded, scheduler, evaluator, train, raw_weights, self._device,
+                              wrap=self._sampling_phase)
+        if entry is None:
+            return self._finish("cancelled")
+        runs.append_eval(self.run_dir, entry)
+        work = estimates.Work("sample", estimates.network_key(loaded.config.model), self._device.type,
+                              min(self.config.n, self.config.batch_size), self.config.sampler)
+        estimates.record(self.run_dir.parent, work, entry["seconds_sampling"], total_steps(self.config, scheduler))
+        with self._lock:
+            self._entry, self._setting = entry, entry["setting"]
+        self._finish("finished")
+
+    def _finish(self, state: str) -> None:
+        with self._lock:
+            self._state, self._phase = state, "done"
+            self._ended = time.perf_counter()
+
+    def snapshot(self) -> EvaluationStatus:
+        with self._lock:
+            now = time.perf_counter()
+            end = self._ended if self._ended is not None else now
+            eta = None
+            if self._state == "running" and self._done and self._total:
+                eta = (now - self._phase_started) / self._done * (self._total - self._done)
+            return EvaluationStatus(self.run_dir.name, self._setting, self._state, self._phase, self._done,
+                                    self._total, end - self._started, eta, self._error,
+                                    dict(self._entry) if self._entry else None)
+
+
+class EvaluationManager:
+    """At most one running `EvaluationJob` per process (they share the CPU with training); the last
+    one stays available so a page can show how it ended."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._job: EvaluationJob | None = None
+
+    @property
+    def job(self) -> EvaluationJob | None:
+        with self._lock:
+            return self._job
+
+    def start(self, run_dir: str | os.PathLike, config: SampleConfig, **kwargs: Any) -> EvaluationJob:
+        with self._lock:
+            if self._job is not None and self._job.alive:
+                raise JobBusy(f"run {self._job.run_dir.name!r} is being evaluated: one evaluation at a time. "
+                              "Cancel it (or wait for it to finish) before starting another.")
+            self._job = EvaluationJob(Path(run_dir), config, **kwargs)
+            self._job.start()
+            return self._job
