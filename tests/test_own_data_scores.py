@@ -154,3 +154,17 @@ def test_split_heldout_is_seeded_and_disjoint(shapes):
     assert torch.equal(again.images, fit_part.images)
     keys = {bytes(x.numpy().tobytes()) for x in fit_part.images}
     assert not any(bytes(x.numpy().tobytes()) in keys for x in held.images)
+
+
+def test_a_planted_or_oversized_classifier_file_is_refused(tmp_path):
+    target = tmp_path / "c"
+    target.mkdir()
+    (target / "fashion_mnist.safetensors").symlink_to(SHIPPED)
+    with pytest.raises(clf.ClassifierError, match="not a regular file"):
+        clf.load_classifier("fashion_mnist", target)
+    big = tmp_path / "big" / "fashion_mnist.safetensors"
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        f.truncate(clf.MAX_CLASSIFIER_BYTES + 1)
+    with pytest.raises(clf.ClassifierError, match="under 64 MB"):
+        clf.load_classifier("fashion_mnist", big.parent)

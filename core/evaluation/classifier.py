@@ -60,6 +60,7 @@ FEATURE_DIM = 128
 NUM_CLASSES = 10
 MIN_SIZE, MAX_SIZE = 16, 64     # the sizes the pipeline trains at; two 2x reductions need a multiple of 4
 MAX_CLASSES = 1000
+MAX_CLASSIFIER_BYTES = 64 * 2**20  # the largest network (64x64x3, 1000 classes) is about 9 MB
 MIN_STEPS = 300                 # a small folder still gets enough optimizer steps (FashionMNIST has 2,340)
 ENV_CLASSIFIER_DIR = "DDPM_CLASSIFIER_DIR"
 DEFAULT_CLASSIFIER_DIR = Path("data") / "classifiers"
@@ -364,6 +365,9 @@ def load_classifier_file(path: Path, dataset: str, device: torch.device | str = 
     """Load one classifier file, checking its dataset, architecture version and shape."""
     refit = refit or f"fit a new one with `{fit_command(dataset)}`"
     try:
+        if path.is_symlink() or (path.exists() and not path.is_file()) or path.stat().st_size > MAX_CLASSIFIER_BYTES:
+            raise ClassifierError(f"classifier {path} is not a regular file under {MAX_CLASSIFIER_BYTES >> 20} MB; "
+                                  f"{refit}")
         blob = path.read_bytes()
     except FileNotFoundError:
         raise ClassifierNotFoundError(f"no classifier for {dataset} at {path}; {refit} "
