@@ -121,7 +121,7 @@ def test_wrong_image_shape_is_one_clear_line():
         clf.FeatureClassifier(3, 32, 3).prepare(torch.zeros((2, 1, 32, 32), dtype=torch.uint8))
 
 
-def test_fitted_shapes_classifier_reaches_its_accuracy_and_is_stored_by_fingerprint(shapes, shapes_classifier, tmp_path):
+def test_fitted_shapes_classifier_reaches_its_accuracy_and_is_stored_by_fingerprint(shapes, shapes_classifier):
     train, test = shapes
     assert shapes_classifier.test_accuracy >= SHAPES_ACCURACY          # on its held-out tenth
     assert clf.accuracy(shapes_classifier.model, test) >= SHAPES_ACCURACY  # on another generated folder
@@ -141,8 +141,8 @@ def test_frechet_floor_is_below_the_noise_ceiling_for_shapes(shapes, shapes_clas
     train, test = shapes
     evaluator = QualityEvaluator(shapes_classifier, test)
     n = 100
-    report = evaluator.evaluate(train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(5))[:n]],
-                                train, seed=0)
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(5))[:n]
+    report = evaluator.evaluate(train.images[pick], train, seed=0)
     assert report.fd_floor < report.fd_noise / 5
     assert set(report.class_shares) == set(SHAPE_CLASSES) and report.class_entropy > 0.9
 
@@ -154,3 +154,17 @@ def test_split_heldout_is_seeded_and_disjoint(shapes):
     assert torch.equal(again.images, fit_part.images)
     keys = {bytes(x.numpy().tobytes()) for x in fit_part.images}
     assert not any(bytes(x.numpy().tobytes()) in keys for x in held.images)
+
+
+def test_a_planted_or_oversized_classifier_file_is_refused(tmp_path):
+    target = tmp_path / "c"
+    target.mkdir()
+    (target / "fashion_mnist.safetensors").symlink_to(SHIPPED)
+    with pytest.raises(clf.ClassifierError, match="not a regular file"):
+        clf.load_classifier("fashion_mnist", target)
+    big = tmp_path / "big" / "fashion_mnist.safetensors"
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        f.truncate(clf.MAX_CLASSIFIER_BYTES + 1)
+    with pytest.raises(clf.ClassifierError, match="under 64 MB"):
+        clf.load_classifier("fashion_mnist", big.parent)

@@ -61,6 +61,7 @@ FEATURE_DIM = 128
 NUM_CLASSES = 10
 MIN_SIZE, MAX_SIZE = 16, 64     # the sizes the pipeline trains at; two 2x reductions need a multiple of 4
 MAX_CLASSES = 1000
+MAX_CLASSIFIER_BYTES = 64 * 2**20  # the largest network (64x64x3, 1000 classes) is about 9 MB
 MIN_STEPS = 300                 # a small folder still gets enough optimizer steps (FashionMNIST has 2,340)
 ENV_CLASSIFIER_DIR = "DDPM_CLASSIFIER_DIR"
 DEFAULT_CLASSIFIER_DIR = Path("data") / "classifiers"

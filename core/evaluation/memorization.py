@@ -103,7 +103,8 @@ def _exact_distances(q: torch.Tensor, reference: torch.Tensor, candidates: torch
 
 
 def copy_ratios(distances: torch.Tensor) -> torch.Tensor:
-    """d_1 / mean(d_2 … d_{k+1}) per row of ascending distances (M, k+1); 0 where all are 0... as 0/0 -> 0."""
+    """d_1 / mean(d_2 … d_{k+1}) per row of ascending distances (M, k+1). A row of zeros (the sample
+    equals several identical training images) counts as a copy: ratio 0."""
     if distances.shape[1] < 2:
         raise ConfigError("training images = 1 is not allowed: a near-copy is judged against the next nearest "
                           "training images, so the check needs at least 2")
@@ -130,7 +131,8 @@ class SpaceReport:
 
     def to_dict(self) -> dict[str, float]:
         p = self.space
-        out = {f"{p}_near_copy_share": self.near_copy_share, f"{p}_heldout_near_copy_share": self.heldout_near_copy_share}
+        out = {f"{p}_near_copy_share": self.near_copy_share,
+               f"{p}_heldout_near_copy_share": self.heldout_near_copy_share}
         for who, d, r in (("sample", self.sample_distance, self.sample_ratio),
                           ("heldout", self.heldout_distance, self.heldout_ratio)):
             q = torch.quantile(d.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
