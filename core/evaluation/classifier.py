@@ -388,8 +388,8 @@ def load_classifier_file(path: Path, dataset: str, device: torch.device | str = 
             raise ClassifierNotFoundError(f"no classifier for {dataset} at {path}; {refit} "
                                           f"(a few minutes on a CPU, once)") from None
         reason = str(exc).removeprefix("run 'classifier': ")
-        raise ClassifierError(f"classifier {path} is unusable ({reason}): it must be a regular file, not a link, "
-                              f"under {MAX_CLASSIFIER_BYTES >> 20} MB; {refit}") from None
+        raise ClassifierError(f"classifier {path} is unusable ({reason}): a classifier must be a file, "
+                              f"not a link: this is not a regular file under {MAX_CLASSIFIER_BYTES >> 20} MB; {refit}") from None
     try:
         state = load(blob)
         metadata = safetensors_metadata(blob)
