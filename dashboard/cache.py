@@ -17,6 +17,7 @@ from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, ModelConfig
 from core.data.datasets import ImageSet, load_images, to_model_range, to_uint8
 from core.device import resolve_device
 from core.evaluation.diagnostics import loss_by_timestep
+from core.store.export import to_display
 from core.work.jobs import measure_call_seconds
 from core.diffusion.sampling import sample
 from core.diffusion.schedule import NoiseScheduler
@@ -77,7 +78,7 @@ def preview_samples(run_dir: str, mtime: float, seed: int, steps: int = DEFAULT_
     config = SampleConfig(sampler=sampler, steps=steps, n=n, seed=seed)
     return sample(loaded.model, sched, config, pixel_range=loaded.config.train.pixel_range,
                   clip_default=loaded.config.train.clip_denoised, device=DEVICE,
-                  prediction=loaded.config.train.prediction).images
+                  prediction=loaded.config.train.prediction, shape=loaded.config.data.shape).images
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -86,7 +87,7 @@ def timestep_losses(run_dir: str, mtime: float, buckets: int = 10, n_images: int
     """(t_low, t_high, loss) per bucket on the first `n_images` test images of the run's dataset;
     `space` "eps" is the training loss, "x0" the error of the predicted clean image in [0, 1] units."""
     loaded = trained_model(run_dir, mtime, True)
-    test = dataset(loaded.config.train.dataset, "test")
+    test = dataset(loaded.config.data.dataset, "test")
     result = loss_by_timestep(loaded.model, scheduler_for(loaded.config), test.images[:n_images],
                               pixel_range=loaded.config.train.pixel_range, buckets=buckets, seed=seed,
                               device=DEVICE, prediction=loaded.config.train.prediction)
@@ -107,9 +108,9 @@ def forward_example(dataset_name: str, index: int, timesteps: int, schedule: str
     t_all = torch.arange(1, timesteps + 1)
     x_t = sched.add_noise(x_0.expand(timesteps, -1, -1, -1), t_all, noise.expand(timesteps, -1, -1, -1))
     return {
-        "x0": to_uint8(x_0, pixel_range).numpy()[0],
-        "noise": to_uint8(noise, "symmetric").numpy()[0],  # ε shown with 0 as mid-grey
-        "xt": to_uint8(x_t, pixel_range).numpy(),          # (T, 28, 28)
+        "x0": to_display(to_uint8(x_0, pixel_range).numpy())[0],
+        "noise": to_display(to_uint8(noise, "symmetric").numpy())[0],  # ε shown with 0 as mid-grey
+        "xt": to_display(to_uint8(x_t, pixel_range).numpy()),          # (T, H, W) or (T, H, W, 3)
         "alpha_bars": sched.alpha_bars.numpy(),
     }
 
@@ -123,7 +124,8 @@ def strip_timesteps(timesteps: int, count: int = 10) -> tuple[int, ...]:
 @st.cache_data(show_spinner=False, max_entries=32)
 def call_seconds(run_dir: str, mtime: float, use_ema: bool = True) -> float:
     """Seconds per image of one network evaluation of this run, measured here (for time estimates)."""
-    return measure_call_seconds(trained_model(run_dir, mtime, use_ema).model, device=DEVICE)
+    loaded = trained_model(run_dir, mtime, use_ema)
+    return measure_call_seconds(loaded.model, device=DEVICE, shape=loaded.config.data.shape)
 
 
 def run_call_seconds(run_dir: Path, use_ema: bool = True) -> float:

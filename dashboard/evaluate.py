@@ -45,7 +45,7 @@ def evaluate_ui(info: runs.RunInfo, prefix: str) -> None:
                         key=f"{prefix}_eval_n", help="Compare only figures taken at the same N (the CLI uses 1000)")
     params = {"sampler": sampler, "steps": 0 if sampler == "ddpm" else int(steps), "n": int(n)}
     config = SampleConfig(sampler=sampler, steps=params["steps"], n=int(n))
-    ready = classifier_ready(info.config.train.dataset)
+    ready = classifier_ready(info.config.data.dataset)
     seconds = estimate_evaluation_seconds(config, cache.scheduler_for(info.config),
                                           cache.run_call_seconds(info.path), ready)
     note = "" if ready else " (including fitting the feature classifier once, about 3 minutes)"

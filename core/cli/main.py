@@ -30,10 +30,12 @@ from ..work import queue as run_queue
 from .argtypes import number, whole_number
 from ..bench.flops import model_costs
 from .console import EXIT_SIGNAL, ProgressBar, StopOnSignals
-from ..config import (CLIP_NAMES, DATASET_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES,
+from ..config import (CLIP_NAMES, DEVICE_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES,
                      PIXEL_RANGES, PREDICTION_NAMES, PRESETS, SAMPLER_NAMES, SCHEDULE_NAMES, SPACING_NAMES,
                      ConfigError, RunConfig, SampleConfig, check_run_name, objective_label, override, preset)
-from ..data.datasets import DatasetNotFoundError, load_images
+from ..data.datasets import DatasetNotFoundError
+from ..data.sources import load_run_images
+from . import data as data_cli
 from ..device import resolve_device
 from ..train.distributed import BACKEND_NAMES, DEFAULT_TIMEOUT_S, TIMEOUT_ENV, check_backend, launched_world, timeout_seconds
 from ..errors import CliError, RunError
@@ -46,10 +48,9 @@ from ..train.training import DiskFull, TrainingDiverged, check_data_fits, train_
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-CONDITIONAL_CLASSES = 10  # both datasets have ten classes
 # What a resumed run cannot change: it would no longer match its weights, optimizer state or curve.
 RESUME_FIXED_FLAGS = ("model", "base_channels", "channel_mults", "num_res_blocks", "attention", "norm",
-                      "optimizer", "dataset", "batch_size", "lr", "weight_decay", "warmup_steps", "timesteps",
+                      "optimizer", "dataset", "data_dir", "image_size", "channels", "hflip", "batch_size", "lr", "weight_decay", "warmup_steps", "timesteps",
                       "schedule", "pixel_range", "ema_decay", "grad_clip", "limit_images", "seed", "compile",
                       "channels_last", "conditional", "label_dropout", "label_dropout_mode", "prediction",
                       "min_snr_gamma")
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--attention", choices=("on", "off"), help="improved_unet: self-attention at 7x7")
     tr.add_argument("--norm", choices=("group", "batch"), help="improved_unet: GroupNorm or BatchNorm")
     tr.add_argument("--optimizer", choices=OPTIMIZER_NAMES, help="adam (the book) or adamw (decoupled decay)")
-    tr.add_argument("--dataset", choices=DATASET_NAMES, help="training data (default fashion_mnist)")
+    data_cli.add_train_arguments(tr)
     tr.add_argument("--epochs", type=whole_number, help="passes over the data (0: no epoch limit)")
     tr.add_argument("--max-steps", type=whole_number, help="stop after this many steps (0: no limit)")
     tr.add_argument("--time-budget", type=number, metavar="SECONDS", help="stop after this much training time")
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     sa.add_argument("--device", choices=DEVICE_NAMES, default="auto", help="where to run")
     sa.add_argument("--out", help="PNG grid to write (default <run>/samples/sample_<sampler>.png)")
-    sa.add_argument("--npy", help="write the final images as uint8 (N, 28, 28) .npy")
+    sa.add_argument("--npy", help="write the final images as uint8 (N, C, H, W) .npy")
     sa.add_argument("--frames", help="write x_t and predicted x0 of every step as .npz")
     sa.add_argument("--class", dest="classes", nargs="+", metavar="K|NAME",
                     help="conditional runs: the class(es) to draw, e.g. 7 or Sneaker (default: all, in turn)")
@@ -179,9 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and, once runs have step sweeps, steps_quality.png and sweep_table.md")
     rp.add_argument("--grid", default="final.png", help="which samples/*.png of each run to show")
 
-    da = sub.add_parser("data", help="make a dataset available (Debian package, ./data, or download)")
-    da.add_argument("--dataset", choices=DATASET_NAMES, default="fashion_mnist", help="which dataset")
-    da.add_argument("--data-root", help="folder to prepare (default ./data or $DDPM_DATA_ROOT)")
+    data_cli.add_command(sub)
 
     add_queue_parser(sub)
 
@@ -214,14 +213,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         preset(args.preset), model=args.model, base_channels=args.base_channels,
         channel_mults=tuple(args.channel_mults) if args.channel_mults else None,
         num_res_blocks=args.num_res_blocks, attention=flags(args.attention), norm=args.norm,
-        optimizer=args.optimizer, dataset=args.dataset, epochs=args.epochs, max_steps=args.max_steps,
+        optimizer=args.optimizer, epochs=args.epochs, max_steps=args.max_steps,
         time_budget_s=args.time_budget, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, timesteps=args.timesteps, schedule=args.schedule,
         pixel_range=args.pixel_range, ema_decay=args.ema_decay, grad_clip=args.grad_clip,
         limit_images=args.limit_images, checkpoint_every_s=args.checkpoint_every, seed=args.seed,
         device=args.device, compile=flags(args.compile), channels_last=flags(args.channels_last),
-        num_classes=CONDITIONAL_CLASSES if args.conditional else None, label_dropout=args.label_dropout,
-        label_dropout_mode=args.label_dropout_mode, prediction=args.prediction, min_snr_gamma=args.min_snr_gamma)
+        label_dropout=args.label_dropout, label_dropout_mode=args.label_dropout_mode, prediction=args.prediction,
+        min_snr_gamma=args.min_snr_gamma)
+    config = data_cli.apply_train_arguments(config, args)
     if not config.model.conditional and (args.label_dropout is not None or args.label_dropout_mode is not None):
         raise CliError("--label-dropout and --label-dropout-mode need a conditional run: add --conditional "
                        "(or use --preset improved-cfg, book-cfg)")
@@ -304,7 +304,7 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
             raise CliError(f"{', '.join(fixed)} cannot change on --resume: the run's config.json fixes them; "
                            "--resume accepts --epochs, --max-steps, --time-budget, --device, --checkpoint-every")
         saved = runs.load_config(run_dir)
-        resumed = override(saved, epochs=args.epochs, max_steps=args.max_steps,
+        resumed = override(data_cli.check_resumed_data(saved, args.allow_data_change), epochs=args.epochs, max_steps=args.max_steps,
                            time_budget_s=args.time_budget, device=args.device,
                            checkpoint_every_s=args.checkpoint_every)
         # Checks that touch nothing come first: a rejected resume leaves the run exactly as it was.
@@ -318,7 +318,7 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
     # dataset or one too small for a batch on every rank leaves nothing behind, on every rank.
     device = distributed.device_for(world, resolve_device(config.train.device))
     check_backend(args.dist_backend, device)
-    images = load_images(config.train.dataset, "train", args.data_root)
+    images = load_run_images(config.data, "train", args.data_root)
     n_images = min(len(images), config.train.limit_images) if config.train.limit_images else len(images)
     check_data_fits(n_images, config.train.batch_size, world.size)
 
@@ -359,7 +359,7 @@ def conditioning(args: argparse.Namespace, config: RunConfig, run_name: str) -> 
             check_conditional(config, run_name, what=asked[0])
         return Conditioning(None, 1.0, args.n, None)
     guidance = check_guidance(args.guidance if args.guidance is not None else default_guidance(config))
-    classes = [class_index(c, config.train.dataset) for c in args.classes] if args.classes else None
+    classes = [class_index(c, config.data) for c in args.classes] if args.classes else None
     if args.per_class is not None:
         if args.per_class < 1:
             raise CliError(f"--per-class = {args.per_class} is not allowed: it must be at least 1")
@@ -401,7 +401,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     budget_config = runs.load_config(run_dir)
     try:
-        budget.check_sampling_fits(budget_config.model, min(sample_config.batch_size, sample_config.n), device)
+        budget.check_sampling_fits(budget_config.model, min(sample_config.batch_size, sample_config.n), device,
+                                    image_size=budget_config.data.image_size)
     except ConfigError as exc:
         raise RunError(f"run {run_dir.name!r}: {exc}") from None
     loaded = runs.load_model(run_dir, use_ema=not args.no_ema, device=device)
@@ -412,7 +413,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     train_config = loaded.config.train
     process = reverse_process(loaded.model, scheduler, sample_config, pixel_range=train_config.pixel_range,
                               clip_default=train_config.clip_denoised, device=device, labels=cond.labels,
-                              guidance=cond.guidance, prediction=train_config.prediction)
+                              guidance=cond.guidance, prediction=train_config.prediction,
+                              shape=loaded.config.data.shape)
     if not args.quiet:
         process = tqdm(process, total=total_steps(sample_config, scheduler), unit="step",
                        desc=f"{args.sampler} {steps} steps", dynamic_ncols=True)
@@ -429,7 +431,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         io.atomic_write_bytes(frames, export.frames_npz(result.images, result.frame_timesteps,
                                                         result.frames_xt, result.frames_x0))
         written.append(str(frames))
-    guidance = "" if cond.labels is None else f", {describe_labels(cond.labels, train_config.dataset)}, " \
+    guidance = "" if cond.labels is None else f", {describe_labels(cond.labels, loaded.config.data)}, " \
         f"guidance {cond.guidance:g}"
     print(f"{len(result.images)} samples ({args.sampler}, {steps} steps, "
           f"{'EMA' if loaded.used_ema else 'raw'} weights{guidance}) -> {', '.join(written)}")
@@ -446,7 +448,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         rows.append({
             "name": info.name, "state": info.state,
             "model": cfg.model.name if cfg else "?", "optimizer": cfg.train.optimizer if cfg else "?",
-            "dataset": cfg.train.dataset if cfg else "?", "step": info.step,
+            "dataset": cfg.data.dataset if cfg else "?", "step": info.step,
             "objective": objective_label(cfg.train) if cfg else "?",  # '' for the book's ε + MSE
             "last_loss": info.last_loss, "error": info.error,
         })
@@ -525,11 +527,7 @@ def _report_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data(args: argparse.Namespace) -> int:
-    train = load_images(args.dataset, "train", args.data_root)
-    test = load_images(args.dataset, "test", args.data_root)
-    print(f"{args.dataset}: {len(train)} training and {len(test)} test images ready")
-    return 0
+cmd_data = data_cli.cmd_data
 
 
 # -- the run queue ------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ CACHE_VERSION = 1
 def noise_images(n: int, seed: int = 0) -> torch.Tensor:
     """uint8 (n, 28, 28): x_T ~ N(0, I) in the [-1, 1] range, mapped to pixels like any sample."""
     gen = torch.Generator().manual_seed(seed)
-    return to_uint8(torch.randn((n, 1, 28, 28), generator=gen), NOISE_PIXEL_RANGE)
+    return to_uint8(torch.randn((n, 1, 28, 28), generator=gen), NOISE_PIXEL_RANGE)[:, 0]
 
 
 def real_subset(images: ImageSet, n: int, seed: int = 0) -> torch.Tensor:
@@ -96,8 +96,11 @@ def frechet_metric(feature: nn.Module) -> FrechetInceptionDistance:
 def _check_images(images: torch.Tensor, what: str) -> torch.Tensor:
     if not torch.is_tensor(images):
         images = torch.as_tensor(images)
+    if images.dim() == 4 and images.shape[1] == 1:
+        images = images[:, 0]   # (N, 1, 28, 28), the ImageSet layout: the classifier's own (N, 28, 28)
     if images.dtype != torch.uint8 or images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
-        raise ConfigError(f"{what} = {images.dtype} {tuple(images.shape)} is not allowed: expected uint8 (N, 28, 28)")
+        raise ConfigError(f"{what} = {images.dtype} {tuple(images.shape)} is not allowed: expected uint8 "
+                          "(N, 28, 28) or (N, 1, 28, 28)")
     if images.shape[0] < MIN_IMAGES:
         raise ConfigError(f"n = {images.shape[0]} is not allowed: the Fréchet distance needs at least "
                           f"{MIN_IMAGES} images (compare numbers taken at N >= 1000)")

@@ -61,7 +61,8 @@ def score_setting(config: SampleConfig, loaded: runs.LoadedRun, scheduler: Noise
     started_at, started = now_stamp(), time.perf_counter()
     process = reverse_process(loaded.model, scheduler, config, pixel_range=train_config.pixel_range,
                               clip_default=train_config.clip_denoised, device=device, labels=labels,
-                              guidance=guidance, prediction=train_config.prediction)
+                              guidance=guidance, prediction=train_config.prediction,
+                              shape=loaded.config.data.shape)
     total = total_steps(config, scheduler)
     if wrap is not None:
         process = wrap(process, total, f"{config.sampler} {steps} steps, {config.n} images"
@@ -85,7 +86,7 @@ def score_setting(config: SampleConfig, loaded: runs.LoadedRun, scheduler: Noise
             "spacing": config.spacing if config.sampler != "ddpm" else None,
             "clip": config.resolved_clip(train_config.clip_denoised),
             "weights": "ema" if loaded.used_ema else "raw", "seed": config.seed, **report.to_dict(),
-            "dataset": train_config.dataset, "classifier_accuracy": round(classifier.test_accuracy, 4),
+            "dataset": loaded.config.data.dataset, "classifier_accuracy": round(classifier.test_accuracy, 4),
             "classifier_sha256": classifier.sha256[:12], "device": str(device),
             "started_at": started_at, "finished_at": now_stamp(), "seconds_sampling": round(sampling_s, 1),
             "seconds_eval": round(time.perf_counter() - eval_start, 1),
@@ -102,7 +103,7 @@ def evaluate_run(run_dir: str | Path, config: SampleConfig, *, device: torch.dev
     loaded = runs.load_model(run_dir, use_ema=use_ema, device=device)
     scheduler = NoiseScheduler(loaded.config.schedule)
     config.resolved_steps(scheduler.num_timesteps)  # a step count above T fails before any work
-    dataset = loaded.config.train.dataset
+    dataset = loaded.config.data.dataset
     classifier, _ = load_or_fit_classifier(dataset, classifier_dir, device, data_root)
     evaluator = QualityEvaluator(classifier, load_images(dataset, "test", data_root), device)
     raw_weights = not loaded.used_ema and (run_dir / "ema.safetensors").exists()

@@ -25,7 +25,9 @@ import contextlib
 from ..models import budget
 from ..store import checkpoint, runs
 from ..config import ConfigError, RunConfig, SampleConfig
-from ..data.datasets import ImageSet, load_images, to_model_range
+from ..data.datasets import ImageSet, to_model_range
+from ..data.sources import load_run_images
+from ..data.transforms import random_hflip
 from ..device import autocast_for, resolve_device
 from .distributed import World, all_reduce_sum, broadcast_module, broadcast_object, current_world, device_for, \
     is_peer_failure, peer_failure_message, wrap_model
@@ -182,8 +184,12 @@ class Trainer:
         return lr * min(1.0, (step + 1) / warmup) if warmup else lr
 
     def batch(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 28, 28) on the device -> x_0 (B, 1, 28, 28) in model range and memory format."""
-        return to_model_range(images_uint8, self.config.train.pixel_range).contiguous(memory_format=self.memory_format)
+        """uint8 (B, C, H, W) on the device -> x_0 (B, C, H, W) in model range and memory format;
+        with --hflip each image is mirrored with probability 1/2."""
+        x_0 = to_model_range(images_uint8, self.config.train.pixel_range)
+        if self.config.data.hflip:
+            x_0 = random_hflip(x_0)
+        return x_0.contiguous(memory_format=self.memory_format)
 
     def drop_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         """Classifier-free guidance's label dropout, so one network also learns ε̂(x_t, t, ∅).
@@ -441,7 +447,7 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
     budget.check_training_fits(config, device)  # before a byte is allocated: a shared config may ask for 100s of GB
     progress.device = str(device) if not world.distributed else f"{world.size} × {device.type}"
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed 28x28 shapes: autotuning pays off at once
+        torch.backends.cudnn.benchmark = True  # one fixed image shape per run: autotuning pays off at once
     writes = world.is_main  # rank 0 alone touches the run folder
 
     def report() -> None:
@@ -451,13 +457,13 @@ def _train(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet | No
     progress.message = "loading data"
     report()
     if images is None:
-        images = load_images(train.dataset, "train", data_root)
+        images = load_run_images(config.data, "train", data_root)
     data = images.images[: train.limit_images] if train.limit_images else images.images
-    if not torch.is_tensor(data) or data.dtype != torch.uint8 or tuple(data.shape[1:]) != (28, 28):
+    if not torch.is_tensor(data) or data.dtype != torch.uint8 or tuple(data.shape[1:]) != config.data.shape:
         # Floats in [0, 1] would be divided by 255 again and train on near-black images, silently.
         got = f"{data.dtype} {tuple(data.shape)}" if torch.is_tensor(data) else type(data).__name__
         raise ConfigError(f"images = {got} is not allowed: training expects uint8 images of shape "
-                          "(N, 28, 28) with pixels 0..255 (see core.data.ImageSet)")
+                          f"(N, {', '.join(map(str, config.data.shape))}) with pixels 0..255 (see core.data.ImageSet)")
     check_data_fits(len(data), train.batch_size, world.size)
     data = data.to(device)  # the whole dataset as one uint8 tensor on the device (47 MB for 60k)
     labels = _training_labels(images, len(data), config).to(device) if config.model.conditional else None
@@ -644,5 +650,5 @@ def _preview_grid(run_dir: Path, trainer: Trainer, filename: str) -> Path:
                     pixel_range=train.pixel_range, clip_default=train.clip_denoised, device=trainer.device,
                     labels=even_labels(GRID_SAMPLES, trainer.config.model.num_classes) if conditional else None,
                     guidance=PREVIEW_GUIDANCE if conditional and train.label_dropout > 0 else 1.0,
-                    prediction=train.prediction)
+                    prediction=train.prediction, shape=trainer.config.data.shape)
     return save_grid(run_dir / "samples" / filename, result.images, ncol=4)

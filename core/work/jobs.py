@@ -23,7 +23,7 @@ from ..models import budget
 from . import queue
 from ..store import runs
 from ..config import ConfigError, RunConfig, SampleConfig
-from ..data.datasets import ImageSet, load_images
+from ..data.datasets import IMAGE_SHAPE, ImageSet, load_images
 from ..device import resolve_device
 from ..errors import RunError
 from ..evaluation.classifier import FitConfig, classifier_path
@@ -179,11 +179,11 @@ class SamplingJob(ReportingJob):
     def __init__(self, model: nn.Module, scheduler: NoiseScheduler, config: SampleConfig, *,
                  pixel_range: str, clip_default: bool = False, record: str = "all",
                  device: torch.device | str = "cpu", labels: torch.Tensor | None = None, guidance: float = 1.0,
-                 prediction: str = "eps"):
+                 prediction: str = "eps", shape: tuple[int, int, int] = IMAGE_SHAPE):
         super().__init__()
         self._args: dict[str, Any] = dict(model=model, scheduler=scheduler, config=config, pixel_range=pixel_range,
                                           clip_default=clip_default, device=device, labels=labels,
-                                          guidance=guidance, prediction=prediction)
+                                          guidance=guidance, prediction=prediction, shape=shape)
         self._record = record
         self._done, self._total = 0, total_steps(config, scheduler)
         self.result: SampleResult | None = None
@@ -369,10 +369,10 @@ class EvaluationStatus:
 
 
 def measure_call_seconds(model: nn.Module, batch: int = 16, device: torch.device | str = "cpu",
-                         repeats: int = 2) -> float:
+                         repeats: int = 2, shape: tuple[int, int, int] = IMAGE_SHAPE) -> float:
     """Seconds of one network evaluation per image at `batch` images (best of `repeats`)."""
     device = resolve_device(device)
-    x = torch.randn(batch, 1, 28, 28, device=device)
+    x = torch.randn(batch, *shape, device=device)
     t = torch.full((batch,), 1, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
@@ -447,7 +447,7 @@ class EvaluationJob(ReportingJob):
         raw_weights = not loaded.used_ema and (self.run_dir / "ema.safetensors").exists()
         with self._lock:
             self._setting = setting_name(self.config, steps, raw_weights)
-        dataset = loaded.config.train.dataset
+        dataset = loaded.config.data.dataset
         if not classifier_ready(dataset, self._classifier_dir):
             self._set_phase("fitting classifier")
         classifier, _ = load_or_fit_classifier(dataset, self._classifier_dir, self._device, self._data_root,
