@@ -247,13 +247,14 @@ def _decoded(scan: FolderScan, size: int, cache_dir: str | os.PathLike | None) -
     return save_cached(scan.fingerprint, size, images, labels, colour, skipped, sizes, cache_dir)
 
 
-def resolve_data_config(data: DataConfig, channels_given: bool = True) -> DataConfig:
+def resolve_data_config(data: DataConfig, channels_given: bool = True,
+                        cache_dir: str | os.PathLike | None = None) -> DataConfig:
     """A folder run's data section completed from the folder: fingerprint, class names and, unless the
     user chose, the channels (3 when any image has colour). Refuses what cannot be trained on."""
     if data.dataset != "folder":
         return data
     scan = scan_folder(data.data_dir)
-    decoded = _decoded(scan, data.image_size, None)
+    decoded = _decoded(scan, data.image_size, cache_dir)
     channels = data.channels if channels_given else (3 if decoded.colour else 1)
     return replace(data, data_dir=str(Path(data.data_dir).expanduser().resolve()), fingerprint=scan.fingerprint,
                    class_names=scan.class_names, channels=channels)
