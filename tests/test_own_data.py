@@ -257,3 +257,16 @@ def test_shipped_runs_read_as_28x28_grayscale_and_sample_unchanged():
                         prediction=cfg.train.prediction, shape=cfg.data.shape, **extra)
         assert result.images.shape == (4, 1, 28, 28)
         assert hashlib.sha256(np.ascontiguousarray(result.images).tobytes()).hexdigest() == digest, name
+
+
+# -- the bench's figures (their values are reported, not asserted: the machine is shared) -------------------
+def test_bench_reports_folder_loading_and_training_at_the_run_shape(capsys):
+    assert cli.main(["bench", "--smoke", "--data-load", "30", "--image-size", "32", "--channels", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    load = result["data_load"]
+    assert load["images"] == 30 and load["size"] == 32 and load["extrapolated"] is True
+    assert set(load["targets"]) == {"first_load_50k_le_60s", "cached_load_50k_le_3s"}
+    shaped = result["shaped_training"]
+    assert shaped["shape"] == [3, 32, 32]
+    for entry in shaped["train"].values():
+        assert entry["train_gflop_per_image"] > 0 and 0 < entry["fraction_of_matmul"]

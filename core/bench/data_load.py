@@ -1,4 +1,6 @@
-"""`python -m core bench --data-load N`: how fast a folder of N generated 32x32 RGB PNGs becomes a tensor.
+"""`python -m core bench --data-load N` and `--image-size/--channels/--dataset`: own-data figures.
+
+How fast a folder of N generated 32x32 RGB PNGs becomes a tensor.
 
 Two figures, measured in one run on the same folder: the first load (scan, decode every file, write
 the verified cache) and the second (scan, read and verify the cache). The folder is written by the
@@ -8,15 +10,22 @@ the first time and <= 3 s from the cache on 2 CPU cores. Reported, never asserte
 """
 from __future__ import annotations
 
+import argparse
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from ..config import DataConfig
+import torch
+
+from ..config import PRESETS, DataConfig, override
+from ..device import resolve_device
 from ..data.cache import cache_root
 from ..data.folder import load_folder, resolve_data_config
 from ..data.shapes import make_shapes_folder
+from .runner import BENCH_VERSION, MODEL_PRESETS, PeakMemory, _load_average, matmul_gflops, measure_training, \
+    plan_of, print_result
 
 TARGET_FIRST_S_PER_50K = 60.0
 TARGET_CACHED_S_PER_50K = 3.0
@@ -60,12 +69,6 @@ def measure_shaped_training(plan, device: str, dataset: str | None, image_size: 
     """Training speed of both presets' networks at another data shape (e.g. 32x32x3), as a fraction of the
     matmul rate measured in the same run, before and after. Pixels are seeded random ones of the shape
     (a step's speed does not depend on them); sampling is measured at 28x28 by the full bench only."""
-    import torch
-
-    from ..config import override
-    from ..device import resolve_device
-    from .runner import MODEL_PRESETS, PRESETS, PeakMemory, matmul_gflops, measure_training
-
     dev = resolve_device(device)
     configs = {}
     for name, preset_name in MODEL_PRESETS.items():
@@ -87,3 +90,21 @@ def measure_shaped_training(plan, device: str, dataset: str | None, image_size: 
     return {"shape": list(shape), "dataset": configs["unet"].data.dataset, "data": f"synthetic uint8 {tuple(shape)}",
             "matmul_gflops": round(best, 2), "matmul_rounds_gflops": [round(g, 2) for g in rounds], "train": train,
             "targets": {"improved_unet_fraction_of_matmul_ge_0.65": train["improved_unet"]["fraction_of_matmul"] >= 0.65}}
+
+
+def wants(args: argparse.Namespace) -> bool:
+    """Whether the flags ask for these figures instead of the full bench."""
+    return args.data_load is not None or bool(args.dataset or args.image_size or args.channels)
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = plan_of(args)
+    result = {"bench_version": BENCH_VERSION, "mode": plan.mode, "load_average_at_start": _load_average(),
+              "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
+    if args.data_load is not None:
+        result["data_load"] = measure_data_load(args.data_load)
+    if args.dataset or args.image_size or args.channels:
+        result["shaped_training"] = measure_shaped_training(plan, args.device, args.dataset, args.image_size,
+                                                            args.channels, args.data_root)
+    result["load_average_at_end"] = _load_average()  # other processes' load skews every figure
+    return print_result(result, args.out)

@@ -726,26 +726,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the network --ddp trains (default the book's unet)")
 
 
-def run(args: argparse.Namespace) -> int:
+def plan_of(args: argparse.Namespace) -> BenchPlan:
+    """The plan the flags ask for: --smoke, --quick or the full one, with --batch-size / --samples."""
     plan = SMOKE if args.smoke else QUICK if args.quick else FULL
     changes = {"ablate": plan.ablate and not args.no_ablation}
     if args.batch_size is not None:
         changes["batch_size"] = args.batch_size
     if args.samples is not None:
         changes["samples"] = args.samples
-    plan = replace(plan, **changes)
+    return replace(plan, **changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = plan_of(args)
     log = (lambda message: print(f"bench: {message}", file=sys.stderr, flush=True)) if args.verbose else None
-    if args.data_load is not None or args.dataset or args.image_size or args.channels:
-        from .data_load import measure_data_load, measure_shaped_training
-        result = {"bench_version": BENCH_VERSION, "mode": plan.mode, "load_average_at_start": _load_average(),
-                  "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
-        if args.data_load is not None:
-            result["data_load"] = measure_data_load(args.data_load)
-        if args.dataset or args.image_size or args.channels:
-            result["shaped_training"] = measure_shaped_training(plan, args.device, args.dataset, args.image_size,
-                                                                args.channels, args.data_root)
-        result["load_average_at_end"] = _load_average()
-        return print_result(result, args.out)
     result = run_bench(plan, args.device, channels_last=args.channels_last, compile=args.compile,
                        data_root=args.data_root, synthetic_data=args.synthetic_data,
                        reference=not args.no_reference, log=log)
