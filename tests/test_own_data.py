@@ -199,6 +199,8 @@ def test_a_folder_that_changed_refuses_resume_unless_allowed(tmp_path, capsys):
     err = _error(capsys, [*base, "--resume", "--max-steps", "3"])
     assert "the folder changed since the run was made" in err and "--allow-data-change" in err
     assert (runs_dir / "r" / "config.json").read_bytes() == before
+    with pytest.raises(ImageFolderError, match="changed since the run was made"):  # the queue's and API's path
+        train_run(runs_dir / "r", resume=True)
     assert cli.main([*base, "--resume", "--max-steps", "3", "--allow-data-change"]) == 0
     assert json.loads((runs_dir / "r" / "config.json").read_text())["data"]["fingerprint"] == scan_folder(shapes).fingerprint
 

@@ -261,7 +261,7 @@ def resolve_data_config(data: DataConfig, channels_given: bool = True,
 
 
 def load_folder(data: DataConfig, split: str = "train", *, cache_dir: str | os.PathLike | None = None,
-                allow_change: bool = True) -> ImageSet:
+                allow_change: bool = False) -> ImageSet:
     """The folder's images at the run's shape (uint8 (N, C, S, S)), through the decoded cache."""
     if split != "train":
         raise ImageFolderError(f"split = {split!r} is not allowed: an image folder is one training set "

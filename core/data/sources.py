@@ -15,12 +15,13 @@ from .transforms import conform
 
 
 def load_run_images(data: DataConfig, split: str = "train", data_root: str | os.PathLike | None = None,
-                    *, cache_dir: str | os.PathLike | None = None, allow_change: bool = True) -> ImageSet:
+                    *, cache_dir: str | os.PathLike | None = None, allow_change: bool = False) -> ImageSet:
     """The run's images of `split` as uint8 (N, C, H, W) at `data.shape`.
 
     A folder has one split only (its images are the training set; "test" is refused there), is read
-    through the decoded cache under `cache_dir`, and with `allow_change=False` is refused when its
-    fingerprint differs from the one the run recorded.
+    through the decoded cache under `cache_dir`, and is refused when its fingerprint differs from the
+    one the run recorded (a queued or resumed run never trains on other data unnoticed), unless
+    `allow_change` (the CLI records the new fingerprint on `--resume --allow-data-change` instead).
     """
     if data.dataset == "folder":
         from .folder import load_folder  # the folder reader imports PIL plugins: only when a folder is used
