@@ -21,13 +21,29 @@ from . import safejson
 #    unconditional runs. An older reader refuses the new fields, so a format-3 folder says so first.
 # 4: the training objective (`train.prediction`, `train.min_snr_gamma`); formats 1-3 read as the
 #    book's ε-prediction with the plain MSE.
-FORMAT_VERSION = 4
+# 5: the data section (`data.dataset`, image size, channels, the folder and its fingerprint); formats
+#    1-4 read as today: their `train.dataset` moves to `data.dataset`, 28x28, one channel.
+FORMAT_VERSION = 5
 
 MODEL_NAMES = ("unet", "improved_unet")
 NORM_NAMES = ("group", "batch")
 SCHEDULE_NAMES = ("linear", "cosine")
 OPTIMIZER_NAMES = ("adam", "adamw")
-DATASET_NAMES = ("fashion_mnist", "mnist")
+DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "folder")
+BUILTIN_DATASETS = ("fashion_mnist", "mnist", "cifar10")
+# (channels, size) of each built-in dataset as stored; a run may ask for another size or channel count.
+BUILTIN_SHAPES = {"fashion_mnist": (1, 28), "mnist": (1, 28), "cifar10": (3, 32)}
+BUILTIN_CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    "mnist": tuple(str(i) for i in range(10)),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
+# 16 to 64 pixels, a multiple of 4: the book's UNet halves twice, and beyond 64 a CPU cannot train.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 64
+CHANNEL_COUNTS = (1, 3)
+FOLDER_SIZE_DEFAULT = 32
+MAX_CLASS_NAME = 100
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp2m", "dpmpp2m-sde")
 SPACING_NAMES = ("uniform", "logsnr")   # sampler timesteps: even in t, or even in log-SNR λ
@@ -48,7 +64,7 @@ MAX_SAMPLES = 10_000  # more than this is almost surely a typo, and would take h
 # Display names, one place for the CLI, the reports and every dashboard page.
 MODEL_LABELS = {"unet": "UNet", "improved_unet": "ImprovedUNet"}
 OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW"}
-DATASET_LABELS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
+DATASET_LABELS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR-10", "folder": "image folder"}
 SAMPLER_LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)",
                   "dpmpp2m-sde": "DPM-Solver++(2M) SDE"}
 PIXEL_RANGE_LABELS = {"unit": "[0, 1]", "symmetric": "[-1, 1]"}
@@ -149,11 +165,10 @@ class ModelConfig:
         _check_int("time_embed_dim", self.time_embed_dim, 2, 4096)
         if self.time_embed_dim % 2:
             _fail("time_embed_dim", self.time_embed_dim, "it must be even (sin and cos pairs)")
-        # Data, sampling, export and the classifier are all 1-channel 28x28: refuse here rather than
-        # fail deep inside training.
+        # The network sees the data's channels (RunConfig checks they agree with `data.channels`).
         for name in ("in_channels", "out_channels"):
-            if getattr(self, name) != 1:
-                _fail(name, getattr(self, name), "only 1-channel (grayscale) 28x28 images are supported")
+            if getattr(self, name) not in CHANNEL_COUNTS:
+                _fail(name, getattr(self, name), "use 1 (grayscale) or 3 (colour)")
         _check_int("num_classes", self.num_classes, 0, MAX_CLASSES)
         if self.num_classes == 1:
             _fail("num_classes", self.num_classes, "use 0 (unconditional) or the number of classes, e.g. 10")
@@ -188,8 +203,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train: data, optimizer, length, and the safety nets."""
-    dataset: str = "fashion_mnist"
+    """How to train: optimizer, length, and the safety nets (what it trains on is `DataConfig`)."""
     pixel_range: str = "unit"
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -230,7 +244,6 @@ class TrainConfig:
         if not isinstance(self.betas, (list, tuple)):
             _fail("betas", self.betas, "give two numbers, like 0.9 0.999")
         object.__setattr__(self, "betas", tuple(self.betas))
-        _check_choice("dataset", self.dataset, DATASET_NAMES)
         _check_choice("pixel_range", self.pixel_range, PIXEL_RANGES)
         _check_choice("optimizer", self.optimizer, OPTIMIZER_NAMES)
         _check_float("lr", self.lr, 0.0, 1.0, low_inclusive=False)
@@ -329,12 +342,95 @@ class SampleConfig:
         return "-".join(parts)
 
 
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the run trains on, complete enough to rebuild it anywhere.
+
+    `dataset` is a built-in source (fashion_mnist, mnist, cifar10) or `folder`: images under `data_dir`
+    (the ImageFolder convention: two or more subfolders are classes, a flat folder is unlabelled).
+    Every image is resized (shorter side) and centre-cropped to `image_size` and converted to `channels`.
+    For a folder, `fingerprint` (sha256 of the files' paths, sizes and mtimes) and `class_names` record
+    what the run saw, so a resume can tell that the folder changed and a run folder names its classes
+    without the images. `hflip` mirrors half of each batch at random while training.
+    """
+    dataset: str = "fashion_mnist"
+    data_dir: str = ""                       # folder only: where the images are
+    image_size: int = 28
+    channels: int = 1
+    hflip: bool = False
+    fingerprint: str = ""                    # folder only: sha256 hex of (path, size, mtime) of every file
+    class_names: tuple[str, ...] = ()        # folder only: subfolder names in sorted order; () = unlabelled
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.class_names, (list, tuple)):
+            _fail("class_names", self.class_names, "give a list of names")
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        _check_choice("dataset", self.dataset, DATASET_NAMES)
+        _check_int("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        if self.image_size % 4:
+            _fail("image_size", self.image_size, f"use a multiple of 4 from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} "
+                  "(the networks halve the image twice)")
+        if isinstance(self.channels, bool) or self.channels not in CHANNEL_COUNTS:
+            _fail("channels", self.channels, "use 1 (grayscale) or 3 (colour)")
+        if not isinstance(self.hflip, bool):
+            _fail("hflip", self.hflip, "it must be true or false")
+        if not isinstance(self.data_dir, str) or len(self.data_dir) > 4096 or "\x00" in self.data_dir:
+            _fail("data_dir", self.data_dir, "give a folder path as text (at most 4096 characters)")
+        if not isinstance(self.fingerprint, str) or (self.fingerprint and not _HEX64.fullmatch(self.fingerprint)):
+            _fail("fingerprint", self.fingerprint, "it must be empty or 64 lowercase hex digits (sha256)")
+        if self.dataset == "folder":
+            if not self.data_dir:
+                _fail("data_dir", self.data_dir, "--dataset folder needs --data-dir PATH, the folder of images")
+            self._check_class_names()
+        elif self.data_dir or self.fingerprint or self.class_names:
+            _fail("data_dir", self.data_dir, f"data_dir, fingerprint and class_names belong to --dataset folder, "
+                  f"not {self.dataset}")
+
+    def _check_class_names(self) -> None:
+        names = self.class_names
+        if len(names) == 1 or len(names) > MAX_CLASSES:
+            _fail("class_names", f"{len(names)} names", f"give none (unlabelled) or 2 to {MAX_CLASSES}")
+        for name in names:
+            if not isinstance(name, str) or not 1 <= len(name) <= MAX_CLASS_NAME or not name.isprintable():
+                _fail("class_names", name, f"each name must be 1 to {MAX_CLASS_NAME} printable characters")
+        if len(set(names)) != len(names):
+            _fail("class_names", names, "the names must differ")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image the run trains on and samples."""
+        return (self.channels, self.image_size, self.image_size)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The class names: the built-in dataset's, or the folder's subfolders (() when unlabelled)."""
+        return BUILTIN_CLASS_NAMES.get(self.dataset, self.class_names)
+
+    @property
+    def source_label(self) -> str:
+        """e.g. "FashionMNIST" or "image folder shapes/ (3 classes)": how reports name the data."""
+        if self.dataset != "folder":
+            return DATASET_LABELS[self.dataset]
+        kind = f"{len(self.class_names)} classes" if self.class_names else "unlabelled"
+        return f"folder {self.data_dir} ({kind})"
+
+
+def data_defaults(dataset: str) -> tuple[int, int]:
+    """(channels, image_size) a dataset gets when the user names neither: a built-in's own, 32 for folders
+    (channels for folders are found from the images, so this 3 is only a placeholder)."""
+    return BUILTIN_SHAPES.get(dataset, (3, FOLDER_SIZE_DEFAULT))
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run folder needs to rebuild its model, schedule and optimizer."""
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -343,6 +439,16 @@ class RunConfig:
             _fail("format_version", self.format_version,
                   f"this run was written by a newer version (this one reads up to "
                   f"{FORMAT_VERSION}); update the workbench to open it")
+        for name in ("in_channels", "out_channels"):
+            if getattr(self.model, name) != self.data.channels:
+                _fail(name, getattr(self.model, name), f"the network must see the data's {self.data.channels} "
+                      "channel(s) (set --channels, which sets both)")
+        names = self.data.names
+        if self.model.num_classes and self.model.num_classes != len(names):
+            allowed = (f"{self.data.source_label} has {len(names)} classes; use that or 0" if names else
+                       f"{self.data.source_label} has no classes (a flat folder): use 0, or put the images in "
+                       "two or more subfolders, one per class")
+            _fail("num_classes", self.model.num_classes, allowed)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -354,10 +460,10 @@ class RunConfig:
     def from_dict(cls, data: Any) -> "RunConfig":
         if not isinstance(data, dict):
             raise ConfigError("config is not a JSON object")
-        unknown = sorted(str(k)[:40] for k in data if k not in ("format_version", "model", "schedule", "train"))
+        unknown = sorted(str(k)[:40] for k in data if k not in ("format_version", "model", "schedule", "train", "data"))
         if unknown:  # as inside a section: a misspelt or foreign key is a mistake, not something to ignore
             raise ConfigError(f"config has unknown top-level keys: {', '.join(unknown[:5])}"
-                              f"{' …' if len(unknown) > 5 else ''} (it holds format_version, model, schedule, train)")
+                              f"{' …' if len(unknown) > 5 else ''} (it holds format_version, model, schedule, train, data)")
         version = data.get("format_version")
         if version is None:
             raise ConfigError("config misses the field format_version")
@@ -366,7 +472,14 @@ class RunConfig:
             _fail("format_version", version, f"this run was written by a newer version (this one "
                   f"reads up to {FORMAT_VERSION}); update the workbench to open it")
         parts = {}
-        for name, kind in (("model", ModelConfig), ("schedule", ScheduleConfig), ("train", TrainConfig)):
+        if version < 5 and "data" in data:
+            raise ConfigError(f"config has a section format {version} does not know: 'data' "
+                              "(a newer run with an edited format_version?)")
+        for name, kind in (("model", ModelConfig), ("schedule", ScheduleConfig), ("train", TrainConfig),
+                           ("data", DataConfig)):
+            if version < 5 and name == "data":
+                parts[name] = _data_of_old_format(data["train"])
+                continue
             if name not in data:
                 raise ConfigError(f"config misses the section {name!r}")
             section = data[name]
@@ -374,6 +487,10 @@ class RunConfig:
                 # Format 1 trained on the unscaled linear schedule: the run keeps it.
                 section = {"scale_to_timesteps": False, **section}
             _check_fields_of_format(section, name, version)
+            if name == "train" and version < 5 and isinstance(section, dict):
+                if "dataset" not in section:
+                    raise ConfigError("config section 'train' misses the fields: dataset")
+                section = {k: v for k, v in section.items() if k != "dataset"}
             parts[name] = _dataclass_from_dict(kind, section, name)
         # Read as the current format: the fields it lacked now hold the values that reproduce it.
         return cls(**parts)
@@ -395,8 +512,19 @@ REQUIRED_FIELDS = {
     "model": ("name", "base_channels", "channel_mults", "num_res_blocks", "attention", "norm",
               "time_embed_dim"),
     "schedule": ("timesteps", "schedule", "beta_start", "beta_end"),
-    "train": ("dataset", "pixel_range", "optimizer"),
+    "train": ("pixel_range", "optimizer"),   # and, in formats 1-4, dataset (now the data section's)
+    "data": ("dataset", "image_size", "channels"),
 }
+# Formats 1-4 trained on 28x28 grayscale FashionMNIST or MNIST, named in `train.dataset`.
+OLD_DATASETS = ("fashion_mnist", "mnist")
+
+
+def _data_of_old_format(train: Any) -> DataConfig:
+    """The data section a format 1-4 run implies: its `train.dataset` at 28x28, one channel."""
+    dataset = train.get("dataset") if isinstance(train, dict) else None
+    if dataset is not None and dataset not in OLD_DATASETS:
+        _fail("dataset", dataset, "a format 1-4 run trained on " + " or ".join(OLD_DATASETS))
+    return DataConfig(dataset=dataset or "fashion_mnist", image_size=28, channels=1)
 
 
 # Fields a format introduced: an older file that holds one was not written by this project (or was
@@ -423,15 +551,15 @@ def _check_fields_of_format(data: Any, section: str, version: int) -> None:
 def _dataclass_from_dict(kind: type, data: Any, section: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config section {section!r} is not a JSON object")
-    known = {f.name for f in fields(kind)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"config section {section!r} has unknown fields: {', '.join(unknown)}")
     # Fields added after format 1 may be absent (they take their defaults), but a run whose file
     # lacks what shapes its weights or its schedule would silently rebuild the wrong network.
     missing = [name for name in REQUIRED_FIELDS.get(section, ()) if name not in data]
     if missing:
         raise ConfigError(f"config section {section!r} misses the fields: {', '.join(missing)}")
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config section {section!r} has unknown fields: {', '.join(unknown)}")
     try:
         return kind(**data)
     except TypeError as exc:  # pragma: no cover - every field has a default
@@ -530,7 +658,8 @@ FIELD_ALIASES = {"model": "name", "model_name": "name"}  # flat names for ModelC
 def field_section(key: str) -> tuple[str, str]:
     """(section, field) of a flat setting name such as "lr" or "model"; ConfigError if unknown."""
     key = FIELD_ALIASES.get(key, key)
-    for section, kind in (("model", ModelConfig), ("schedule", ScheduleConfig), ("train", TrainConfig)):
+    for section, kind in (("model", ModelConfig), ("schedule", ScheduleConfig), ("train", TrainConfig),
+                          ("data", DataConfig)):
         if key in {f.name for f in fields(kind)}:
             return section, key
     raise ConfigError(f"unknown setting {key!r}")
@@ -547,15 +676,25 @@ def override(config: RunConfig, **changes: Any) -> RunConfig:
 
     `None` means "not given" so CLI flags and form fields can be passed straight through.
     """
-    sections: dict[str, dict[str, Any]] = {"model": {}, "schedule": {}, "train": {}}
+    sections: dict[str, dict[str, Any]] = {"model": {}, "schedule": {}, "train": {}, "data": {}}
     for key, value in changes.items():
         if value is None:
             continue
         section, name = field_section(key)
         sections[section][name] = value
+    data = sections["data"]
+    if data.get("dataset", config.data.dataset) != config.data.dataset:
+        # Another source: its own size and channels unless given, and none of the old folder's record.
+        channels, size = data_defaults(data["dataset"])
+        data = {"data_dir": "", "fingerprint": "", "class_names": (), "image_size": size, "channels": channels,
+                **data}
+    new_data = replace(config.data, **data)
+    # The network's channels are the data's: one setting, never two that disagree.
+    model = {"in_channels": new_data.channels, "out_channels": new_data.channels, **sections["model"]}
     return replace(
         config,
-        model=replace(config.model, **sections["model"]),
+        model=replace(config.model, **model),
         schedule=replace(config.schedule, **sections["schedule"]),
         train=replace(config.train, **sections["train"]),
+        data=new_data,
     )

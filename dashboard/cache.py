@@ -19,6 +19,7 @@ from core.data.datasets import (DatasetNotFoundError, ImageSet, ensure_dataset, 
 from core.device import resolve_device
 from core.evaluation.diagnostics import loss_by_timestep
 from core.models import build_model
+from core.store.export import to_display
 from core.work import estimates
 from core.diffusion.sampling import sample
 from core.diffusion.schedule import NoiseScheduler
@@ -92,7 +93,7 @@ def preview_samples(run_dir: str, mtime: float, seed: int, steps: int = DEFAULT_
     config = SampleConfig(sampler=sampler, steps=steps, n=n, seed=seed)
     return sample(loaded.model, sched, config, pixel_range=loaded.config.train.pixel_range,
                   clip_default=loaded.config.train.clip_denoised, device=DEVICE,
-                  prediction=loaded.config.train.prediction).images
+                  prediction=loaded.config.train.prediction, shape=loaded.config.data.shape).images
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -101,7 +102,7 @@ def timestep_losses(run_dir: str, mtime: float, buckets: int = 10, n_images: int
     """(t_low, t_high, loss) per bucket on the first `n_images` test images of the run's dataset;
     `space` "eps" is the training loss, "x0" the error of the predicted clean image in [0, 1] units."""
     loaded = trained_model(run_dir, mtime, True)
-    test = dataset(loaded.config.train.dataset, "test")
+    test = dataset(loaded.config.data.dataset, "test")
     result = loss_by_timestep(loaded.model, scheduler_for(loaded.config), test.images[:n_images],
                               pixel_range=loaded.config.train.pixel_range, buckets=buckets, seed=seed,
                               device=DEVICE, prediction=loaded.config.train.prediction)
@@ -122,9 +123,9 @@ def forward_example(dataset_name: str, index: int, timesteps: int, schedule: str
     t_all = torch.arange(1, timesteps + 1)
     x_t = sched.add_noise(x_0.expand(timesteps, -1, -1, -1), t_all, noise.expand(timesteps, -1, -1, -1))
     return {
-        "x0": to_uint8(x_0, pixel_range).numpy()[0],
-        "noise": to_uint8(noise, "symmetric").numpy()[0],  # ε shown with 0 as mid-grey
-        "xt": to_uint8(x_t, pixel_range).numpy(),          # (T, 28, 28)
+        "x0": to_display(to_uint8(x_0, pixel_range).numpy())[0],
+        "noise": to_display(to_uint8(noise, "symmetric").numpy())[0],  # ε shown with 0 as mid-grey
+        "xt": to_display(to_uint8(x_t, pixel_range).numpy()),          # (T, H, W) or (T, H, W, 3)
         "alpha_bars": sched.alpha_bars.numpy(),
     }
 
@@ -139,14 +140,16 @@ def strip_timesteps(timesteps: int, count: int = 10) -> tuple[int, ...]:
 def forward_seconds(run_dir: str, mtime: float, use_ema: bool, batch: int) -> float:
     """One forward pass of `batch` images through this run's network, timed here after warm-up: the
     estimates' fallback before this machine has recorded any work with the network."""
-    return estimates.measure_forward_seconds(trained_model(run_dir, mtime, use_ema).model, batch, DEVICE)
+    loaded = trained_model(run_dir, mtime, use_ema)
+    return estimates.measure_forward_seconds(loaded.model, batch, DEVICE, shape=loaded.config.data.shape)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def config_forward_seconds(config: ModelConfig, batch: int) -> float:
+def config_forward_seconds(config: ModelConfig, batch: int, shape: tuple[int, int, int] = (1, 28, 28)) -> float:
     """The same for a network not trained yet (the Train form's estimate), at fresh weights on the CPU
     (training picks its device itself; the CPU is the slower, so the estimate errs long)."""
-    return estimates.measure_forward_seconds(build_model(config), min(batch, 256), "cpu") * max(1.0, batch / 256)
+    return estimates.measure_forward_seconds(build_model(config), min(batch, 256), "cpu",
+                                             shape=shape) * max(1.0, batch / 256)
 
 
 def sampling_estimate(info: runs.RunInfo, sampler: str, steps: int, n: int, use_ema: bool = True,
@@ -156,7 +159,7 @@ def sampling_estimate(info: runs.RunInfo, sampler: str, steps: int, n: int, use_
         return forward_seconds(str(info.path), weights_mtime(info.path, use_ema), use_ema, batch)
 
     steps = info.config.schedule.timesteps if sampler == "ddpm" else steps
-    return estimates.estimate_sampling(estimates.read_timings(info.path.parent), estimates.network_key(info.config.model),
+    return estimates.estimate_sampling(estimates.read_timings(info.path.parent), estimates.network_key(info.config.model, info.config.data.shape),
                                        DEVICE.type, sampler + ("+cfg" if guided else ""), steps, n,
                                        SampleConfig.batch_size, calibrate)
 
@@ -165,9 +168,10 @@ def training_estimate(runs_folder: Path, config: RunConfig, steps: int) -> estim
     """How long `steps` optimiser steps of this config take here."""
     # "auto" is what this machine picks; a named device is taken as named (Train says if it is missing).
     device = resolve_device("auto").type if config.train.device == "auto" else config.train.device.split(":")[0]
-    work = estimates.Work("train", estimates.network_key(config.model), device, config.train.batch_size)
+    work = estimates.Work("train", estimates.network_key(config.model, config.data.shape), device,
+                          config.train.batch_size)
     found = estimates.estimate_steps(estimates.read_timings(runs_folder), work, steps,
-                                     lambda batch: config_forward_seconds(config.model, batch))
+                                     lambda batch: config_forward_seconds(config.model, batch, config.data.shape))
     assert found is not None  # a calibration was given
     return found
 

@@ -57,13 +57,13 @@ def scaled_grid(images: np.ndarray, ncol: int | None = None, target_px: int = 42
     """A grid upscaled by whole pixels (nearest neighbour) to about `target_px` wide: crisp, not blurry."""
     grid = make_grid(images, ncol=ncol)
     scale = max(1, target_px // grid.shape[1])
-    return np.kron(grid, np.ones((scale, scale), np.uint8)) if scale > 1 else grid
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else grid  # (h, w) or (h, w, 3)
 
 
 def upscale(image: np.ndarray, target_px: int) -> np.ndarray:
-    """One uint8 (H, W) image upscaled by whole pixels to about `target_px` wide."""
+    """One uint8 (H, W) or (H, W, 3) image upscaled by whole pixels to about `target_px` wide."""
     scale = max(1, target_px // image.shape[1])
-    return np.kron(image, np.ones((scale, scale), np.uint8)) if scale > 1 else image
+    return image.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else image
 
 
 def run_label(info: RunInfo) -> str:

@@ -45,7 +45,7 @@ def evaluate_ui(info: runs.RunInfo, prefix: str) -> None:
     n = c3.number_input("Images (N)", min_value=2, max_value=10_000, value=DEFAULT_N, step=100,
                         key=f"{prefix}_eval_n", help="Compare only figures taken at the same N (the CLI uses 1000)")
     params = {"sampler": sampler, "steps": 0 if sampler == "ddpm" else int(steps), "n": int(n)}
-    ready = classifier_ready(info.config.train.dataset)
+    ready = classifier_ready(info.config.data.dataset)
     sampling = cache.sampling_estimate(info, sampler, params["steps"], int(n))
     seconds = estimates.estimate_evaluation(sampling, int(n), ready).seconds
     note = "" if ready else " (including fitting the feature classifier once, about 3 minutes)"

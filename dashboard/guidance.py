@@ -41,7 +41,7 @@ def conditional_ui(info: runs.RunInfo, n: int) -> dict:
     config = info.config
     if config is None or not config.model.conditional:
         return {}
-    names = class_names(config.train.dataset)
+    names = class_names(config.data)
     c1, c2, c3 = st.columns([2, 2, 1], vertical_alignment="bottom")
     picked = c1.selectbox("Class", [ALL_CLASSES, *range(len(names))], key="rev_class", persist_state="session",
                           format_func=lambda k: "All classes (one row per class)" if k == ALL_CLASSES
@@ -63,7 +63,7 @@ def conditional_params(info: runs.RunInfo, n: int) -> dict:
     picked, guidance = state["rev_class"], float(state["rev_guidance"])
     if picked == ALL_CLASSES:
         per_class = int(state["rev_per_class"])
-        labels = per_class_labels(range(len(class_names(config.train.dataset))), per_class).tolist()
+        labels = per_class_labels(range(len(class_names(config.data))), per_class).tolist()
         return {"labels": labels, "guidance": guidance, "n": len(labels), "ncol": per_class}
     return {"labels": [int(picked)] * n, "guidance": guidance, "n": n, "ncol": None}
 
@@ -116,7 +116,8 @@ def guided_grids(run_dir: str, mtime: float, use_ema: bool, sampler: str, steps:
     config = SampleConfig(sampler=sampler, steps=steps, n=len(labels), seed=seed)
     train = loaded.config.train
     return [sample(loaded.model, sched, config, pixel_range=train.pixel_range, clip_default=train.clip_denoised,
-                   device=cache.DEVICE, labels=torch.tensor(labels), guidance=g, prediction=train.prediction).images
+                   device=cache.DEVICE, labels=torch.tensor(labels), guidance=g, prediction=train.prediction,
+                   shape=loaded.config.data.shape).images
             for g in scales]
 
 

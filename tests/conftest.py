@@ -37,18 +37,18 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.
 def make_tiny_images(n: int = 256, seed: int = 0) -> ImageSet:
     """Bright rectangles on black, 10 classes by position: enough structure to learn in a few steps."""
     gen = torch.Generator().manual_seed(seed)
-    images = torch.zeros((n, 28, 28), dtype=torch.uint8)
+    images = torch.zeros((n, 1, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (n,), generator=gen)
     for i in range(n):
         r, c = divmod(int(labels[i]), 5)
         top, left = 4 + r * 10, 2 + c * 5
-        images[i, top:top + 10, left:left + 5] = int(torch.randint(150, 256, (1,), generator=gen))
+        images[i, 0, top:top + 10, left:left + 5] = int(torch.randint(150, 256, (1,), generator=gen))
     return ImageSet(images=images, labels=labels, dataset="fashion_mnist", split="train")
 
 
 def tiny_config(**train_changes) -> RunConfig:
     """A run that trains in about a second: small ImprovedUNet, T = 20, CPU."""
-    train = TrainConfig(dataset="fashion_mnist", optimizer="adamw", lr=2e-3, batch_size=32, epochs=1,
+    train = TrainConfig(optimizer="adamw", lr=2e-3, batch_size=32, epochs=1,
                         max_steps=6, device="cpu", sample_every_epochs=0, grid_steps=5,
                         checkpoint_every_s=0.0, log_every=2, channels_last=False, pixel_range="symmetric")
     return RunConfig(
@@ -59,19 +59,17 @@ def tiny_config(**train_changes) -> RunConfig:
     )
 
 
+def as_format(config: dict, version: int) -> dict:
+    """A current config dict written as format `version` (1-4): the data section folded back into
+    `train.dataset`, as every run under checkpoints/ holds it."""
+    old = {k: v for k, v in config.items() if k != "data"}
+    old["train"] = {**config["train"], "dataset": config.get("data", {}).get("dataset", "fashion_mnist")}
+    return {**old, "format_version": version}
+
+
 @pytest.fixture
 def tiny_images() -> ImageSet:
     return make_tiny_images()
-
-
-@pytest.fixture
-def tiny_run(tmp_path, tiny_images) -> Path:
-    """A finished tiny run folder (with EMA) in a temporary runs dir."""
-    from core.store import runs
-    from core.train.training import train_run
-    run_dir = runs.create_run(tmp_path / "runs", "tiny", tiny_config(ema_decay=0.9))
-    train_run(run_dir, images=tiny_images)
-    return run_dir
 
 
 class TrainedRuns:

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from core.store import runs
-from core.config import (ConfigError, ModelConfig, RunConfig, SampleConfig, ScheduleConfig, TrainConfig,
+from core.config import (ConfigError, DataConfig, ModelConfig, RunConfig, SampleConfig, ScheduleConfig, TrainConfig,
                          check_run_name, override, preset)
 from core.data.datasets import ImageSet
 from core.models import build_model
@@ -56,8 +56,10 @@ API_CASES = [
     ("ddim-steps-over-T", lambda: SampleConfig(sampler="ddim", steps=21).resolved_steps(20),
      ["steps = 21", "between 1 and T = 20"]),
     ("ddim-steps-negative", lambda: SampleConfig(sampler="ddim", steps=-1), ["steps = -1", "at least 0"]),
-    ("in-channels", lambda: ModelConfig(in_channels=3), ["in_channels = 3", "1-channel (grayscale) 28x28"]),
-    ("out-channels", lambda: ModelConfig(out_channels=2), ["out_channels = 2", "1-channel"]),
+    ("in-channels", lambda: ModelConfig(in_channels=2), ["in_channels = 2", "1 (grayscale) or 3 (colour)"]),
+    ("out-channels", lambda: ModelConfig(out_channels=2), ["out_channels = 2", "1 (grayscale) or 3"]),
+    ("channels-disagree", lambda: RunConfig(model=ModelConfig(in_channels=3, out_channels=3)),
+     ["in_channels = 3", "the data's 1 channel(s)"]),
     ("spacing", lambda: SampleConfig(spacing="karras"), ["spacing = 'karras'", "uniform, logsnr"]),
     ("sampler-name", lambda: SampleConfig(sampler="euler"), ["sampler = 'euler'", "dpmpp2m"]),
     ("clip-name", lambda: SampleConfig(clip="yes"), ["clip = 'yes'", "auto, on, off"]),
@@ -72,7 +74,14 @@ API_CASES = [
     ("n-absurd", lambda: SampleConfig(n=10**9), ["n = 1000000000", "at most 10000"]),
     ("unknown-model", lambda: ModelConfig(name="transformer"), ["model = 'transformer'", "unet, improved_unet"]),
     ("unknown-optimizer", lambda: TrainConfig(optimizer="sgd"), ["optimizer = 'sgd'", "adam, adamw"]),
-    ("unknown-dataset", lambda: TrainConfig(dataset="cifar10"), ["dataset = 'cifar10'", "fashion_mnist, mnist"]),
+    ("unknown-dataset", lambda: DataConfig(dataset="imagenet"), ["dataset = 'imagenet'", "fashion_mnist, mnist, cifar10, folder"]),
+    ("image-size-not-multiple-of-4", lambda: DataConfig(image_size=30), ["image_size = 30", "multiple of 4"]),
+    ("image-size-too-large", lambda: DataConfig(image_size=128), ["image_size = 128", "at most 64"]),
+    ("image-size-too-small", lambda: DataConfig(image_size=8), ["image_size = 8", "at least 16"]),
+    ("channels-two", lambda: DataConfig(channels=2), ["channels = 2", "1 (grayscale) or 3 (colour)"]),
+    ("folder-without-dir", lambda: DataConfig(dataset="folder"), ["data_dir = ''", "--data-dir PATH"]),
+    ("one-class-name", lambda: DataConfig(dataset="folder", data_dir="x", class_names=("a",)),
+     ["class_names", "none (unlabelled) or 2"]),
     ("unknown-sampler", lambda: SampleConfig(sampler="euler"), ["sampler = 'euler'", "ddpm, ddim"]),
     ("unknown-device-config", lambda: TrainConfig(device="tpu"), ["device = 'tpu'", "auto, cpu, cuda, mps"]),
     ("unknown-device-resolve", lambda: resolve_device("tpu"), ["device = 'tpu'", "auto, cpu, cuda, mps"]),
@@ -126,14 +135,15 @@ def test_api_batch_larger_than_the_images_given(tmp_path):
 
 
 @pytest.mark.parametrize("images, shown", [
-    (torch.rand(64, 28, 28), "torch.float32 (64, 28, 28)"),        # floats in [0, 1]: would train on black
-    (torch.zeros(64, 28, 27, dtype=torch.uint8), "torch.uint8 (64, 28, 27)"),  # wrong size
-], ids=["float-pixels", "wrong-shape"])
+    (torch.rand(64, 1, 28, 28), "torch.float32 (64, 1, 28, 28)"),        # floats in [0, 1]: would train on black
+    (torch.zeros(64, 1, 28, 27, dtype=torch.uint8), "torch.uint8 (64, 1, 28, 27)"),  # wrong size
+    (torch.zeros(64, 28, 28, dtype=torch.uint8), "torch.uint8 (64, 28, 28)"),  # the old layout, no channel axis
+], ids=["float-pixels", "wrong-shape", "no-channel-axis"])
 def test_api_images_that_are_not_uint8_28x28(tmp_path, images, shown):
     run = runs.create_run(tmp_path, "imgs", tiny_config())
     bad = ImageSet(images=images, labels=torch.zeros(64, dtype=torch.int64), dataset="fashion_mnist",
                    split="train")
-    expected = f"images = {shown} is not allowed: training expects uint8 images of shape (N, 28, 28)"
+    expected = f"images = {shown} is not allowed: training expects uint8 images of shape (N, 1, 28, 28)"
     with pytest.raises(ConfigError, match=re.escape(expected)):
         train_run(run, images=bad)
     assert runs.read_status(run)["state"] == "failed"
@@ -167,7 +177,10 @@ TRAIN_CASES = [
     ("timesteps-one", ["--timesteps", "1"], ["timesteps = 1 is not allowed", "at least 2"]),
     ("unknown-model", ["--model", "transformer"], ["--model", "'transformer'", "unet"]),
     ("unknown-optimizer", ["--optimizer", "sgd"], ["--optimizer", "'sgd'", "adamw"]),
-    ("unknown-dataset", ["--dataset", "cifar10"], ["--dataset", "'cifar10'", "fashion_mnist"]),
+    ("unknown-dataset", ["--dataset", "imagenet"], ["--dataset", "'imagenet'", "fashion_mnist"]),
+    ("image-size-not-allowed", ["--image-size", "30"], ["image_size = 30 is not allowed", "multiple of 4"]),
+    ("folder-missing", ["--dataset", "folder", "--data-dir", "/no/such/folder"],
+     ["data_dir = '/no/such/folder' is not allowed", "no such folder"]),
     ("unknown-device", ["--device", "tpu"], ["--device", "'tpu'", "cpu"]),
     ("name-slash", ["--name", "a/b"], ["name = 'a/b' is not allowed", "no '/'"]),
     ("name-dotdot", ["--name", "../escape"], ["name = '../escape' is not allowed"]),

@@ -55,9 +55,9 @@ def test_train_resume_sample_round_trip(tmp_path):
     assert sampled.returncode == 0, sampled.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     images = np.load(tmp_path / "s.npy")
-    assert images.shape == (6, 28, 28) and images.dtype == np.uint8
+    assert images.shape == (6, 1, 28, 28) and images.dtype == np.uint8
     frames = np.load(tmp_path / "f.npz")
-    assert frames["x_t"].shape == (5, 6, 28, 28) and list(frames["timesteps"]) == [20, 16, 12, 8, 4]
+    assert frames["x_t"].shape == (5, 6, 1, 28, 28) and list(frames["timesteps"]) == [20, 16, 12, 8, 4]
     assert np.array_equal(frames["images"], images)
 
 

@@ -55,7 +55,7 @@ def test_pick_sneaker_at_guidance_3(cond_app):
     at.number_input(key="rev_n").set_value(4).run()
     done = generate(at)
     assert done["meta"]["labels"] == [7] * 4 and done["meta"]["guidance"] == 3.0
-    assert done["result"].images.shape == (4, 28, 28)
+    assert done["result"].images.shape == (4, 1, 28, 28)
     assert any("class Sneaker · γ = 3" in m.value for m in at.markdown)
 
 
@@ -65,7 +65,7 @@ def test_one_row_per_class(cond_app):
     done = generate(at)
     meta = done["meta"]
     assert meta["n"] == 20 and meta["ncol"] == 2 and meta["labels"] == sorted(meta["labels"])
-    assert done["result"].images.shape == (20, 28, 28)
+    assert done["result"].images.shape == (20, 1, 28, 28)
     # The rows are labelled with their classes: the grid is wider than the bare 2-column grid by the margin.
     from dashboard.guidance import LABEL_PX, labelled_rows, row_names
     names = row_names(meta, "fashion_mnist")

@@ -57,7 +57,7 @@ def test_ddim_generate_scrub_and_export(app):
     done = generate(app)
     result, meta = done["result"], done["meta"]
     assert meta["sampler"] == "ddim" and meta["steps"] == 5 and meta["used_ema"]
-    assert result.images.shape == (4, 28, 28) and result.frames_xt.shape == (5, 4, 28, 28)
+    assert result.images.shape == (4, 1, 28, 28) and result.frames_xt.shape == (5, 4, 1, 28, 28)
 
     frame = app.slider(key="rev_frame")
     assert frame.min == 0 and frame.max == 5 and frame.value == 5  # it opens on the finished images
@@ -78,7 +78,7 @@ def test_ddim_generate_scrub_and_export(app):
     with Image.open(io.BytesIO(png)) as img:
         assert img.size == (4 * (2 * 30 + 2),) * 2
         grid = np.asarray(img)
-    np.testing.assert_array_equal(grid[8:8 + 112:4, 8:8 + 112:4], result.images[0])  # image 0, top left
+    np.testing.assert_array_equal(grid[8:8 + 112:4, 8:8 + 112:4], result.images[0, 0])  # image 0, top left
     gif = reverse_gif(result.frames_xt, result.frame_timesteps, final=result.images, ncol=2, scale=3)
     assert gif[:6] == b"GIF89a"
     with Image.open(io.BytesIO(gif)) as img:
@@ -91,7 +91,7 @@ def test_ddim_generate_scrub_and_export(app):
         assert img.n_frames == 6 and img.width > 2 * single_width  # x_t | x̂0 on one canvas
     npz = np.load(io.BytesIO(frames_npz(result.images, result.frame_timesteps, result.frames_xt,
                                         result.frames_x0)))
-    assert npz["x_t"].shape == (5, 4, 28, 28) and list(npz["timesteps"]) == result.frame_timesteps
+    assert npz["x_t"].shape == (5, 4, 1, 28, 28) and list(npz["timesteps"]) == result.frame_timesteps
 
 
 def test_ddpm_runs_every_step_and_play_advances(app):

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.integration
 def test_fashion_mnist_loads_as_one_uint8_tensor():
     train = load_images("fashion_mnist", "train")
     test = load_images("fashion_mnist", "test")
-    assert train.images.shape == (60000, 28, 28) and train.images.dtype == torch.uint8
-    assert test.images.shape == (10000, 28, 28)
+    assert train.images.shape == (60000, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert test.images.shape == (10000, 1, 28, 28)
     assert torch.bincount(train.labels).tolist() == [6000] * 10  # FashionMNIST is balanced
     assert train.class_names[9] == "Ankle boot"
     assert 60 < train.images.float().mean() < 80  # mean pixel of FashionMNIST is about 72.9

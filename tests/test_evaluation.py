@@ -150,7 +150,7 @@ def test_class_statistics_math():
 
 def test_noise_images_follow_the_documented_definition():
     images = noise_images(2000, seed=4)
-    assert images.dtype == torch.uint8 and images.shape == (2000, 28, 28)
+    assert images.dtype == torch.uint8 and images.shape == (2000, 1, 28, 28)
     assert torch.equal(images, noise_images(2000, seed=4))
     saturated = ((images == 0) | (images == 255)).double().mean()
     assert float(saturated) == pytest.approx(0.3173, abs=0.01)  # P(|z| > 1) for z ~ N(0, 1)

@@ -17,6 +17,7 @@ from core.store import runs
 from core.bench.runner import SMOKE, measure_guidance
 from core.cli.main import main
 from core.config import FORMAT_VERSION, PRESETS, ConfigError, ModelConfig, RunConfig, SampleConfig, TrainConfig
+from tests.conftest import as_format
 from core.data.datasets import CLASS_NAMES
 from core.evaluation import classifier as clf
 from core.evaluation.frechet import QualityEvaluator, frechet_distance_of_features
@@ -96,15 +97,15 @@ def test_shipped_unconditional_runs_still_load_and_sample():
 
 # -- config --------------------------------------------------------------------------------------------
 def test_old_formats_read_as_unconditional_and_new_fields_need_format_3():
-    old = PRESETS["book"].to_dict()
+    old = as_format(PRESETS["book"].to_dict(), 4)
     for section, name in (("model", "num_classes"), ("train", "label_dropout"), ("train", "label_dropout_mode"),
                           ("train", "prediction"), ("train", "min_snr_gamma")):  # format 4's too
         del old[section][name]
     for version in (1, 2):
         config = RunConfig.from_dict({**old, "format_version": version})
-        assert config.model.num_classes == 0 and config.format_version == FORMAT_VERSION == 4
+        assert config.model.num_classes == 0 and config.format_version == FORMAT_VERSION == 5
     with pytest.raises(ConfigError, match="format 2 does not know: num_classes"):
-        RunConfig.from_dict({**PRESETS["improved-cfg"].to_dict(), "format_version": 2})
+        RunConfig.from_dict(as_format(PRESETS["improved-cfg"].to_dict(), 2))
     with pytest.raises(ConfigError, match="misses the fields: num_classes"):
         RunConfig.from_dict({**old, "format_version": 3})
     assert RunConfig.from_json(PRESETS["improved-cfg"].to_json()) == PRESETS["improved-cfg"]

@@ -78,7 +78,7 @@ def test_sampling_job_matches_direct_sampling(tiny_run):
     direct = sample(loaded.model, scheduler, config, pixel_range=loaded.config.train.pixel_range, record="all")
     np.testing.assert_array_equal(job.result.images, direct.images)
     assert job.result.frame_timesteps == direct.frame_timesteps
-    assert job.result.frames_x0.shape == (5, 3, 28, 28)
+    assert job.result.frames_x0.shape == (5, 3, 1, 28, 28)
 
 
 def test_sampling_job_cancel_and_failure_are_reported(tiny_run):

@@ -15,6 +15,7 @@ from core.store import runs
 from core.config import FORMAT_VERSION, PRESETS, ConfigError, RunConfig, ScheduleConfig, SampleConfig, \
     TrainConfig, override, run_label
 from core.evaluation.diagnostics import loss_by_timestep
+from tests.conftest import as_format
 from core.models import build_model
 from core.diffusion.sampling import reverse_process, sample
 from core.diffusion.schedule import NoiseScheduler
@@ -221,12 +222,12 @@ def test_a_v_run_samples_and_denoises_through_the_conversion(objective_run, imag
 def test_objective_fields_round_trip_and_older_formats():
     config = override(PRESETS["tiny"], prediction="v", min_snr_gamma=5.0)
     assert RunConfig.from_json(config.to_json()) == config
-    assert FORMAT_VERSION == 4 and config.to_dict()["format_version"] == 4
+    assert FORMAT_VERSION == 5 and config.to_dict()["format_version"] == 5
     assert run_label(config) == "ImprovedUNet + AdamW (v-pred, Min-SNR-5)"
     assert run_label(PRESETS["tiny"]) == "ImprovedUNet + AdamW"
-    format_3 = PRESETS["improved-cfg"].to_dict()
+    format_3 = as_format(PRESETS["improved-cfg"].to_dict(), 3)
     del format_3["train"]["prediction"], format_3["train"]["min_snr_gamma"]
-    old = RunConfig.from_dict({**format_3, "format_version": 3})
+    old = RunConfig.from_dict(format_3)
     assert (old.train.prediction, old.train.min_snr_gamma) == ("eps", 0.0)
     assert old.model.num_classes == 10
     edited = {**format_3, "format_version": 3, "train": {**format_3["train"], "prediction": "v"}}
@@ -251,13 +252,13 @@ def test_bad_objective_values_name_field_value_and_rule(field, value, rule):
 
 # -- (f) the CLI -----------------------------------------------------------------------------------------
 def test_cli_flags_reach_config_json(tmp_path, images, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "load_images", lambda *args, **kwargs: images)
+    monkeypatch.setattr(cli, "load_run_images", lambda *args, **kwargs: images)
     runs_dir = tmp_path / "runs"
     code = cli.main(["train", "--preset", "tiny", "--max-steps", "2", "--prediction", "v", "--min-snr-gamma", "5",
                      "--runs-dir", str(runs_dir), "--name", "obj", "--quiet"])
     assert code == 0, capsys.readouterr().err
     saved = json.loads((runs_dir / "obj" / "config.json").read_text())
-    assert saved["format_version"] == 4
+    assert saved["format_version"] == 5
     assert saved["train"]["prediction"] == "v" and saved["train"]["min_snr_gamma"] == 5.0
     capsys.readouterr()
     assert cli.main(["runs", "--runs-dir", str(runs_dir), "--json"]) == 0

@@ -35,7 +35,7 @@ def test_same_seed_same_images_and_another_seed_others(model, scheduler):
     a = sample(model, scheduler, SampleConfig(n=6, seed=5, batch_size=6)).images
     b = sample(model, scheduler, SampleConfig(n=6, seed=5, batch_size=6)).images
     c = sample(model, scheduler, SampleConfig(n=6, seed=6, batch_size=6)).images
-    assert a.shape == (6, 28, 28) and a.dtype == np.uint8
+    assert a.shape == (6, 1, 28, 28) and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
@@ -59,7 +59,7 @@ def test_image_i_of_a_seed_is_the_same_whatever_the_batch_size_and_the_other_ima
 def test_records_every_frame_for_ddpm(model, scheduler):
     result = sample(model, scheduler, SampleConfig(n=3), record="all", pixel_range="symmetric")
     assert result.frame_timesteps == list(range(12, 0, -1))
-    assert result.frames_xt.shape == (12, 3, 28, 28) and result.frames_x0.shape == (12, 3, 28, 28)
+    assert result.frames_xt.shape == (12, 3, 1, 28, 28) and result.frames_x0.shape == (12, 3, 1, 28, 28)
     assert result.frames_xt.dtype == np.uint8
 
 
@@ -68,7 +68,7 @@ def test_records_only_chosen_steps_for_ddim(model, scheduler):
     ts = sampling_timesteps(scheduler, 4)
     assert ts == [12, 9, 6, 3]
     assert result.frame_timesteps == [12, 9]
-    assert result.frames_xt.shape == (2, 2, 28, 28)
+    assert result.frames_xt.shape == (2, 2, 1, 28, 28)
 
 
 def test_ddpm_refuses_fewer_steps_and_ddim_more_than_T(model, scheduler):
@@ -105,7 +105,7 @@ def test_every_sampler_runs_through_the_same_loop(model, scheduler, sampler):
     result = collect(reverse_process(model, scheduler, config, pixel_range="symmetric"), pixel_range="symmetric",
                      record="all")
     again = sample(model, scheduler, config, pixel_range="symmetric")
-    assert result.images.shape == (3, 28, 28) and np.array_equal(result.images, again.images)  # seeded
+    assert result.images.shape == (3, 1, 28, 28) and np.array_equal(result.images, again.images)  # seeded
     assert len(result.frame_timesteps) == (12 if sampler == "ddpm" else 5)
 
 

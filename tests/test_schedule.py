@@ -9,12 +9,13 @@ import torch
 
 from core.config import ConfigError, RunConfig, ScheduleConfig
 from core.config import PRESETS
+from tests.conftest import as_format
 from core.diffusion.schedule import NoiseScheduler, cosine_beta_schedule
 from core.diffusion.solvers import ddim_step, ddpm_step, from_generator
 from core.diffusion.spacing import logsnr_grid, sampling_timesteps
 
 # A tiny run's config.json as format 1 wrote it: no scale_to_timesteps field.
-PRESETS_TINY_FORMAT_1 = {**PRESETS["tiny"].to_dict(), "format_version": 1}
+PRESETS_TINY_FORMAT_1 = as_format(PRESETS["tiny"].to_dict(), 1)
 # Fields that came after format 1 (the T-scaled schedule, step 10's labels, the training objective) are
 # not in such a file.
 for _section, _later in (("schedule", ("scale_to_timesteps",)), ("model", ("num_classes",)),

@@ -9,9 +9,10 @@ from ..config import PRESETS, ModelConfig
 from ..models import build_model, count_parameters
 
 
-def flops_per_image(model: nn.Module, train: bool, batch: int = 4) -> float:
-    """FLOPs of one forward (train=False) or forward + backward (train=True) pass, per image."""
-    x = torch.randn(batch, 1, 28, 28)
+def flops_per_image(model: nn.Module, train: bool, batch: int = 4,
+                    shape: tuple[int, int, int] = (1, 28, 28)) -> float:
+    """FLOPs of one forward (train=False) or forward + backward (train=True) pass, per image of `shape`."""
+    x = torch.randn(batch, *shape)
     t = torch.randint(1, 1001, (batch,))
     was_training = model.training
     model.train(train)
@@ -26,11 +27,13 @@ def flops_per_image(model: nn.Module, train: bool, batch: int = 4) -> float:
     return counter.get_total_flops() / batch
 
 
-def model_cost(config: ModelConfig) -> dict:
+def model_cost(config: ModelConfig, image_size: int = 28) -> dict:
+    """Parameters and GFLOPs per image of a network at `image_size` (its channels are the config's)."""
     model = build_model(config)
+    shape = (config.in_channels, image_size, image_size)
     return {"model": config.name, "params": count_parameters(model),
-            "forward_gflop": flops_per_image(model, False) / 1e9,
-            "train_gflop": flops_per_image(model, True) / 1e9}
+            "forward_gflop": flops_per_image(model, False, shape=shape) / 1e9,
+            "train_gflop": flops_per_image(model, True, shape=shape) / 1e9}
 
 
 def model_costs() -> list[dict]:

@@ -296,7 +296,8 @@ def _train_entry(step_s: list[float], batch: int, train_flop: float, peak: float
 def measure_training(config: RunConfig, device: torch.device, images: torch.Tensor, plan: BenchPlan,
                      peak_gflops: float, memory: PeakMemory) -> dict:
     """Training images/s of one preset's model through the product's step, with its peak memory."""
-    train_flop = flops_per_image(build_model(config.model), train=True, batch=1)  # linear in the batch
+    train_flop = flops_per_image(build_model(config.model), train=True, batch=1,  # linear in the batch
+                                 shape=config.data.shape)
     memory.reset()
     before = current_memory_mb(device)
     compile_start = time.perf_counter()
@@ -722,6 +723,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="where FashionMNIST lies (else synthetic pixels are used)")
     parser.add_argument("--synthetic-data", action="store_true", help="random pixels instead of FashionMNIST")
     parser.add_argument("--verbose", action="store_true", help="say on stderr what is being measured")
+    parser.add_argument("--data-load", type=_at_least_one, metavar="N", default=None,
+                        help="instead: load a generated folder of N 32x32 RGB PNGs, first time and from the cache "
+                        "(issue 20's target is 50000 in <= 60 s, then <= 3 s)")
+    parser.add_argument("--dataset", choices=("fashion_mnist", "mnist", "cifar10"), default=None,
+                        help="instead: training speed only, at this dataset's shape (with --image-size, --channels)")
+    parser.add_argument("--image-size", type=_at_least_one, default=None, metavar="S",
+                        help="instead: training speed only, at S x S (16-64, a multiple of 4)")
+    parser.add_argument("--channels", type=_at_least_one, choices=(1, 3), default=None,
+                        help="instead: training speed only, with 1 or 3 channels")
     parser.add_argument("--ddp", type=_at_least_one, default=None, metavar="N",
                         help="instead: data-parallel scaling of training, N processes against one (gloo on CPU, "
                         "NCCL on N GPUs)")
@@ -729,14 +739,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the network --ddp trains (default the book's unet)")
 
 
-def run(args: argparse.Namespace) -> int:
+def plan_of(args: argparse.Namespace) -> BenchPlan:
+    """The plan the flags ask for: --smoke, --quick or the full one, with --batch-size / --samples."""
     plan = SMOKE if args.smoke else QUICK if args.quick else FULL
     changes = {"ablate": plan.ablate and not args.no_ablation}
     if args.batch_size is not None:
         changes["batch_size"] = args.batch_size
     if args.samples is not None:
         changes["samples"] = args.samples
-    plan = replace(plan, **changes)
+    return replace(plan, **changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = plan_of(args)
     log = (lambda message: print(f"bench: {message}", file=sys.stderr, flush=True)) if args.verbose else None
     result = run_bench(plan, args.device, channels_last=args.channels_last, compile=args.compile,
                        data_root=args.data_root, synthetic_data=args.synthetic_data,

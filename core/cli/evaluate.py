@@ -288,7 +288,7 @@ def conditioning(args: argparse.Namespace, loaded: runs.LoadedRun) -> tuple[list
         raise CliError("give --guidance or --guidance-sweep, not both")
     guidances = [check_guidance(g) for g in (args.guidance_sweep or [
         args.guidance if args.guidance is not None else default_guidance(config)])]
-    classes = [class_index(c, config.train.dataset) for c in args.classes] if args.classes else \
+    classes = [class_index(c, config.data) for c in args.classes] if args.classes else \
         list(range(config.model.num_classes))
     return guidances, torch.tensor(classes)[even_labels(args.n, len(classes))]
 
@@ -306,7 +306,7 @@ def _evaluate_setting(args: argparse.Namespace, config: SampleConfig, loaded: ru
 
 def _run_dataset(args: argparse.Namespace) -> tuple[Path, str]:
     run_dir = _resolve_run(args)
-    dataset = runs.load_config(run_dir).train.dataset
+    dataset = runs.load_config(run_dir).data.dataset
     if args.dataset and args.dataset != dataset:
         raise ConfigError(f"dataset = {args.dataset!r} is not allowed: run {run_dir.name!r} was trained on "
                           f"{dataset!r} (leave --dataset out with --run)")

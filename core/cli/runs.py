@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append({
             "name": info.name, "state": info.state,
             "model": cfg.model.name if cfg else "?", "optimizer": cfg.train.optimizer if cfg else "?",
-            "dataset": cfg.train.dataset if cfg else "?", "step": info.step,
+            "dataset": cfg.data.dataset if cfg else "?", "step": info.step,
             "objective": objective_label(cfg.train) if cfg else "?",  # '' for the book's ε + MSE
             "last_loss": info.last_loss, "error": info.error, "fallback": info.fallback,
         })

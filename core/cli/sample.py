@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
     sa.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     add_device(sa, "where to run")
     sa.add_argument("--out", help="PNG grid to write (default <run>/samples/sample_<sampler>.png)")
-    sa.add_argument("--npy", help="write the final images as uint8 (N, 28, 28) .npy")
+    sa.add_argument("--npy", help="write the final images as uint8 (N, C, H, W) .npy")
     sa.add_argument("--frames", help="write x_t and predicted x0 of every step as .npz")
     sa.add_argument("--class", dest="classes", nargs="+", metavar="K|NAME",
                     help="conditional runs: the class(es) to draw, e.g. 7 or Sneaker (default: all, in turn)")
@@ -60,7 +60,7 @@ def conditioning(args: argparse.Namespace, config: RunConfig, run_name: str) -> 
             check_conditional(config, run_name, what=asked[0])
         return Conditioning(None, 1.0, args.n, None)
     guidance = check_guidance(args.guidance if args.guidance is not None else default_guidance(config))
-    classes = [class_index(c, config.train.dataset) for c in args.classes] if args.classes else None
+    classes = [class_index(c, config.data) for c in args.classes] if args.classes else None
     if args.per_class is not None:
         if args.per_class < 1:
             raise CliError(f"--per-class = {args.per_class} is not allowed: it must be at least 1")
@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     budget_config = runs.load_config(run_dir)
     try:
-        budget.check_sampling_fits(budget_config.model, min(sample_config.batch_size, sample_config.n), device)
+        budget.check_sampling_fits(budget_config.model, min(sample_config.batch_size, sample_config.n), device,
+                                    image_size=budget_config.data.image_size)
     except ConfigError as exc:
         raise RunError(f"run {run_dir.name!r}: {exc}") from None
     loaded = runs.load_model(run_dir, use_ema=not args.no_ema, device=device)
@@ -115,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     train_config = loaded.config.train
     process = reverse_process(loaded.model, scheduler, sample_config, pixel_range=train_config.pixel_range,
                               clip_default=train_config.clip_denoised, device=device, labels=cond.labels,
-                              guidance=cond.guidance, prediction=train_config.prediction)
+                              guidance=cond.guidance, prediction=train_config.prediction,
+                              shape=loaded.config.data.shape)
     if not args.quiet:
         process = tqdm(process, total=total_steps(sample_config, scheduler), unit="step",
                        desc=f"{args.sampler} {steps} steps", dynamic_ncols=True)
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         io.atomic_write_bytes(frames, export.frames_npz(result.images, result.frame_timesteps,
                                                         result.frames_xt, result.frames_x0))
         written.append(str(frames))
-    guidance = "" if cond.labels is None else f", {describe_labels(cond.labels, train_config.dataset)}, " \
+    guidance = "" if cond.labels is None else f", {describe_labels(cond.labels, loaded.config.data)}, " \
         f"guidance {cond.guidance:g}"
     print(f"{len(result.images)} samples ({args.sampler}, {steps} steps, "
           f"{'EMA' if loaded.used_ema else 'raw'} weights{guidance}) -> {', '.join(written)}")

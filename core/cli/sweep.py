@@ -20,7 +20,7 @@ from .args import add_data_root, add_runs_dir, runs_dir_of
 from .argtypes import number, whole_number
 from ..config import PRESETS, SAMPLER_NAMES, DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS
 from .console import EXIT_FAILED, EXIT_SIGNAL, ProgressBar, StopOnSignals
-from ..data.datasets import load_images
+from ..data.sources import load_run_images
 from ..errors import CliError
 from ..evaluation.scoring import evaluate_run
 from ..train.training import train_run
@@ -105,14 +105,14 @@ def run(args: argparse.Namespace, runs_dir: Path) -> int:
         if args.create_only or args.queue:
             sweeps.write_results(runs_dir, name)
             return 0
-    loaded_images: dict[str, object] = {}
+    loaded_images: dict[object, object] = {}
     stopped = StopOnSignals()
 
     def train(run_dir: Path) -> None:
         config = runs.load_config(run_dir)
-        dataset = config.train.dataset
+        dataset = config.data  # one load per data section: runs of a sweep usually share it
         if dataset not in loaded_images:
-            loaded_images[dataset] = load_images(dataset, "train", args.data_root)
+            loaded_images[dataset] = load_run_images(dataset, "train", args.data_root)
         bar = None if args.quiet else ProgressBar()
         try:
             train_run(run_dir, resume=True, images=loaded_images[dataset], data_root=args.data_root,

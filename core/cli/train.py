@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..config import (DATASET_NAMES, LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES, PIXEL_RANGES,
+from ..config import (LABEL_DROPOUT_MODES, MODEL_NAMES, OPTIMIZER_NAMES, PIXEL_RANGES,
                       PREDICTION_NAMES, PRESETS, SCHEDULE_NAMES, ConfigError, RunConfig, check_run_name, override,
                       preset)
 from ..train.data import load_training_images
@@ -23,12 +23,12 @@ from ..train.training import check_data_fits, train_run
 from ..work import queue as run_queue
 from .args import add_data_root, add_device, add_runs_dir, runs_dir_of
 from .argtypes import number, whole_number
+from . import data as data_cli
 from .console import EXIT_SIGNAL, ProgressBar, StopOnSignals
 
-CONDITIONAL_CLASSES = 10  # both datasets have ten classes
 # What a resumed run cannot change: it would no longer match its weights, optimizer state or curve.
 RESUME_FIXED_FLAGS = ("model", "base_channels", "channel_mults", "num_res_blocks", "attention", "norm",
-                      "optimizer", "dataset", "batch_size", "lr", "weight_decay", "warmup_steps", "timesteps",
+                      "optimizer", "dataset", "data_dir", "image_size", "channels", "hflip", "batch_size", "lr", "weight_decay", "warmup_steps", "timesteps",
                       "schedule", "pixel_range", "ema_decay", "grad_clip", "limit_images", "seed", "compile",
                       "channels_last", "conditional", "label_dropout", "label_dropout_mode", "prediction",
                       "min_snr_gamma")
@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
     tr.add_argument("--attention", choices=("on", "off"), help="improved_unet: self-attention at 7x7")
     tr.add_argument("--norm", choices=("group", "batch"), help="improved_unet: GroupNorm or BatchNorm")
     tr.add_argument("--optimizer", choices=OPTIMIZER_NAMES, help="adam (the book) or adamw (decoupled decay)")
-    tr.add_argument("--dataset", choices=DATASET_NAMES, help="training data (default fashion_mnist)")
+    data_cli.add_train_arguments(tr)
     tr.add_argument("--epochs", type=whole_number, help="passes over the data (0: no epoch limit)")
     tr.add_argument("--max-steps", type=whole_number, help="stop after this many steps (0: no limit)")
     tr.add_argument("--time-budget", type=number, metavar="SECONDS", help="stop after this much training time")
@@ -109,14 +109,15 @@ def run(args: argparse.Namespace) -> int:
         preset(args.preset), model=args.model, base_channels=args.base_channels,
         channel_mults=tuple(args.channel_mults) if args.channel_mults else None,
         num_res_blocks=args.num_res_blocks, attention=flags(args.attention), norm=args.norm,
-        optimizer=args.optimizer, dataset=args.dataset, epochs=args.epochs, max_steps=args.max_steps,
+        optimizer=args.optimizer, epochs=args.epochs, max_steps=args.max_steps,
         time_budget_s=args.time_budget, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, timesteps=args.timesteps, schedule=args.schedule,
         pixel_range=args.pixel_range, ema_decay=args.ema_decay, grad_clip=args.grad_clip,
         limit_images=args.limit_images, checkpoint_every_s=args.checkpoint_every, seed=args.seed,
         device=args.device, compile=flags(args.compile), channels_last=flags(args.channels_last),
-        num_classes=CONDITIONAL_CLASSES if args.conditional else None, label_dropout=args.label_dropout,
-        label_dropout_mode=args.label_dropout_mode, prediction=args.prediction, min_snr_gamma=args.min_snr_gamma)
+        label_dropout=args.label_dropout, label_dropout_mode=args.label_dropout_mode, prediction=args.prediction,
+        min_snr_gamma=args.min_snr_gamma)
+    config = data_cli.apply_train_arguments(config, args)
     if not config.model.conditional and (args.label_dropout is not None or args.label_dropout_mode is not None):
         raise CliError("--label-dropout and --label-dropout-mode need a conditional run: add --conditional "
                        "(or use --preset improved-cfg, book-cfg)")
@@ -199,7 +200,7 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
             raise CliError(f"{', '.join(fixed)} cannot change on --resume: the run's config.json fixes them; "
                            "--resume accepts --epochs, --max-steps, --time-budget, --device, --checkpoint-every")
         saved = runs.load_config(run_dir)
-        resumed = override(saved, epochs=args.epochs, max_steps=args.max_steps,
+        resumed = override(data_cli.check_resumed_data(saved, args.allow_data_change), epochs=args.epochs, max_steps=args.max_steps,
                            time_budget_s=args.time_budget, device=args.device,
                            checkpoint_every_s=args.checkpoint_every)
         # Checks that touch nothing come first: a rejected resume leaves the run exactly as it was.
@@ -213,7 +214,7 @@ def _train_command(args: argparse.Namespace, config: RunConfig, world: distribut
     # dataset or one too small for a batch on every rank leaves nothing behind, on every rank.
     device = distributed.device_for(world, resolve_device(config.train.device))
     check_backend(args.dist_backend, device)
-    images = load_training_images(config.train.dataset, args.data_root, world)  # rank 0 prepares, then all read
+    images = load_training_images(config.data, args.data_root, world)  # rank 0 prepares, then all read
     n_images = min(len(images), config.train.limit_images) if config.train.limit_images else len(images)
     check_data_fits(n_images, config.train.batch_size, world.size)
 

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, DataConfig, RunConfig
 from ..data.datasets import CLASS_NAMES
 from ..models import NO_LABEL
 
@@ -73,8 +73,9 @@ def guided_nfe(scale: float) -> int:
 
 
 # -- what a user asks for ------------------------------------------------------------------------------
-def class_names(dataset: str) -> tuple[str, ...]:
-    return CLASS_NAMES[dataset]
+def class_names(data: DataConfig | str) -> tuple[str, ...]:
+    """The run's class names: a built-in dataset's, or its folder's subfolders (`config.data`)."""
+    return data.names if isinstance(data, DataConfig) else CLASS_NAMES[data]
 
 
 def class_index(value: int | str, dataset: str) -> int:

@@ -30,7 +30,7 @@ from .solvers import StepOutput, make_solver
 __all__ = ["Denoiser", "ReverseStep", "SampleResult", "StepOutput", "collect", "reverse_process", "sample",
            "total_steps"]
 
-# The network as the loop sees it: (x_t (B,1,28,28), t (B,) long) -> its prediction (B,1,28,28), ε̂ or v̂
+# The network as the loop sees it: (x_t (B,C,H,W), t (B,) long) -> its prediction (B,C,H,W), ε̂ or v̂
 # as `prediction` says. A plain model fits; so does a wrapper that adds labels or guidance.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -42,7 +42,7 @@ class ReverseStep:
     index: int                 # 0-based step number within the batch
     num_steps: int             # steps per batch
     t: int                     # timestep in 1..T
-    x_t: torch.Tensor          # (B,1,28,28) model range, before the step
+    x_t: torch.Tensor          # (B,C,H,W) model range, before the step
     pred_x0: torch.Tensor      # x̂0 predicted at t (clipped where the sampler clips)
     x_next: torch.Tensor       # after the step; after the last step, the batch's final images
 
@@ -54,8 +54,10 @@ class ReverseStep:
 def reverse_process(model: Denoiser, scheduler: NoiseScheduler, config: SampleConfig = SampleConfig(), *,
                     pixel_range: str = "unit", clip_default: bool = False, device: torch.device | str = "cpu",
                     channels_last: bool = False, labels: torch.Tensor | None = None,
-                    guidance: float = 1.0, prediction: str = "eps") -> Iterator[ReverseStep]:
-    """Run the reverse process for `config.n` images in batches, yielding every step.
+                    guidance: float = 1.0, prediction: str = "eps",
+                    shape: tuple[int, int, int] = IMAGE_SHAPE) -> Iterator[ReverseStep]:
+    """Run the reverse process for `config.n` images of `shape` (C, H, W; the run's `config.data.shape`)
+    in batches, yielding every step.
 
     `model` is an nn.Module (put in eval mode for the duration, restored after) or any Denoiser.
     channels_last is off by default: it does not pay for sampling (the bench measures it).
@@ -68,6 +70,8 @@ def reverse_process(model: Denoiser, scheduler: NoiseScheduler, config: SampleCo
         raise ConfigError(f"prediction = {prediction!r} is not allowed: choose one of {', '.join(PREDICTION_NAMES)}")
     if labels is not None and len(labels) != config.n:
         raise ConfigError(f"labels = {len(labels)} labels is not allowed: give one per sample (n = {config.n})")
+    if len(shape) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        raise ConfigError(f"shape = {shape!r} is not allowed: give (channels, height, width) as whole numbers")
     device = resolve_device(device)
     solver = make_solver(scheduler, config, pixel_range=pixel_range, clip_default=clip_default)
     timesteps = solver.timesteps
@@ -80,7 +84,7 @@ def reverse_process(model: Denoiser, scheduler: NoiseScheduler, config: SampleCo
         with torch.inference_mode():
             for start in range(0, config.n, config.batch_size):
                 b = min(config.batch_size, config.n - start)
-                noise = ImageNoise(config.seed, start, b, IMAGE_SHAPE, device)
+                noise = ImageNoise(config.seed, start, b, tuple(shape), device)
                 x = noise().contiguous(memory_format=memory_format)  # x_T: each image's first draw
                 solver.reset()
                 denoise = model if labels is None else guided(model, labels[start:start + b].to(device), guidance)
@@ -107,10 +111,10 @@ def total_steps(config: SampleConfig, scheduler: NoiseScheduler) -> int:
 # -- consumers ---------------------------------------------------------------------------------------
 @dataclass
 class SampleResult:
-    images: np.ndarray                      # uint8 (N, 28, 28)
+    images: np.ndarray                      # uint8 (N, C, H, W)
     frame_timesteps: list[int] = field(default_factory=list)  # t of each recorded frame, descending
-    frames_xt: np.ndarray | None = None     # uint8 (K, N, 28, 28): x_t before the step at that t
-    frames_x0: np.ndarray | None = None     # uint8 (K, N, 28, 28): x̂0 predicted at that t
+    frames_xt: np.ndarray | None = None     # uint8 (K, N, C, H, W): x_t before the step at that t
+    frames_x0: np.ndarray | None = None     # uint8 (K, N, C, H, W): x̂0 predicted at that t
 
 
 def collect(steps: Iterable[ReverseStep], *, pixel_range: str, record: str | Iterable[int] = "none") -> SampleResult:
@@ -132,11 +136,11 @@ def collect(steps: Iterable[ReverseStep], *, pixel_range: str, record: str | Ite
         if step.last:
             images.append(to_uint8(step.x_next, pixel_range).cpu())
             if batch_xt:
-                xt_frames.append(torch.stack(batch_xt))  # (K, b, 28, 28)
+                xt_frames.append(torch.stack(batch_xt))  # (K, b, C, H, W)
                 x0_frames.append(torch.stack(batch_x0))
             batch_xt, batch_x0 = [], []
     # A reverse process stopped before any batch ended has no images yet.
-    final = torch.cat(images).numpy() if images else np.zeros((0, *IMAGE_SHAPE[1:]), np.uint8)
+    final = torch.cat(images).numpy() if images else np.zeros((0, *IMAGE_SHAPE), np.uint8)
     result = SampleResult(images=final, frame_timesteps=frame_t)
     if xt_frames:
         result.frames_xt = torch.cat(xt_frames, dim=1).numpy()
@@ -147,10 +151,11 @@ def collect(steps: Iterable[ReverseStep], *, pixel_range: str, record: str | Ite
 def sample(model: Denoiser, scheduler: NoiseScheduler, config: SampleConfig = SampleConfig(), *,
            pixel_range: str = "unit", clip_default: bool = False, device: torch.device | str = "cpu",
            record: str | Iterable[int] = "none", channels_last: bool = False,
-           labels: torch.Tensor | None = None, guidance: float = 1.0, prediction: str = "eps") -> SampleResult:
-    """The final images of `config.n` samples (and frames, see `collect`); labels, prediction: see
-    reverse_process."""
+           labels: torch.Tensor | None = None, guidance: float = 1.0, prediction: str = "eps",
+           shape: tuple[int, int, int] = IMAGE_SHAPE) -> SampleResult:
+    """The final images of `config.n` samples (and frames, see `collect`); labels, prediction, shape:
+    see reverse_process."""
     steps = reverse_process(model, scheduler, config, pixel_range=pixel_range, clip_default=clip_default,
                             device=device, channels_last=channels_last, labels=labels, guidance=guidance,
-                            prediction=prediction)
+                            prediction=prediction, shape=shape)
     return collect(steps, pixel_range=pixel_range, record=record)

@@ -46,14 +46,16 @@ def loss_by_timestep(model: nn.Module, scheduler: NoiseScheduler, images: torch.
     `prediction` is the run's target: a v-prediction run's output is converted to ε̂ first
     (NoiseScheduler.pred_eps), so the figures compare with ε-prediction runs.
 
-    images: uint8 (N, 28, 28), e.g. the first N test images. Every bucket uses all N images,
-    each at its own t drawn uniformly from the bucket, with noise fixed by `seed`.
+    images: uint8 (N, C, H, W) (or (N, H, W), one channel), e.g. the first N test images. Every bucket
+    uses all N images, each at its own t drawn uniformly from the bucket, with noise fixed by `seed`.
     """
-    if images.ndim != 3 or images.dtype != torch.uint8 or len(images) == 0:
+    if images.ndim == 3:
+        images = images.unsqueeze(1)
+    if images.ndim != 4 or images.dtype != torch.uint8 or len(images) == 0:
         raise ConfigError(f"images of shape {tuple(images.shape)} and dtype {images.dtype} are not "
-                          "allowed: give uint8 images of shape (N, 28, 28) with N >= 1")
+                          "allowed: give uint8 images of shape (N, C, H, W) with N >= 1")
     device = torch.device(device)
-    x_0 = to_model_range(images, pixel_range).to(device)  # (N, 1, 28, 28)
+    x_0 = to_model_range(images, pixel_range).to(device)  # (N, C, H, W)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     was_training = model.training
     model.eval()

@@ -172,30 +172,38 @@ class MemorizationReport:
         return out
 
 
-def _space(space: str, samples, train, heldout, k: int, to_vectors, scale: float) -> tuple[SpaceReport, torch.Tensor]:
+def _space(space: str, samples, train, heldout, k: int, to_vectors, scale: float,
+           skip: int = 0) -> tuple[SpaceReport, torch.Tensor]:
+    """`skip` = 1 drops each held-out image's nearest match: itself, when it is a training image."""
     sd, si = nearest_neighbours(samples, train, k + 1, to_vectors)
-    hd, _ = nearest_neighbours(heldout, train, k + 1, to_vectors)
+    hd, _ = nearest_neighbours(heldout, train, k + 1 + skip, to_vectors)
+    hd = hd[:, skip:]
     report = SpaceReport(space, sd[:, 0] / scale, copy_ratios(sd), hd[:, 0] / scale, copy_ratios(hd))
     return report, si[:, 0]
 
 
-def check(samples, train, heldout, features: FeatureFn | None = None) -> MemorizationReport:
+def check(samples, train, heldout, features: FeatureFn | None = None, *,
+          heldout_in_train: bool = False) -> MemorizationReport:
     """Nearest training image of every sample and of every held-out real image, in pixels (and in
-    `features`, e.g. a classifier's, when given). All three are uint8 (N, [C,] H, W) of one shape."""
+    `features`, e.g. a classifier's, when given). All three are uint8 (N, [C,] H, W) of one shape.
+    `heldout_in_train`: the held-out images are themselves training images (an image folder holds
+    nothing out), so each one's own match is skipped: its nearest *other* training image counts."""
     samples, train, heldout = (as_nchw(x, what) for x, what in
                                ((samples, "samples"), (train, "training images"), (heldout, "held-out images")))
     shape = tuple(samples.shape[1:])
     for what, x in (("training images", train), ("held-out images", heldout)):
         if tuple(x.shape[1:]) != shape:
             raise ConfigError(f"{what} shape = {tuple(x.shape[1:])} is not allowed: the samples are {shape}")
-    if len(train) < 2:
-        raise ConfigError(f"training images = {len(train)} is not allowed: the check needs at least 2")
-    k = min(NEIGHBOURS, len(train) - 1)
-    pixels, index = _space("pixels", samples, train, heldout, k, _flat, math.sqrt(math.prod(shape)))
+    least = 3 if heldout_in_train else 2
+    if len(train) < least:
+        raise ConfigError(f"training images = {len(train)} is not allowed: the check needs at least {least}")
+    k = min(NEIGHBOURS, len(train) - least + 1)
+    skip = int(heldout_in_train)
+    pixels, index = _space("pixels", samples, train, heldout, k, _flat, math.sqrt(math.prod(shape)), skip)
     feature_report = None
     if features is not None:  # embedded once (N x 128 floats), then searched like pixels
         vectors = [_embed(features, x) for x in (samples, train, heldout)]
-        feature_report, _ = _space("features", *vectors, k, _identity, 1.0)
+        feature_report, _ = _space("features", *vectors, k, _identity, 1.0, skip)
     return MemorizationReport(len(samples), len(train), len(heldout), k, pixels, index, feature_report)
 
 

@@ -23,7 +23,7 @@ from ..store.io import atomic_write_bytes
 from . import memorization
 from .classifier import Classifier, ClassifierError, load_classifier
 from .frechet import real_subset
-from .own_data import class_names_of, fitted_classifier, run_data, trained_images, uses_fingerprint
+from .own_data import IN_TRAIN_SPLIT, class_names_of, fitted_classifier, run_data, trained_images, uses_fingerprint
 from .scoring import StepWrapper, now_stamp, sample_images, setting_name
 
 GRID_PREFIX = "nearest-"
@@ -67,13 +67,14 @@ def check_run(run_dir: str | Path, config: SampleConfig, *, device: torch.device
         def features(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 return model.features(x.to(device))
-    report = memorization.check(samples, reference, heldout, features)
+    report = memorization.check(samples, reference, heldout, features,
+                                heldout_in_train=heldout_split.split == IN_TRAIN_SPLIT)
     setting = GRID_PREFIX + setting_name(config, steps, not loaded.used_ema and (run_dir / "ema.safetensors").exists())
     grid = checkpoint.real_folder(run_dir / "samples") / f"{setting}.png"
     atomic_write_bytes(grid, memorization.pairs_grid_png(samples, reference, report))
     entry = {"setting": setting, "kind": "memorization", "sampler": config.sampler, "steps": steps,
              "seed": config.seed, "weights": "ema" if loaded.used_ema else "raw", **report.to_dict(),
-             "dataset": loaded.config.train.dataset,
+             "dataset": loaded.config.data.dataset,
              "classifier_sha256": classifier.sha256[:12] if classifier is not None else "",
              "grid": f"samples/{grid.name}", "device": str(device), "started_at": started_at,
              "finished_at": now_stamp(), "seconds_sampling": round(sampling_s, 1),

@@ -14,12 +14,17 @@ import os
 import torch
 
 from ..config import ConfigError, RunConfig
-from ..data.datasets import CLASS_NAMES, ImageSet, load_images
+from ..data.datasets import CLASS_NAMES, ImageSet
+from ..data.sources import load_run_images
 from .classifier import (Classifier, ClassifierNotFoundError, FitConfig, ProgressFn, dataset_fingerprint, fit,
                          fingerprint_path, load_fingerprinted, save_classifier)
 
 HELDOUT_SHARE = 0.1   # of a training split without a test split: measures the classifier's accuracy
 HELDOUT_SEED = 0
+# An image folder has one split: what the run trained on. Its "held-out" images are then a seeded
+# subset of the training images, marked with this split name, and the memorization check measures
+# their distance to the nearest *other* training image (leave-one-out) as the real-data baseline.
+IN_TRAIN_SPLIT = "train-subset"
 
 
 def uses_fingerprint(dataset: str) -> bool:
@@ -62,10 +67,17 @@ def fitted_classifier(data: ImageSet, class_names: tuple[str, ...], directory: s
 
 
 def run_data(config: RunConfig, data_root: str | None = None) -> tuple[ImageSet, ImageSet]:
-    """(training split, held-out images) of a run's dataset: for the built-ins the train and test splits.
-    The one place where data other than the built-ins will be read (the image-folder loader)."""
-    dataset = config.train.dataset
-    return load_images(dataset, "train", data_root), load_images(dataset, "test", data_root)
+    """(training split, reference images) of a run's data at the run's shape: the train and test splits
+    of a built-in dataset; for an image folder all its images and a seeded HELDOUT_SHARE of them
+    (split IN_TRAIN_SPLIT: a folder holds nothing out, so these were trained on; see above)."""
+    data = config.data
+    train = load_run_images(data, "train", data_root)
+    if data.dataset != "folder":
+        return train, load_run_images(data, "test", data_root)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(HELDOUT_SEED))
+    picked = order[:max(2, round(len(train) * HELDOUT_SHARE))]  # two at least: a covariance needs two
+    return train, ImageSet(images=train.images[picked], labels=train.labels[picked], dataset=train.dataset,
+                           split=IN_TRAIN_SPLIT, class_names=train.class_names)
 
 
 def trained_images(config: RunConfig, train: ImageSet) -> torch.Tensor:

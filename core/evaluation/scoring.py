@@ -64,7 +64,8 @@ def sample_images(config: SampleConfig, loaded: runs.LoadedRun, scheduler: Noise
     train_config = loaded.config.train
     process = reverse_process(loaded.model, scheduler, config, pixel_range=train_config.pixel_range,
                               clip_default=train_config.clip_denoised, device=device, labels=labels,
-                              guidance=guidance, prediction=train_config.prediction)
+                              guidance=guidance, prediction=train_config.prediction,
+                              shape=loaded.config.data.shape)
     total = total_steps(config, scheduler)
     if wrap is not None:
         process = wrap(process, total, f"{config.sampler} {steps} steps, {config.n} images"
@@ -102,11 +103,32 @@ def score_setting(config: SampleConfig, loaded: runs.LoadedRun, scheduler: Noise
             "spacing": config.spacing if config.sampler != "ddpm" else None,
             "clip": config.resolved_clip(train_config.clip_denoised),
             "weights": "ema" if loaded.used_ema else "raw", "seed": config.seed, **report.to_dict(),
-            "dataset": train_config.dataset, "classifier_accuracy": round(classifier.test_accuracy, 4),
+            "dataset": loaded.config.data.dataset, "classifier_accuracy": round(classifier.test_accuracy, 4),
             "classifier_sha256": classifier.sha256[:12], "device": str(device),
             "started_at": started_at, "finished_at": now_stamp(), "seconds_sampling": round(sampling_s, 1),
             "seconds_eval": round(time.perf_counter() - eval_start, 1),
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_classifier_for(train: ImageSet, classifier_dir: str | Path | None, device: torch.device,
+                       data_root: str | None = None, fit_config: FitConfig | None = None,
+                       progress: FitProgress | None = None) -> Classifier:
+    """The classifier that scores a run's data: the built-in dataset's own (fitted once if missing), or
+    for other data the one fitted on exactly these images (fitted now when there is none)."""
+    if uses_fingerprint(train.dataset):
+        names = class_names_of(train)
+        return fitted_classifier(train, names, classifier_dir, device) or \
+            fit_on_training_split(train, names, classifier_dir, device=device)
+    return load_or_fit_classifier(train.dataset, classifier_dir, device, data_root, fit_config, progress)[0]
+
+
+def run_evaluator(config, classifier_dir: str | Path | None, device: torch.device, data_root: str | None = None,
+                  fit_config: FitConfig | None = None,
+                  progress: FitProgress | None = None) -> tuple[ImageSet, QualityEvaluator]:
+    """(training images, evaluator against the run's reference images) for a run's config."""
+    train, test = run_data(config, data_root)
+    classifier = run_classifier_for(train, classifier_dir, device, data_root, fit_config, progress)
+    return train, QualityEvaluator(classifier, test, device)
 
 
 def evaluate_run(run_dir: str | Path, config: SampleConfig, *, device: torch.device | str = "cpu",
@@ -119,14 +141,7 @@ def evaluate_run(run_dir: str | Path, config: SampleConfig, *, device: torch.dev
     loaded = runs.load_model(run_dir, use_ema=use_ema, device=device)
     scheduler = NoiseScheduler(loaded.config.schedule)
     config.resolved_steps(scheduler.num_timesteps)  # a step count above T fails before any work
-    train, test = run_data(loaded.config, data_root)
-    if uses_fingerprint(train.dataset):  # data without a shipped classifier: the one fitted on these images
-        names = class_names_of(train)
-        classifier = fitted_classifier(train, names, classifier_dir, device) or \
-            fit_on_training_split(train, names, classifier_dir, device=device)
-    else:
-        classifier, _ = load_or_fit_classifier(train.dataset, classifier_dir, device, data_root)
-    evaluator = QualityEvaluator(classifier, test, device)
+    train, evaluator = run_evaluator(loaded.config, classifier_dir, device, data_root)
     raw_weights = not loaded.used_ema and (run_dir / "ema.safetensors").exists()
     entry = score_setting(config, loaded, scheduler, evaluator, train, raw_weights, device, wrap=wrap)
     if entry is not None:

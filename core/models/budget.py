@@ -30,13 +30,14 @@ MAX_PARAMETERS = 500_000_000   # 2 GB of float32 weights: 200x the book's UNet, 
 ACTIVATION_FACTOR = 1.45
 TRAIN_BYTES_PER_PARAMETER = 24  # weights 4 + gradients 4 + Adam moments 8 + EMA 4 + checkpoint copy 4
 SAMPLE_BYTES_PER_PARAMETER = 4
-DATASET_BYTES = 60_000 * 28 * 28  # the whole training split as uint8, on the training device
+DATASET_IMAGES = 60_000          # the training split held as uint8 on the training device (FashionMNIST's size)
+DATASET_BYTES = DATASET_IMAGES * 28 * 28
 USABLE_FRACTION = 0.9           # leave the rest to the OS, the dashboard and the allocator's slack
 
 
 @functools.lru_cache(maxsize=64)
-def _measure(model: ModelConfig) -> tuple[int, int]:
-    """(parameters, bytes of leaf-module outputs for one 28x28 image), on the meta device."""
+def _measure(model: ModelConfig, image_size: int = 28) -> tuple[int, int]:
+    """(parameters, bytes of leaf-module outputs for one image of the run's size), on the meta device."""
     with torch.device("meta"):
         network = build_model(model)
     parameters = sum(p.numel() for p in network.parameters())
@@ -51,7 +52,7 @@ def _measure(model: ModelConfig) -> tuple[int, int]:
     hooks = [m.register_forward_hook(count) for m in network.modules() if not list(m.children())]
     try:
         with torch.device("meta"):
-            network(torch.zeros(1, model.in_channels, 28, 28), torch.ones(1, dtype=torch.long))
+            network(torch.zeros(1, model.in_channels, image_size, image_size), torch.ones(1, dtype=torch.long))
     finally:
         for hook in hooks:
             hook.remove()
@@ -62,9 +63,9 @@ def parameter_count(model: ModelConfig) -> int:
     return _measure(model)[0]
 
 
-def activation_bytes_per_image(model: ModelConfig) -> int:
-    """Estimated bytes of activations a training step keeps per image."""
-    return int(_measure(model)[1] * ACTIVATION_FACTOR)
+def activation_bytes_per_image(model: ModelConfig, image_size: int = 28) -> int:
+    """Estimated bytes of activations a training step keeps per image of `image_size` pixels square."""
+    return int(_measure(model, image_size)[1] * ACTIVATION_FACTOR)
 
 
 def available_bytes(device: torch.device) -> int:
@@ -103,9 +104,9 @@ def check_parameters(model: ModelConfig) -> int:
 
 
 def _check_fits(model: ModelConfig, batch: int, device: torch.device, per_parameter: int, act_share: float,
-                fixed: int, what: str, batch_field: str) -> None:
+                fixed: int, what: str, batch_field: str, image_size: int = 28) -> None:
     parameters = check_parameters(model)
-    per_image = int(activation_bytes_per_image(model) * act_share)
+    per_image = int(activation_bytes_per_image(model, image_size) * act_share)
     weights = parameters * per_parameter + fixed
     need = weights + batch * per_image
     have = int(available_bytes(device) * USABLE_FRACTION)
@@ -122,10 +123,12 @@ def _check_fits(model: ModelConfig, batch: int, device: torch.device, per_parame
 
 def check_training_fits(config: RunConfig, device: torch.device) -> None:
     """Refuse (ConfigError, one line) a training run that cannot fit in `device`'s memory."""
-    _check_fits(config.model, config.train.batch_size, device, TRAIN_BYTES_PER_PARAMETER, 1.0, DATASET_BYTES,
-                "to train,", "batch_size")
+    c, h, w = config.data.shape
+    _check_fits(config.model, config.train.batch_size, device, TRAIN_BYTES_PER_PARAMETER, 1.0,
+                DATASET_IMAGES * c * h * w, "to train,", "batch_size", image_size=h)
 
 
-def check_sampling_fits(model: ModelConfig, batch: int, device: torch.device) -> None:
+def check_sampling_fits(model: ModelConfig, batch: int, device: torch.device, image_size: int = 28) -> None:
     """Refuse a network (or a sampling batch) that cannot be held in `device`'s memory."""
-    _check_fits(model, batch, device, SAMPLE_BYTES_PER_PARAMETER, 0.5, 0, "to sample,", "batch_size")
+    _check_fits(model, batch, device, SAMPLE_BYTES_PER_PARAMETER, 0.5, 0, "to sample,", "batch_size",
+                image_size=image_size)

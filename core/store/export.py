@@ -22,24 +22,43 @@ BUNDLE_FILES = ("config.json", "metrics.csv", "model.safetensors", "ema.safetens
                 "state.json", "status.json")
 
 
+def as_nchw(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W) or (N, C, H, W) with C 1 or 3 -> (N, C, H, W); anything else is refused."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[1] not in (1, 3)):
+        raise ValueError(f"expected uint8 images of shape (N, H, W) or (N, C, H, W) with C 1 or 3, "
+                         f"got {images.dtype} {images.shape}")
+    return images[:, None] if images.ndim == 3 else images
+
+
+def to_display(images: np.ndarray) -> np.ndarray:
+    """uint8 (..., C, H, W) -> what image widgets show: (..., H, W) grayscale or (..., H, W, 3) colour."""
+    images = np.asarray(images)
+    if images.shape[-3] == 1:
+        return images[..., 0, :, :]
+    return np.moveaxis(images, -3, -1)
+
+
 def make_grid(images: np.ndarray, ncol: int | None = None, padding: int = 2, scale: int = 1,
               pad_value: int = 0) -> np.ndarray:
-    """uint8 (N, H, W) -> one uint8 grid image, row-major like the book's plot (torchvision's
-    `make_grid`, kept grayscale), optionally enlarged `scale` times with sharp pixels."""
-    images = np.asarray(images)
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"make_grid expects uint8 images of shape (N, H, W), got {images.dtype} {images.shape}")
+    """uint8 (N, H, W) or (N, C, H, W) -> one uint8 grid image, (h, w) grayscale or (h, w, 3) colour,
+    row-major like the book's plot (torchvision's `make_grid`), optionally enlarged `scale` times
+    with sharp pixels."""
+    images = as_nchw(images)
     ncol = ncol or max(1, math.ceil(math.sqrt(len(images))))
-    grid = tv_make_grid(torch.from_numpy(images).unsqueeze(1), nrow=ncol, padding=padding, pad_value=pad_value)
-    grid = grid[0].numpy()  # torchvision repeats one channel to three: keep one
+    grid = tv_make_grid(torch.from_numpy(images), nrow=ncol, padding=padding, pad_value=pad_value).numpy()
+    # torchvision repeats one channel to three: a grayscale grid keeps one
+    grid = grid[0] if images.shape[1] == 1 else np.ascontiguousarray(grid.transpose(1, 2, 0))
     if scale > 1:
-        grid = np.kron(grid, np.ones((scale, scale), np.uint8))
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     return grid
 
 
 def png_bytes(image: np.ndarray) -> bytes:
+    """A grid (h, w) or (h, w, 3) as PNG bytes: grayscale stays 8-bit L, colour is RGB."""
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8), mode="L").save(buf, format="PNG")
+    image = np.asarray(image, np.uint8)
+    Image.fromarray(image, mode="L" if image.ndim == 2 else "RGB").save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -58,13 +77,13 @@ def save_grid(path: str | Path, images: np.ndarray, ncol: int | None = None, sca
 def reverse_gif(frames_xt: np.ndarray, frame_timesteps: list[int], final: np.ndarray | None = None,
                 ncol: int | None = None, scale: int = 2, max_frames: int = 100,
                 duration_ms: int = 60, frames_x0: np.ndarray | None = None) -> bytes:
-    """A GIF of x_t going from noise to images: frames (K, N, H, W) in recorded order.
+    """A GIF of x_t going from noise to images: frames (K, N, H, W) or (K, N, C, H, W) in recorded order.
 
     With `frames_x0` (same shape) each frame shows x_t | x̂0 side by side; the closing frame shows
     the finished images once, centred on the same canvas."""
     frames_xt = np.asarray(frames_xt)
-    if frames_xt.ndim != 4 or len(frames_xt) == 0:
-        raise ValueError("reverse_gif needs recorded frames of shape (K, N, H, W); sample with frames on")
+    if frames_xt.ndim not in (4, 5) or len(frames_xt) == 0:
+        raise ValueError("reverse_gif needs recorded frames of shape (K, N, [C,] H, W); sample with frames on")
     if frames_x0 is not None and np.shape(frames_x0) != frames_xt.shape:
         raise ValueError(f"frames_x0 {np.shape(frames_x0)} must match frames_xt {frames_xt.shape}")
     idx = np.unique(np.linspace(0, len(frames_xt) - 1, min(max_frames, len(frames_xt))).round().astype(int))
@@ -73,7 +92,7 @@ def reverse_gif(frames_xt: np.ndarray, frame_timesteps: list[int], final: np.nda
         left = make_grid(frames_xt[i], ncol=ncol, scale=scale)
         if frames_x0 is None:
             return left
-        gap = np.full((left.shape[0], 4 * scale), 255, np.uint8)
+        gap = np.full((left.shape[0], 4 * scale, *left.shape[2:]), 255, np.uint8)
         return np.hstack([left, gap, make_grid(np.asarray(frames_x0)[i], ncol=ncol, scale=scale)])
 
     arrays = [picture(i) for i in idx]
@@ -83,7 +102,7 @@ def reverse_gif(frames_xt: np.ndarray, frame_timesteps: list[int], final: np.nda
         left = (canvas.shape[1] - grid.shape[1]) // 2
         canvas[:grid.shape[0], left:left + grid.shape[1]] = grid
         arrays.append(canvas)
-    pictures = [Image.fromarray(a, mode="L") for a in arrays]
+    pictures = [Image.fromarray(a, mode="L" if a.ndim == 2 else "RGB") for a in arrays]
     durations = [duration_ms] * (len(pictures) - 1) + [1500]  # rest on the result
     buf = io.BytesIO()
     pictures[0].save(buf, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
@@ -92,7 +111,7 @@ def reverse_gif(frames_xt: np.ndarray, frame_timesteps: list[int], final: np.nda
 
 def frames_npz(images: np.ndarray, frame_timesteps: list[int], frames_xt: np.ndarray | None,
                frames_x0: np.ndarray | None) -> bytes:
-    """images (N,H,W), timesteps (K,), x_t and x̂0 frames (K,N,H,W), all uint8 but the timesteps."""
+    """images (N,C,H,W), timesteps (K,), x_t and x̂0 frames (K,N,C,H,W), all uint8 but the timesteps."""
     buf = io.BytesIO()
     arrays = {"images": images, "timesteps": np.asarray(frame_timesteps, np.int64)}
     if frames_xt is not None:

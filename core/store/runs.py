@@ -438,7 +438,7 @@ def load_model(path: Path, use_ema: bool = True, device: torch.device | str = "c
     device = resolve_device(device)  # a missing GPU is a ConfigError naming the device
     config = load_config(path)
     try:
-        budget.check_sampling_fits(config.model, 1, device)
+        budget.check_sampling_fits(config.model, 1, device, image_size=config.data.image_size)
     except ConfigError as exc:
         raise RunError(f"run {path.name!r}: {exc}") from None
     found = checkpoint.latest_weights(path, path.name, use_ema)

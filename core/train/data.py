@@ -9,28 +9,31 @@ import os
 
 import torch
 
-from ..config import ConfigError, RunConfig
-from ..data.datasets import DatasetNotFoundError, ImageSet, ensure_dataset, load_images
+from ..config import ConfigError, DataConfig, RunConfig
+from ..data.datasets import DatasetNotFoundError, ImageSet
+from ..data.sources import load_run_images
 from .distributed import World, broadcast_object
 from .plan import check_data_fits
 
 
-def load_training_images(dataset: str, data_root: str | os.PathLike | None, world: World) -> ImageSet:
-    """The training split. Under torchrun rank 0 alone prepares the files (a first run unpacks or
-    downloads them) while the others wait, then every rank reads them: two ranks writing the same
-    temporary file would tear it. A missing dataset is the same one-line error on every rank."""
-    if world.distributed:
-        error = None
-        if world.is_main:
-            try:
-                ensure_dataset(dataset, data_root)
-            except (DatasetNotFoundError, ConfigError, OSError) as exc:
-                error = (type(exc).__name__, str(exc))
-        error = broadcast_object(error, world)  # also the barrier: no rank reads before rank 0 is done
-        if error is not None:
-            kind, message = error
-            raise ConfigError(message) if kind == "ConfigError" else DatasetNotFoundError(message)
-    return load_images(dataset, "train", data_root)
+def load_training_images(data: DataConfig, data_root: str | os.PathLike | None, world: World) -> ImageSet:
+    """The run's training images (`load_run_images`). Under torchrun rank 0 alone prepares them (a
+    first run unpacks or downloads a built-in dataset, or decodes a folder into its cache) while the
+    others wait, then every other rank reads what it prepared: two ranks writing the same temporary
+    file would tear it. A missing dataset or a bad folder is the same one-line error on every rank."""
+    if not world.distributed:
+        return load_run_images(data, "train", data_root)
+    images, error = None, None
+    if world.is_main:
+        try:
+            images = load_run_images(data, "train", data_root)
+        except (DatasetNotFoundError, ConfigError, OSError) as exc:
+            error = (type(exc).__name__, str(exc))
+    error = broadcast_object(error, world)  # also the barrier: no rank reads before rank 0 is done
+    if error is not None:
+        kind, message = error
+        raise DatasetNotFoundError(message) if kind == "DatasetNotFoundError" else ConfigError(message)
+    return images if images is not None else load_run_images(data, "train", data_root)
 
 
 def training_data(images: ImageSet, config: RunConfig, device: torch.device,
@@ -40,11 +43,11 @@ def training_data(images: ImageSet, config: RunConfig, device: torch.device,
     before anything is copied: the dtype and shape, a full batch for every rank, the labels."""
     train = config.train
     data = images.images[: train.limit_images] if train.limit_images else images.images
-    if not torch.is_tensor(data) or data.dtype != torch.uint8 or tuple(data.shape[1:]) != (28, 28):
+    if not torch.is_tensor(data) or data.dtype != torch.uint8 or tuple(data.shape[1:]) != config.data.shape:
         # Floats in [0, 1] would be divided by 255 again and train on near-black images, silently.
         got = f"{data.dtype} {tuple(data.shape)}" if torch.is_tensor(data) else type(data).__name__
         raise ConfigError(f"images = {got} is not allowed: training expects uint8 images of shape "
-                          "(N, 28, 28) with pixels 0..255 (see core.data.ImageSet)")
+                          f"(N, {', '.join(map(str, config.data.shape))}) with pixels 0..255 (see core.data.ImageSet)")
     check_data_fits(len(data), train.batch_size, world_size)
     labels = training_labels(images, len(data), config).to(device) if config.model.conditional else None
     return data.to(device), labels

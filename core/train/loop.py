@@ -257,7 +257,7 @@ def preview_grid(run_dir: Path, trainer: Trainer, filename: str) -> Path:
                     pixel_range=train.pixel_range, clip_default=train.clip_denoised, device=trainer.device,
                     labels=even_labels(GRID_SAMPLES, config.model.num_classes) if conditional else None,
                     guidance=PREVIEW_GUIDANCE if conditional and train.label_dropout > 0 else 1.0,
-                    prediction=train.prediction)
+                    prediction=train.prediction, shape=config.data.shape)
     return save_grid(run_dir / "samples" / filename, result.images, ncol=4)
 
 

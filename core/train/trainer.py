@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..data.datasets import to_model_range
+from ..data.transforms import random_hflip
 from ..device import autocast_for
 from ..diffusion.schedule import NoiseScheduler
 from ..models import NO_LABEL, build_model
@@ -132,8 +133,14 @@ class Trainer:
         return lr * min(1.0, (step + 1) / warmup) if warmup else lr
 
     def batch(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 images on the device -> x_0 in model range and memory format (`to_model_range`)."""
-        return to_model_range(images_uint8, self.config.train.pixel_range).contiguous(memory_format=self.memory_format)
+        """uint8 (B, C, H, W) on the device -> x_0 in model range and memory format (`to_model_range`);
+        with --hflip each image is mirrored with probability 1/2, drawn from (seed, rank, step) like
+        every other draw of the step, so a resumed run flips the same images."""
+        x_0 = to_model_range(images_uint8, self.config.train.pixel_range)
+        if self.config.data.hflip:
+            flips = torch.Generator().manual_seed(step_seed(self.config.train.seed, self.world.rank, self.step) ^ 2)
+            x_0 = random_hflip(x_0, flips)
+        return x_0.contiguous(memory_format=self.memory_format)
 
     def drop_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         """Classifier-free guidance's label dropout, so one network also learns ε̂(x_t, t, ∅).

@@ -83,7 +83,7 @@ def _build_loop(run_dir: Path, config: RunConfig, resume: bool, images: ImageSet
     if on_progress:
         on_progress(progress)
     if images is None:
-        images = load_training_images(train.dataset, data_root, world)
+        images = load_training_images(config.data, data_root, world)
     data, labels = training_data(images, config, device, world.size)
 
     trainer = Trainer(config, device, world)

@@ -48,9 +48,15 @@ SCORING_S = 5.0                     # test-set statistics (cached after the firs
 SCORING_S_PER_IMAGE = 0.002
 
 
-def network_key(config: ModelConfig) -> str:
-    """A short name for one network architecture (its config), the same in every process."""
+BUILTIN_SHAPE = (1, 28, 28)
+
+
+def network_key(config: ModelConfig, shape: tuple[int, int, int] = BUILTIN_SHAPE) -> str:
+    """A short name for one network architecture (its config) at one image shape (C, H, W), the same in
+    every process; the built-in 28x28x1 shape keeps the key it always had."""
     text = json.dumps(asdict(config), sort_keys=True, default=str)
+    if tuple(shape) != BUILTIN_SHAPE:
+        text += json.dumps(list(shape))
     return f"{config.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
@@ -145,10 +151,10 @@ def step_seconds(entries: list[dict], work: Work) -> float | None:
 
 
 def measure_forward_seconds(model: nn.Module, batch: int, device: torch.device | str = "cpu",
-                            warmup: int = 2, repeats: int = 3) -> float:
+                            warmup: int = 2, repeats: int = 3, shape: tuple[int, int, int] = BUILTIN_SHAPE) -> float:
     """Seconds of one forward pass of `batch` images, after `warmup` untimed calls (best of `repeats`)."""
     device = resolve_device(device)
-    x = torch.randn(batch, 1, 28, 28, device=device)
+    x = torch.randn(batch, *shape, device=device)
     t = torch.full((batch,), 1, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
@@ -234,7 +240,8 @@ def training_step_seconds(rows: list[dict[str, float]], window: int = 20) -> flo
     return seconds / steps
 
 
-def record_training(run_dir: str | os.PathLike, model: ModelConfig, device: str, batch: int) -> bool:
+def record_training(run_dir: str | os.PathLike, model: ModelConfig, device: str, batch: int,
+                    shape: tuple[int, int, int] = BUILTIN_SHAPE) -> bool:
     """Record a just-trained run's steady step time (from its metrics.csv) in the runs folder."""
     run_dir = Path(run_dir)
     try:
@@ -244,5 +251,5 @@ def record_training(run_dir: str | os.PathLike, model: ModelConfig, device: str,
     step_s = training_step_seconds(rows)
     if step_s is None:
         return False
-    work = Work("train", network_key(model), (device or "cpu").split(":")[0], batch)  # "cuda:0" -> "cuda"
+    work = Work("train", network_key(model, shape), (device or "cpu").split(":")[0], batch)  # "cuda:0" -> "cuda"
     return record(run_dir.parent, work, step_s * 100, 100)  # seconds for 100 steps at that pace

@@ -14,11 +14,10 @@ import torch
 
 from ..store import runs
 from ..config import SampleConfig
-from ..data.datasets import load_images
 from ..device import resolve_device
 from ..evaluation.classifier import FitConfig, classifier_path
-from ..evaluation.frechet import QualityEvaluator
-from ..evaluation.scoring import load_or_fit_classifier, score_setting, setting_name
+from ..evaluation.own_data import uses_fingerprint
+from ..evaluation.scoring import run_evaluator, score_setting, setting_name
 from ..diffusion.sampling import total_steps
 from ..diffusion.schedule import NoiseScheduler
 from . import estimates
@@ -50,6 +49,9 @@ class EvaluationStatus:
 
 
 def classifier_ready(dataset: str, directory: str | os.PathLike | None = None) -> bool:
+    """Whether scoring can start without a fit; own data (an image folder) may need one: said as not ready."""
+    if uses_fingerprint(dataset):
+        return False
     return classifier_path(dataset, directory).is_file()
 
 
@@ -97,22 +99,19 @@ class EvaluationJob(ReportingJob):
         raw_weights = not loaded.used_ema and (self.run_dir / "ema.safetensors").exists()
         with self._lock:
             self._setting = setting_name(self.config, steps, raw_weights)
-        dataset = loaded.config.train.dataset
-        if not classifier_ready(dataset, self._classifier_dir):
+        if not classifier_ready(loaded.config.data.dataset, self._classifier_dir):
             self._set_phase("fitting classifier")
-        classifier, _ = load_or_fit_classifier(dataset, self._classifier_dir, self._device, self._data_root,
-                                               self._fit_config, progress=self._on_fit_step)
+        train, evaluator = run_evaluator(loaded.config, self._classifier_dir, self._device, self._data_root,
+                                         self._fit_config, progress=self._on_fit_step)
         if self.stop_requested:
             return self._finish("cancelled")
         self._set_phase("scoring")  # the test statistics, once per classifier
-        evaluator = QualityEvaluator(classifier, load_images(dataset, "test", self._data_root), self._device)
-        train = load_images(dataset, "train", self._data_root)
         entry = score_setting(self.config, loaded, scheduler, evaluator, train, raw_weights, self._device,
                               wrap=self._sampling_phase)
         if entry is None:
             return self._finish("cancelled")
         runs.append_eval(self.run_dir, entry)
-        work = estimates.Work("sample", estimates.network_key(loaded.config.model), self._device.type,
+        work = estimates.Work("sample", estimates.network_key(loaded.config.model, loaded.config.data.shape), self._device.type,
                               min(self.config.n, self.config.batch_size), self.config.sampler)
         estimates.record(self.run_dir.parent, work, entry["seconds_sampling"], total_steps(self.config, scheduler))
         with self._lock:

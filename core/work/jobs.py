@@ -22,7 +22,7 @@ from ..models import budget
 from . import estimates, queue
 from ..store import runs
 from ..config import ConfigError, RunConfig, SampleConfig
-from ..data.datasets import ImageSet
+from ..data.datasets import IMAGE_SHAPE, ImageSet
 from ..device import resolve_device
 from ..errors import RunError
 from ..diffusion.sampling import SampleResult, collect, reverse_process, total_steps
@@ -100,13 +100,14 @@ class SamplingJob(ReportingJob):
     def __init__(self, model: nn.Module, scheduler: NoiseScheduler, config: SampleConfig, *,
                  pixel_range: str, clip_default: bool = False, record: str = "all",
                  device: torch.device | str = "cpu", labels: torch.Tensor | None = None, guidance: float = 1.0,
-                 prediction: str = "eps", timing: tuple[Path, str] | None = None):
+                 prediction: str = "eps", timing: tuple[Path, str] | None = None,
+                 shape: tuple[int, int, int] = IMAGE_SHAPE):
         """`timing` (runs folder, network_key) records the step time there when the job finishes."""
         super().__init__()
         self._timing = timing
         self._args: dict[str, Any] = dict(model=model, scheduler=scheduler, config=config, pixel_range=pixel_range,
                                           clip_default=clip_default, device=device, labels=labels,
-                                          guidance=guidance, prediction=prediction)
+                                          guidance=guidance, prediction=prediction, shape=shape)
         self._record = record
         self._done, self._total = 0, total_steps(config, scheduler)
         self.result: SampleResult | None = None

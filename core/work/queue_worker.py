@@ -233,4 +233,5 @@ def record_training_time(run_dir: Path, progress: Progress) -> None:
         config = runs.load_config(run_dir)
     except (RunError, ConfigError, OSError):
         return
-    estimates.record_training(run_dir, config.model, progress.device, config.train.batch_size)
+    estimates.record_training(run_dir, config.model, progress.device, config.train.batch_size,
+                              config.data.shape)

@@ -50,10 +50,10 @@ def _generate(run_dir: str) -> None:
     job = SamplingJob(loaded.model, cache.scheduler_for(loaded.config), config,
                       pixel_range=loaded.config.train.pixel_range, clip_default=loaded.config.train.clip_denoised,
                       record="all", device=cache.DEVICE, labels=labels, guidance=params.get("guidance", 1.0),
-                      prediction=loaded.config.train.prediction,
-                      timing=(runs_dir(), estimates.network_key(loaded.config.model))).start()
+                      prediction=loaded.config.train.prediction, shape=loaded.config.data.shape,
+                      timing=(runs_dir(), estimates.network_key(loaded.config.model, loaded.config.data.shape))).start()
     meta = dict(params, run=loaded.name, used_ema=loaded.used_ema, timesteps=loaded.config.schedule.timesteps,
-                dataset=loaded.config.train.dataset)
+                dataset=loaded.config.data.dataset)
     st.session_state["rev_job"] = {"job": job, "meta": meta}
 
 

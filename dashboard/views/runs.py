@@ -54,7 +54,7 @@ def runs_table(infos: list[runs.RunInfo]) -> pd.DataFrame:
             "model": MODEL_LABELS.get(c.model.name, c.model.name) if c else "—",
             "optimizer": OPTIMIZER_LABELS.get(c.train.optimizer, c.train.optimizer) if c else "—",
             "scored at": f"{score.get('setting')}, N = {score.get('n')}" if score else "",
-            "dataset": DATASET_LABELS.get(c.train.dataset, c.train.dataset) if c else "—",
+            "dataset": DATASET_LABELS.get(c.data.dataset, c.data.dataset) if c else "—",
             "pixels": PIXEL_RANGE_LABELS.get(c.train.pixel_range, "—") if c else "—",
             "T": c.schedule.timesteps if c else None,
             "params (M)": cost["params"] / 1e6 if cost else None,

@@ -1,0 +1,280 @@
+"""A folder of the user's own images: found, fingerprinted, decoded once, cached.
+
+The ImageFolder convention (torchvision): two or more subfolders holding images are the classes,
+named by the subfolders in sorted order; otherwise the folder is unlabelled and every image under
+it counts. Images are found recursively by extension (PNG, JPEG, WebP, BMP, GIF's first frame).
+
+What a folder may hold is treated as possibly hostile: symbolic links are followed only to regular
+files inside the folder (a link out of it, to a folder, or looping is skipped and counted), hidden
+entries are skipped, depth and file count are bounded, each file is decoded with PIL's
+decompression-bomb limit as an error, and a file that does not decode is skipped and named. Every
+refusal is one `ImageFolderError` line that says what was wrong and what to do; nothing is written
+before the images are known to be usable.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..config import ConfigError, DataConfig
+from .cache import DecodedFolder, load_cached, save_cached
+from .datasets import ImageSet
+from .transforms import has_colour, pil_to_tensor, to_channels, to_l_or_rgb
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+MAX_FILES = 1_000_000
+MAX_DEPTH = 32
+MAX_FILE_BYTES = 64 << 20          # a 64 px training image needs nothing near this
+MIN_IMAGES = 2                     # one picture is not a distribution
+SHOW_NAMES = 3                     # how many skipped files a message names
+
+
+class ImageFolderError(ConfigError):
+    """The folder cannot be trained on; the message says why and what to do (CLI: exit 2)."""
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """What is under a folder before any image is decoded."""
+    root: Path
+    files: tuple[str, ...]             # paths relative to root, sorted, '/'-separated
+    labels: tuple[int, ...]            # index into class_names, or -1 when unlabelled
+    class_names: tuple[str, ...]
+    fingerprint: str                   # sha256 of (path, size, mtime_ns) of every file
+    skipped_links: tuple[str, ...] = ()
+    ignored: int = 0                   # files that are not images by their extension
+
+
+@dataclass(frozen=True)
+class FolderSummary:
+    """What `python -m core data --dataset folder` prints and the Train form shows."""
+    count: int
+    sizes: dict[str, int]              # "WxH" -> how many, the most common first
+    colour: bool
+    class_counts: dict[str, int]
+    skipped: tuple[str, ...] = field(default=())  # files that would not decode, with the reason
+
+    def lines(self) -> list[str]:
+        sizes = ", ".join(f"{k} ({v})" for k, v in list(self.sizes.items())[:5])
+        more = f" and {len(self.sizes) - 5} more sizes" if len(self.sizes) > 5 else ""
+        out = [f"{self.count} images, {'colour' if self.colour else 'grayscale'}; sizes {sizes}{more}"]
+        if self.class_counts:
+            out.append(f"{len(self.class_counts)} classes: " +
+                       ", ".join(f"{k} ({v})" for k, v in self.class_counts.items()))
+        else:
+            out.append("unlabelled (no class subfolders)")
+        if self.skipped:
+            out.append(f"skipped {len(self.skipped)} unreadable: " + "; ".join(self.skipped[:SHOW_NAMES]))
+        return out
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _walk(root: Path) -> tuple[list[tuple[str, os.stat_result]], list[str], int]:
+    """Every image file under root (relative path, stat), the skipped links, and the non-images."""
+    real_root = os.path.realpath(root)
+    found: list[tuple[str, os.stat_result]] = []
+    links: list[str] = []
+    ignored = 0
+    stack: list[tuple[Path, int]] = [(root, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable subfolder: its images are simply not found
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue  # .DS_Store, .cache, editors' swap files
+            rel = os.path.relpath(entry.path, root).replace(os.sep, "/")
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                # Links are followed to regular files inside the folder only: never out of it, never to
+                # a folder (that is where loops come from).
+                if not (_inside(target, real_root) and os.path.isfile(target)
+                        and entry.name.lower().endswith(EXTENSIONS)):
+                    links.append(rel)
+                    continue
+            if entry.is_dir(follow_symlinks=False):
+                if depth + 1 < MAX_DEPTH:
+                    stack.append((Path(entry.path), depth + 1))
+                continue
+            if not entry.name.lower().endswith(EXTENSIONS):
+                ignored += 1
+                continue
+            try:
+                st = os.stat(entry.path)
+            except OSError:
+                continue
+            if not _is_regular(st):
+                ignored += 1
+                continue
+            found.append((rel, st))
+            if len(found) > MAX_FILES:
+                raise ImageFolderError(f"data_dir = {str(root)!r} is not allowed: it holds more than {MAX_FILES:,} "
+                                       "images; give a smaller folder")
+    return found, links, ignored
+
+
+def _is_regular(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode)
+
+
+def scan_folder(data_dir: str | os.PathLike) -> FolderScan:
+    """Find the images and classes under `data_dir`; refuses a missing folder, a file, an empty one."""
+    root = Path(data_dir).expanduser()
+    what = f"data_dir = {str(data_dir)!r} is not allowed"
+    if not root.exists():
+        raise ImageFolderError(f"{what}: no such folder; give the folder that holds your images")
+    if not root.is_dir():
+        raise ImageFolderError(f"{what}: it is a file, not a folder; give the folder that holds it")
+    found, links, ignored = _walk(root)
+    if not found:
+        raise ImageFolderError(f"{what}: no images in it (looked recursively for "
+                               f"{', '.join(EXTENSIONS)}); put your pictures there or give another folder")
+    if len(found) < MIN_IMAGES:
+        raise ImageFolderError(f"{what}: it holds a single image ({found[0][0]}); a model needs many pictures "
+                               "to learn from (a few hundred or more)")
+    found.sort(key=lambda item: item[0])
+    tops = sorted({rel.split("/", 1)[0] for rel, _ in found if "/" in rel})
+    labelled = len(tops) >= 2
+    if labelled:
+        # ImageFolder: files directly in the root are not in any class; they are left out.
+        found = [(rel, st) for rel, st in found if "/" in rel]
+        index = {name: i for i, name in enumerate(tops)}
+        labels = tuple(index[rel.split("/", 1)[0]] for rel, _ in found)
+    else:
+        labels = tuple(-1 for _ in found)
+    digest = hashlib.sha256()
+    for rel, st in found:
+        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return FolderScan(root=root, files=tuple(rel for rel, _ in found), labels=labels,
+                      class_names=tuple(tops) if labelled else (), fingerprint=digest.hexdigest(),
+                      skipped_links=tuple(links), ignored=ignored)
+
+
+def open_image(path: Path) -> Image.Image:
+    """Decode one file to "L" or "RGB" (GIF: its first frame); PIL's bomb warning is an error here."""
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ValueError(f"over {MAX_FILE_BYTES >> 20} MB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            image.seek(0)
+            image.load()
+            return to_l_or_rgb(image)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return "over PIL's decompression-bomb limit"
+    return " ".join(str(exc).split())[:80] or type(exc).__name__
+
+
+def decode_folder(scan: FolderScan, size: int) -> tuple[torch.Tensor, torch.Tensor, bool, list[str], list[tuple[int, int]]]:
+    """Decode every image at `size`: uint8 (N, C, S, S) with C 3 when any image has colour, else 1;
+    their labels; the colour flag; the skipped files with reasons; the original sizes."""
+    tensors, labels, skipped, sizes = [], [], [], []
+    colour = False
+    for rel, label in zip(scan.files, scan.labels):
+        try:
+            image = open_image(scan.root / rel)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning, EOFError) as exc:
+            skipped.append(f"{rel} ({_reason(exc)})")
+            continue
+        sizes.append(image.size)
+        if image.mode == "RGB" and not has_colour(image):
+            image = image.convert("L")   # a gray picture saved as RGB: no colour to keep
+        colour = colour or image.mode == "RGB"
+        tensors.append(pil_to_tensor(image, size, 3 if image.mode == "RGB" else 1))
+        labels.append(label)
+    if not tensors:
+        raise ImageFolderError(f"data_dir = {str(scan.root)!r} is not allowed: none of its {len(scan.files)} images "
+                               f"could be read ({'; '.join(skipped[:SHOW_NAMES])}); check the files")
+    channels = 3 if colour else 1
+    images = torch.stack([to_channels(t.unsqueeze(0), channels)[0] for t in tensors])
+    return images, torch.tensor(labels, dtype=torch.int64), colour, skipped, sizes
+
+
+def summarize(data_dir: str | os.PathLike, size: int = 32) -> FolderSummary:
+    """Scan and decode a folder (through the cache) and say what is in it."""
+    scan = scan_folder(data_dir)
+    decoded = _decoded(scan, size, cache_dir=None)
+    class_counts = {name: int((decoded.labels == i).sum()) for i, name in enumerate(scan.class_names)}
+    return FolderSummary(count=len(decoded.labels), sizes=decoded.size_counts, colour=decoded.colour,
+                         class_counts=class_counts, skipped=tuple(decoded.skipped))
+
+
+def available_memory() -> int:
+    """Bytes a new allocation may take (MemAvailable), or a very large number when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62
+
+
+def check_memory(n: int, size: int) -> None:
+    """Refuse a folder whose decoded images (at worst 3 channels, held twice while stacking) will not fit."""
+    need = 2 * n * 3 * size * size
+    have = available_memory() // 2   # leave half for the network, the optimizer and everyone else
+    if need > have:
+        fits = max(0, have // (2 * 3 * size * size))
+        raise ImageFolderError(f"image_size = {size} is not allowed for {n:,} images: decoding needs about "
+                               f"{need / 1e9:.1f} GB, this machine has {have / 1e9:.1f} GB to spare; use a smaller "
+                               f"--image-size or a folder of at most {fits:,} images")
+
+
+def _decoded(scan: FolderScan, size: int, cache_dir: str | os.PathLike | None) -> DecodedFolder:
+    cached = load_cached(scan.fingerprint, size, cache_dir)
+    if cached is not None:
+        return cached
+    check_memory(len(scan.files), size)
+    images, labels, colour, skipped, sizes = decode_folder(scan, size)
+    return save_cached(scan.fingerprint, size, images, labels, colour, skipped, sizes, cache_dir)
+
+
+def resolve_data_config(data: DataConfig, channels_given: bool = True,
+                        cache_dir: str | os.PathLike | None = None) -> DataConfig:
+    """A folder run's data section completed from the folder: fingerprint, class names and, unless the
+    user chose, the channels (3 when any image has colour). Refuses what cannot be trained on."""
+    if data.dataset != "folder":
+        return data
+    scan = scan_folder(data.data_dir)
+    decoded = _decoded(scan, data.image_size, cache_dir)
+    channels = data.channels if channels_given else (3 if decoded.colour else 1)
+    return replace(data, data_dir=str(Path(data.data_dir).expanduser().resolve()), fingerprint=scan.fingerprint,
+                   class_names=scan.class_names, channels=channels)
+
+
+def load_folder(data: DataConfig, split: str = "train", *, cache_dir: str | os.PathLike | None = None,
+                allow_change: bool = False) -> ImageSet:
+    """The folder's images at the run's shape (uint8 (N, C, S, S)), through the decoded cache."""
+    if split != "train":
+        raise ImageFolderError(f"split = {split!r} is not allowed: an image folder is one training set "
+                               "(there is no test split)")
+    scan = scan_folder(data.data_dir)
+    if data.fingerprint and scan.fingerprint != data.fingerprint and not allow_change:
+        raise ImageFolderError(f"data_dir = {data.data_dir!r} is not allowed: the folder changed since the run was "
+                               "made (files added, removed or edited); resume with --allow-data-change to train on "
+                               "it as it is now, or restore the folder")
+    if data.class_names and scan.class_names != data.class_names:
+        raise ImageFolderError(f"data_dir = {data.data_dir!r} is not allowed: its classes are now "
+                               f"{', '.join(scan.class_names) or 'none'}, the run was made with "
+                               f"{', '.join(data.class_names)}; the network's labels would mean other things")
+    decoded = _decoded(scan, data.image_size, cache_dir)
+    return ImageSet(images=to_channels(decoded.images, data.channels).contiguous(), labels=decoded.labels,
+                    dataset="folder", split="train", class_names=scan.class_names)
