@@ -146,8 +146,8 @@ class TrainLoop:
                 raise StopRequested
             self.time_up = True
         if self.master:
-            self.metrics.write({"step": step, "epoch": self.epoch + 1, "loss": mean_loss, "lr": self.trainer.lr_at(step - 1),
-                                "elapsed_s": self.elapsed(), "images_per_s": ips})
+            self.metrics.write({"step": step, "epoch": self.epoch + 1, "loss": mean_loss,
+                                "lr": self.trainer.lr_at(step - 1), "elapsed_s": self.elapsed(), "images_per_s": ips})
         progress = self.progress
         progress.steps.append(step)
         progress.losses.append(mean_loss)
