@@ -299,6 +299,7 @@ def _load_with_rank1_unable_to_write(rank: int, world_size: int, port: int, root
     it succeeds only if it waits for rank 0 instead of preparing the files itself."""
     import resource
 
+    from core.config import DataConfig
     from core.train.data import load_training_images
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
@@ -310,7 +311,7 @@ def _load_with_rank1_unable_to_write(rank: int, world_size: int, port: int, root
             resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))
         else:
             time.sleep(3)  # rank 1 reaches the data first: it must wait, not prepare the files itself
-        images = load_training_images("fashion_mnist", root, World(rank=rank, size=world_size))
+        images = load_training_images(DataConfig(dataset="fashion_mnist"), root, World(rank=rank, size=world_size))
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)  # the soft limit goes back up to write the result
         Path(out, f"rank{rank}").write_text(str(len(images)))
     finally:
