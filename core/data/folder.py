@@ -208,7 +208,7 @@ def _decode_chunk(root: Path, files: tuple[str, ...], labels: tuple[int, ...], s
         sizes.append(image.size)
         pixels = _pixels(image)
         if pixels.shape[1:] != (size, size):
-            pixels = resize_crop(torch.from_numpy(np.ascontiguousarray(pixels))[None], size)[0].numpy()
+            pixels = resize_crop(torch.from_numpy(pixels.copy())[None], size)[0].numpy()  # PIL's array is read-only
         colour = colour or pixels.shape[0] == 3
         out[len(kept)] = pixels           # one channel broadcasts to three: the gray value in each
         kept.append(label)
