@@ -59,7 +59,8 @@ def _read_bounded(path: Path, limit: int) -> bytes | None:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
             return None
-        data = fh.read(limit + 1)
+        # read what fstat promised (+1 to see a file that grew): never a limit-sized buffer
+        data = fh.read(st.st_size + 1)
     return data if len(data) <= limit else None
 
 

@@ -49,14 +49,6 @@ def to_l_or_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV
 
 
-def has_colour(image: Image.Image) -> bool:
-    """Whether an "L"/"RGB" image holds colour (an RGB file of gray pixels does not)."""
-    if image.mode == "L":
-        return False
-    r, g, b = (np.asarray(c, dtype=np.uint8) for c in image.split())
-    return not (np.array_equal(r, g) and np.array_equal(g, b))
-
-
 def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     """uint8 (N, C, H, W) with C 1 or 3 -> C = `channels` (luma, or the gray value repeated)."""
     have = images.shape[1]
@@ -82,17 +74,6 @@ def resize_crop(images: torch.Tensor, size: int) -> torch.Tensor:
 def conform(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     """uint8 (N, C, H, W) of any size and C in (1, 3) -> the run's (N, channels, size, size)."""
     return resize_crop(to_channels(images, channels), size).contiguous()
-
-
-def pil_to_tensor(image: Image.Image, size: int, channels: int) -> torch.Tensor:
-    """One decoded image of any mode -> uint8 (channels, size, size)."""
-    image = to_l_or_rgb(image)
-    if channels == 1 and image.mode == "RGB":
-        image = image.convert("L")   # PIL's own luma, the rule documented above
-    array = np.asarray(image, dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy())
-    tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
-    return conform(tensor.unsqueeze(0), size, channels)[0]
 
 
 def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
