@@ -119,14 +119,6 @@ def switch_run_settings(info: runs.RunInfo) -> None:
 
 
 # -- widgets ---------------------------------------------------------------------------------------------
-def _clamp_steps(T: int) -> None:
-    value = int(st.session_state["rev_steps"])
-    if not 1 <= value <= T:
-        st.session_state["rev_steps"] = min(max(value, 1), T)
-        st.session_state["rev_feedback"] = ("info", f"Steps = {value} is outside 1 to T = {T}: set to "
-                                                    f"{st.session_state['rev_steps']}.")
-
-
 def sampler_ui(info: runs.RunInfo, top: list) -> dict:
     """Sampler settings for this run, as a plain dict: sampler, steps and η in the `top` row's
     columns, seed, count and EMA in a second row whose last columns hold Generate (returned too)."""
@@ -139,10 +131,8 @@ def sampler_ui(info: runs.RunInfo, top: list) -> dict:
                                "steps (the best few-step setting measured so far); DDPM is the book's, every step.")
     few_steps = sampler != "ddpm"
     ddim = sampler == "ddim"
-    # No min / max on the widget: Streamlit leaves an out-of-range entry red after Enter; the callback
-    # brings it into 1..T instead and says so.
-    steps = top[1].number_input(f"Steps (1 to T = {T})", key="rev_steps", step=1, disabled=not few_steps,
-                                on_change=_clamp_steps, args=(T,),
+    steps = top[1].number_input(f"Steps (1 to T = {T})", min_value=1, max_value=T, key="rev_steps",
+                                disabled=not few_steps,
                                 help="DDPM always runs all T steps; the other samplers can skip.")
     eta = top[2].slider("η", 0.0, 1.0, step=0.1, key="rev_eta", disabled=not ddim,
                         help="DDIM noise: 0 deterministic, 1 like DDPM")
