@@ -421,7 +421,8 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             shot(page, "16-sweep-finished")
             page.reload()
             expect(page.get_by_text("What each change did", exact=True)).to_be_visible(timeout=60_000)
-            expect(page.locator('[data-testid="stSelectbox"]').filter(has_text="Sweep")).to_contain_text("opt-journey")
+            assert "sweep=opt-journey" in page.url
+            expect(page.get_by_text(re.compile(r"^grid from tiny, 2 runs, 20 steps each"))).to_be_visible()
             rows = sweeps.results(tmp_path / "runs", sweeps.load(tmp_path / "runs", "opt-journey"))
             assert [r["state"] for r in rows] == ["finished", "finished"] and all(r["fd"] for r in rows), rows
             shot(page, "17-sweep-after-reload")
