@@ -416,9 +416,9 @@ def sweep_fd_figure(rows: Sequence[dict[str, Any]], height: int = 380) -> go.Fig
     floors = [r["floor"] for r in scored if r.get("floor") is not None]
     if floors:
         fig.add_hline(y=floors[0], line_dash="dash", line_color=PALETTE[2],
-                      annotation_text=f"floor {floors[0]:.2f} (real images)", annotation_position="top right",
-                      annotation_xanchor="right", annotation_yanchor="bottom")
+                      annotation_text=f"floor {floors[0]:.2f}<br>(real images)", annotation_position="right",
+                      annotation_xanchor="left")  # in the right margin: over no bar, whatever the data
     n = scored[0].get("n")
-    fig.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10), showlegend=False,
+    fig.update_layout(height=height, margin=dict(l=10, r=110, t=30, b=10), showlegend=False,
                       yaxis_title=f"Fréchet distance, N = {n} (lower is better)", xaxis_tickangle=-20)
     return fig

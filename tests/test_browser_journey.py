@@ -389,15 +389,27 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             # 12. A new sweep (issue 22.1): a meaningless budget is refused before the click, the default
             # one gives runs longer than their warm-up, the page updates itself when they finish, a reload
             # stays on it, and the queue's own evaluation setting stays off.
+            def choose(label: str, option: str) -> None:
+                """Open a select box and pick an option; on a loaded machine a click during a rerun can
+                miss, so open it again until the option shows (at most three tries)."""
+                for attempt in range(3):
+                    page.locator('[data-testid="stSelectbox"]').filter(has_text=label).click()
+                    try:
+                        page.get_by_role("option", name=option, exact=True).click(timeout=10_000)
+                        return
+                    except Exception:  # noqa: BLE001 - the list did not open: close whatever did, try again
+                        page.keyboard.press("Escape")
+                        if attempt == 2:
+                            raise
+
             page.get_by_text("New sweep", exact=True).click()
-            page.locator('[data-testid="stSelectbox"]').filter(has_text="Budget").click()
-            page.get_by_role("option", name="training images", exact=True).click()
             amount = page.get_by_role("spinbutton", name="Amount")
+            expect(amount).to_be_visible()
+            choose("Budget", "training images")
             amount.fill("20")
             amount.press("Enter")
             expect(page.get_by_text(re.compile(r"Not ready: .*under the minimum of 20"))).to_be_visible()
-            page.locator('[data-testid="stSelectbox"]').filter(has_text="Budget").click()
-            page.get_by_role("option", name="optimizer steps", exact=True).click()
+            choose("Budget", "optimizer steps")
             amount.fill("20")
             amount.press("Enter")
             expect(page.get_by_text("2 runs, 20 optimizer steps each.", exact=True)).to_be_visible()
