@@ -27,7 +27,10 @@ TRAIN_SPLIT_SIZE = 60_000  # FashionMNIST and MNIST both have 60k training image
 # A qualitative palette with enough contrast on white; one colour per run.
 PALETTE = ("#4C6EF5", "#E8590C", "#2B8A3E", "#C2255C", "#7048E8", "#0B7285", "#E67700", "#495057")
 # Log axes labelled at 1, 2, 5 × 10^k as plain numbers (plotly's default labels every digit).
-LOG_AXIS = dict(type="log", dtick="D2", tickformat=".2g")
+# Plain tick labels on log axes (1, 2, 5, 10, 20, 50, ...): plotly's own read "5.0 … 1.0e+2".
+LOG_TICKS = [m * 10 ** e for e in range(-4, 5) for m in (1, 2, 5)]
+LOG_AXIS = dict(type="log", tickvals=LOG_TICKS, ticktext=[f"{v:g}" for v in LOG_TICKS])
+NEAR_RTOL = 0.03  # smoothed curves within 3 % of each other lie on top of each other at chart scale
 X_AXES = {"step": ("step", "step"), "epoch": ("epoch_fraction", "epoch"),
           "wall-clock": ("elapsed_min", "wall-clock minutes"), "fraction of run": ("run_fraction", "fraction of the run")}
 DASHES = ("solid", "dash", "dot", "dashdot")
@@ -108,11 +111,21 @@ def metrics_frame(named_rows: Iterable[tuple[RunInfo, list[dict[str, float]]]], 
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
+MARKERS = ("circle", "x", "triangle-up", "square")
+
+
+def _near(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two curves that would hide one another: equal within NEAR_RTOL over their common length."""
+    n = min(len(a), len(b))
+    return n > 0 and bool(np.allclose(a[:n], b[:n], rtol=NEAR_RTOL, atol=0.0))
+
+
 def loss_figure(df: pd.DataFrame, x_axis: str = "step", log_y: bool = True, show_raw: bool = True,
                 height: int = 420, colours: dict[str, str] | None = None) -> go.Figure:
     """Overlaid loss curves, one colour per run (from `colours`, keyed by run name); the raw loss faint
-    behind the smoothed line. A curve identical to one drawn before it is dashed, so neither hides the
-    other; when the runs differ in pixel range or schedule, the legend says which is which."""
+    behind the smoothed line. A curve within NEAR_RTOL of one drawn before it (over their common steps)
+    is dashed and marked, so neither hides the other; when the runs differ in pixel range or schedule,
+    the legend says which is which."""
     x_col, x_title = X_AXES[x_axis]
     colours = assign_colours(df["run"].unique(), colours)
     mixed = "regime" in df.columns and df["regime"].nunique() > 1
@@ -122,13 +135,16 @@ def loss_figure(df: pd.DataFrame, x_axis: str = "step", log_y: bool = True, show
         colour = colours[run]
         label = part["label"].iloc[0] + (f" [{part['regime'].iloc[0]}]" if mixed else "")
         values = part["loss_smoothed"].to_numpy()
-        twins = sum(1 for other in drawn if len(other) == len(values) and np.allclose(other, values))
+        twins = sum(1 for other in drawn if _near(other, values))
         drawn.append(values)
         if show_raw:
             fig.add_trace(go.Scatter(x=part[x_col], y=part["loss"], mode="lines", name=f"{label} (raw)",
                                      line=dict(color=colour, width=1), opacity=0.25, showlegend=False,
                                      hoverinfo="skip"))
-        fig.add_trace(go.Scatter(x=part[x_col], y=values, mode="lines", name=label,
+        fig.add_trace(go.Scatter(x=part[x_col], y=values, mode="lines+markers" if twins else "lines",
+                                 name=label,
+                                 marker=dict(symbol=MARKERS[twins % len(MARKERS)], size=6,
+                                             maxdisplayed=40),
                                  line=dict(color=colour, width=2, dash=DASHES[twins % len(DASHES)])))
     fig.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10), xaxis_title=x_title,
                       yaxis_title="loss (MSE of ε)", legend=dict(orientation="h", y=-0.2),
@@ -243,18 +259,26 @@ def evals_frame(named_evals: dict[str, list[dict[str, Any]]]) -> pd.DataFrame:
 
 
 def class_shares_figure(named_evals: dict[str, list[dict[str, Any]]]) -> go.Figure | None:
-    """The share of each predicted class in the samples, one bar group per evaluation; None if none."""
-    fig = go.Figure()
+    """The share of each predicted class in the samples: one heatmap row per evaluation (run · setting),
+    one column per class, the share written in each cell. None if no entry has shares."""
+    rows, names = [], []
     for name, entries in named_evals.items():
         for entry in entries:
             shares = entry.get("class_shares") if isinstance(entry, dict) else None
             if isinstance(shares, dict) and shares:
-                fig.add_trace(go.Bar(x=list(shares), y=list(shares.values()),
-                                     name=f"{name} · {entry.get('setting', '')}".rstrip(" ·")))
-    if not fig.data:
+                rows.append(shares)
+                names.append(f"{name} · {entry.get('setting', '')}".rstrip(" ·"))
+    if not rows:
         return None
-    fig.update_layout(height=320, margin=dict(l=10, r=10, t=10, b=10), barmode="group",
-                      yaxis_title="share of samples", legend=dict(orientation="h", y=-0.3))
+    classes = list(dict.fromkeys(c for r in rows for c in r))
+    z = [[r.get(c) if isinstance(r.get(c), (int, float)) else None for c in classes] for r in rows]
+    fig = go.Figure(go.Heatmap(z=z, x=classes, y=names, colorscale="Blues", zmin=0, zmax=max(0.3, max(
+        (v for row in z for v in row if v is not None), default=0.3)), text=[[f"{v:.0%}" if v is not None else ""
+                                                                              for v in row] for row in z],
+        texttemplate="%{text}", hovertemplate="%{y}<br>%{x}: %{z:.1%}<extra></extra>",
+        colorbar=dict(title="share", tickformat=".0%")))
+    fig.update_layout(height=120 + 26 * len(rows), margin=dict(l=10, r=10, t=10, b=10),
+                      yaxis=dict(autorange="reversed"), xaxis=dict(side="top"))
     return fig
 
 
@@ -290,9 +314,11 @@ def _nfe(entry: dict[str, Any]) -> float | None:
 
 
 def steps_quality_figure(runs_entries: dict[str, list[dict[str, Any]]], colours: dict[str, str] | None = None,
-                         height: int = 380) -> go.Figure:
+                         height: int = 380, elsewhere: dict[str, dict[str, Any]] | None = None) -> go.Figure:
     """Fréchet distance against network evaluations per image: one line per (run, sampler), one
-    colour per run, one dash per sampler; each run's DDPM figure as a dashed horizontal line."""
+    colour per run, one dash per sampler; each run's DDPM figure as a dashed horizontal line.
+    `elsewhere`: a run's DDPM entry taken with another classifier or N, drawn dotted and labelled as
+    such (the book's DDPM line stays in sight, and no one reads it as on this scale)."""
     colours = assign_colours(runs_entries, colours)
     samplers = [s for s in SAMPLER_LABELS if s != "ddpm"]
     fig = go.Figure()
@@ -314,6 +340,12 @@ def steps_quality_figure(runs_entries: dict[str, list[dict[str, Any]]], colours:
                           annotation_position="top left")
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"{run} · DDPM (all T steps)",
                                      line=dict(color=colours[run], dash="dash", width=1)))
+    for run, entry in (elsewhere or {}).items():
+        colour = colours.get(run) or assign_colours([run])[run]
+        fig.add_hline(y=entry["fd"], line=dict(color=colour, dash="dot", width=1),
+                      annotation_text=f"{run} · DDPM {entry.get('steps', '')}: {entry['fd']:.2f}, other classifier "
+                                      f"{str(entry.get('classifier_sha256') or '?')[:6]}, N = {entry.get('n')} "
+                                      "(not on this scale)", annotation_position="bottom left")
     fig.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10),
                       xaxis_title="network evaluations per image (NFE)", yaxis_title="Fréchet distance (lower is better)",
                       legend=dict(orientation="h", y=-0.25), showlegend=True)
@@ -384,9 +416,9 @@ def sweep_fd_figure(rows: Sequence[dict[str, Any]], height: int = 380) -> go.Fig
     floors = [r["floor"] for r in scored if r.get("floor") is not None]
     if floors:
         fig.add_hline(y=floors[0], line_dash="dash", line_color=PALETTE[2],
-                      annotation_text=f"floor {floors[0]:.2f} (real images)", annotation_position="top right",
-                      annotation_xanchor="right", annotation_yanchor="bottom")
+                      annotation_text=f"floor {floors[0]:.2f}<br>(real images)", annotation_position="right",
+                      annotation_xanchor="left")  # in the right margin: over no bar, whatever the data
     n = scored[0].get("n")
-    fig.update_layout(height=height, margin=dict(l=10, r=10, t=30, b=10), showlegend=False,
+    fig.update_layout(height=height, margin=dict(l=10, r=110, t=30, b=10), showlegend=False,
                       yaxis_title=f"Fréchet distance, N = {n} (lower is better)", xaxis_tickangle=-20)
     return fig

@@ -78,10 +78,14 @@ def evaluation_status_ui(prefix: str) -> None:
                                          f"{format_duration(s.elapsed_s)}{eta}")
             st.button("Cancel evaluation", icon=":material/close:", key=f"{prefix}_eval_cancel", on_click=job.cancel)
             return
+        if alive_at_full_run:
+            # Ended: a full run shows the result once and the new eval.json entry in the page's tables
+            # (the thread outlives its last report by a moment: wait for it, so the rerun is not missed).
+            job.join(5.0)
+            st.rerun()
         if st.session_state.get(f"{prefix}_eval_shown") == id(job):
             return  # said once; a later action on the page clears it (the figure stays in the tables)
-        if not alive_at_full_run:  # the full run after the end shows it; the next rerun no longer does
-            st.session_state[f"{prefix}_eval_shown"] = id(job)
+        st.session_state[f"{prefix}_eval_shown"] = id(job)
         if s.state == "finished" and s.entry:
             verdict = reading.verdict(s.entry["fd"], s.entry.get("fd_floor"), s.entry.get("fd_noise"))
             st.success(f"Evaluated **{s.run_name}** ({s.setting}, N = {s.entry['n']}): Fréchet distance "
@@ -91,7 +95,5 @@ def evaluation_status_ui(prefix: str) -> None:
             st.error(f"Evaluation of {s.run_name} failed: {s.error}")
         else:
             st.info(f"Evaluation of {s.run_name} cancelled.")
-        if alive_at_full_run and not job.alive:
-            st.rerun()  # ended: a full run shows the new eval.json entry in the page's tables and charts
 
     panel()

@@ -58,6 +58,13 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> No
 DEMO_RUN = "demo-improved-unet-adamw"  # shipped; has EMA weights and T = 1000
 CFG_RUN = "demo-improved-cfg"          # shipped; class-conditional, trained with label dropout
 SHIPPED_SWEEP = "blog-ablation"        # shipped; the blog's changes one at a time, scored
+SEED_REPEAT = "improved-lr-seed1"      # shipped; the ablation's last step again with seed 1 (the spread)
+
+
+def _seconds(text: str) -> float:
+    """'1:05' or '0:07' or '1:02:03' as seconds."""
+    parts = [int(p) for p in text.split(":")]
+    return sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
 
 
 @pytest.fixture
@@ -71,9 +78,11 @@ def server(tmp_path):
     for shipped in (DEMO_RUN, CFG_RUN):
         shutil.copytree(REPO / "checkpoints" / shipped, runs_dir / shipped)
     # the shipped ablation: its sweep folder and its runs, as the repository has them
-    shutil.copytree(REPO / "checkpoints" / "sweeps" / SHIPPED_SWEEP, runs_dir / "sweeps" / SHIPPED_SWEEP)
-    for run in sweeps.load(REPO / "checkpoints", SHIPPED_SWEEP)["runs"]:
-        shutil.copytree(REPO / "checkpoints" / run["name"], runs_dir / run["name"])
+    # the shipped ablation and its seed repeat: their sweep folders and runs, as the repository has them
+    for sweep in (SHIPPED_SWEEP, SEED_REPEAT):
+        shutil.copytree(REPO / "checkpoints" / "sweeps" / sweep, runs_dir / "sweeps" / sweep)
+        for run in sweeps.load(REPO / "checkpoints", sweep)["runs"]:
+            shutil.copytree(REPO / "checkpoints" / run["name"], runs_dir / run["name"])
     # A classifier fitted for a few steps (the same code path as the real one, seconds instead of minutes).
     classifiers = tmp_path / "classifiers"
     fitted = clf.fit(load_images("fashion_mnist", "train"), load_images("fashion_mnist", "test"),
@@ -125,6 +134,12 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             # A cold start imports torch and reads the dataset: generous caps for a busy machine.
             expect(page.get_by_role("heading", name="Forward process")).to_be_visible(timeout=180_000)
             expect(page.get_by_text("x_t at t = 100")).to_be_visible(timeout=180_000)
+            # Issue 22.9: only installed datasets are offered (this machine has FashionMNIST, not MNIST).
+            page.locator('[data-testid="stSelectbox"]').filter(has_text="Dataset").click()
+            expect(page.get_by_role("option", name="FashionMNIST", exact=True)).to_have_count(1)
+            expect(page.get_by_role("option", name="MNIST", exact=True)).to_have_count(0)
+            page.keyboard.press("Escape")
+            expect(page.get_by_text("--data-root")).to_have_count(0)
             shot(page, "01-forward")
 
             # 2. The run name follows the form: switch the optimizer, then train the tiny preset.
@@ -142,6 +157,8 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             expect(name_box).to_have_value(re.compile(r"^tiny-improved_unet-adamw-"))
             expect(page.get_by_text(re.compile(r"ᾱ_T = .*pure noise"))).to_be_visible()
             tiny_name = name_box.input_value()
+            # Issue 22.6: an estimate before clicking Train.
+            expect(page.get_by_text(re.compile(r"About \d+:\d\d here for 48 steps"))).to_be_visible()
             shot(page, "03-tiny-preset")
             # A second tab opened now starts from the last choice, and sees the run start without a reload.
             other = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -150,7 +167,8 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             expect(other.get_by_role("textbox", name="Run name")).to_have_value(re.compile(r"^tiny-"))
             expect(other.get_by_label("Timesteps T")).to_have_value("20")
             page.get_by_role("button", name=re.compile(r"Train$")).click()
-            expect(other.get_by_text(re.compile(r"Run " + re.escape(tiny_name)))).to_be_visible(timeout=30_000)
+            expect(other.get_by_role("heading", name=re.compile(r"Run " + re.escape(tiny_name)))).to_be_visible(
+                timeout=30_000)
             other.screenshot(path=str(ARTIFACTS / "journey-04b-second-tab.png"))
             other.close()
 
@@ -161,6 +179,13 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             expect(page.get_by_text("Latest sample grid", exact=False)).to_be_visible()
             expect(page.get_by_text("final", exact=True)).to_be_visible()  # the end-of-run grid's caption
             expect(page.get_by_role("button", name=re.compile("Stop$"))).to_have_count(0)
+            # Issue 22.6: a stopped or finished run's images/s is its average: steps × batch ÷ training time.
+            from core.store import runs as run_store
+            last = run_store.read_metrics(tmp_path / "runs" / tiny_name)[-1]
+            average = last["step"] * 32 / last["elapsed_s"]
+            shown = float(page.locator('[data-testid="stMetric"]').filter(has_text="Images/s")
+                          .locator('[data-testid="stMetricValue"]').inner_text().replace(",", ""))
+            assert 0.5 * average <= shown <= 2 * average, (shown, average)
             shot(page, "04-trained")
 
             # 4. Reverse: each run brings its own steps and EMA setting, and keeps what the user set.
@@ -187,20 +212,32 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             pick_run(tiny_name)
             expect(steps).to_have_value("10")  # what the user set for the tiny run is kept
             expect(ema).not_to_be_checked()
+            page.set_viewport_size({"width": 1400, "height": 900})  # issue 22.7: a laptop window
             page.get_by_role("button", name=re.compile("Generate")).click()
             frame_slider = page.locator('[data-testid="stSlider"]').filter(has_text="Frame").get_by_role("slider")
             expect(frame_slider).to_be_visible(timeout=60_000)
-            expect(page.get_by_text(re.compile(r"Frame 0 of 10: t = 20"))).to_be_visible()
+            # It opens on the finished images, and they and the scrubber fit the window without scrolling.
+            expect(page.get_by_text(re.compile(r"Frame 10 of 10: the finished images"))).to_be_visible()
             expect(page.get_by_text(re.compile(re.escape(tiny_name) + r" · DPM-Solver\+\+\(2M\)( SDE)? 10 steps"))) \
                 .to_be_visible()
-            shot(page, "06-generated")
+            page.evaluate("window.scrollTo(0, 0)")
+            page.wait_for_timeout(500)
+            final = page.locator('[data-testid="stImage"]').filter(has_text="x_0: the finished images").first
+            for element in (final, frame_slider):
+                box = element.bounding_box()
+                assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= 900, box
+            # Labels on one line, the sampler name whole.
+            label = page.get_by_text("Steps (1 to T = 20)", exact=True)
+            assert label.bounding_box()["height"] < 30, label.bounding_box()
+            page.screenshot(path=str(ARTIFACTS / "journey-06-generated.png"))  # the window as the user sees it
 
-            # 5. Scrub: move the frame slider with the keyboard.
+            # 5. Scrub: move the frame slider with the keyboard, back towards the noise.
             frame_slider.focus()
             for _ in range(4):
-                frame_slider.press("ArrowRight")
-            expect(page.get_by_text(re.compile(r"Frame 4 of 10: t = \d+"))).to_be_visible()
+                frame_slider.press("ArrowLeft")
+            expect(page.get_by_text(re.compile(r"Frame 6 of 10: t = \d+"))).to_be_visible()
             shot(page, "07-scrubbed")
+
 
             # 6. Download the final grid and check it is a real PNG.
             with page.expect_download() as download_info:
@@ -212,6 +249,34 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
                 img.load()
                 assert img.mode == "L" and img.width >= 4 * 28 and img.height >= 4 * 28
             assert download.suggested_filename.endswith(".png")
+
+            # Issue 22.2: the demo run's default 20 steps first (this machine's recent work with that network
+            # and batch), then DDPM over all 1000 steps: its estimate within 2x of the time it takes.
+            pick_run(DEMO_RUN)
+            images_box = page.get_by_role("spinbutton", name="Images", exact=True)
+            images_box.fill("4")
+            images_box.press("Enter")
+            expect(images_box).to_have_value("4")
+            page.get_by_role("button", name=re.compile("Generate")).click()
+            expect(page.get_by_text(re.compile(re.escape(DEMO_RUN) + r" · DPM-Solver\+\+\(2M\) SDE 20 steps.*"
+                                               r"generated in"))).to_be_visible(timeout=120_000)
+            estimate = page.get_by_text(re.compile(r"^About \d+:\d\d here"))
+            expect(estimate).to_contain_text("recent runs of the same work", timeout=60_000)
+            few_step_estimate = estimate.inner_text()
+            page.locator('[data-testid="stSelectbox"]').filter(has_text="Sampler").click()
+            page.get_by_role("option", name="DDPM", exact=True).click()
+            expect(page.get_by_role("spinbutton", name=re.compile(r"Steps \(1 to T = 1000\)"))).to_be_disabled()
+            expect(estimate).not_to_have_text(few_step_estimate, timeout=60_000)
+            expect(estimate).to_contain_text("recent")  # scaled from the run just made, not a guess
+            guessed = _seconds(re.search(r"About (\d+:\d\d(?::\d\d)?) here", estimate.inner_text()).group(1))
+            expect(page.get_by_text("Sampler", exact=True).first).to_be_visible()
+            page.get_by_role("button", name=re.compile("Generate")).click()
+            done = page.get_by_text(re.compile(re.escape(DEMO_RUN) + r" · DDPM 1000 steps.*generated in"))
+            expect(done).to_be_visible(timeout=400_000)
+            took = float(re.search(r"generated in ([\d.]+) s", done.inner_text()).group(1))
+            assert took / 2 <= guessed <= took * 2, (guessed, took)
+            page.screenshot(path=str(ARTIFACTS / "journey-07b-ddpm-1000.png"))
+            page.set_viewport_size({"width": 1400, "height": 1500})
 
             # 7. Evaluate the tiny run from the Runs page, in the background, with a time estimate.
             page.get_by_role("link", name="Runs").click()
@@ -229,8 +294,15 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             expect(eval_steps).to_have_value("5")
             shot(page, "08-evaluate-form")
             page.get_by_role("button", name=re.compile(r"Evaluate$")).click()
-            expect(page.get_by_text(re.compile(r"Fréchet distance"))).to_be_visible(timeout=180_000)
+            banner = page.get_by_text(re.compile(r"^Evaluated " + re.escape(tiny_name)))
+            expect(banner).to_be_visible(timeout=180_000)
             shot(page, "09-evaluated")
+            # Issue 22.10: the banner goes with the next action; the table has the new figure.
+            n_box.fill("32")
+            n_box.press("Enter")
+            expect(n_box).to_have_value("32")
+            expect(banner).to_have_count(0)
+            shot(page, "09b-runs-table")
 
             # 8. Its figure on Compare: the evaluations table and the steps-versus-quality chart.
             page.get_by_role("link", name="Compare").click()
@@ -240,6 +312,9 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             page.keyboard.press("Escape")
             expect(page.get_by_text("Steps versus quality", exact=True)).to_be_visible(timeout=60_000)
             expect(page.get_by_text(re.compile(r"N = 64, classifier"))).to_be_visible()
+            # Issue 22.5: the demo run's figures were taken with the shipped classifier, the tiny run's with
+            # this test's: one classifier at a time, never one silently mixed table.
+            expect(page.get_by_text(re.compile(r"entries taken with another classifier are hidden"))).to_be_visible()
             page.get_by_text("Steps versus quality", exact=True).scroll_into_view_if_needed()
             page.wait_for_timeout(2000)
             shot(page, "10-compare")
@@ -250,11 +325,13 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             page.get_by_role("link", name="Reverse process").click()
             expect(page.get_by_role("heading", name="Reverse process")).to_be_visible()
             pick_run(CFG_RUN)
+            images = page.get_by_role("spinbutton", name="Images", exact=True)
+            expect(images).to_be_disabled()  # issue 22.8: one row per class: "Images per class" applies
             page.locator('[data-testid="stSelectbox"]').filter(has_text=re.compile(r"^Class")).click()
             page.get_by_role("option", name="7 · Sneaker").click()
             guidance = page.locator('[data-testid="stSlider"]').filter(has_text="Guidance").get_by_role("slider")
             expect(guidance).to_have_value("3")  # the book's γ is the run's default
-            images = page.get_by_role("spinbutton", name="Images", exact=True)
+            expect(images).to_be_enabled()
             images.fill("8")
             images.press("Enter")
             expect(images).to_have_value("8")
@@ -279,7 +356,8 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
                 name_box.press("Enter")
                 expect(name_box).to_have_value(queued_name)
                 page.get_by_role("button", name=re.compile(r"Add to queue$")).click()
-                expect(page.get_by_text(re.compile(r"Queued run " + queued_name))).to_be_visible()
+                expect(page.locator('[data-testid="stAlert"]').filter(
+                    has_text=re.compile(r"Queued run " + queued_name))).to_be_visible()
             shot(page, "12-queued")
             from core.work import queue as run_queue
             deadline = time.monotonic() + 300
@@ -293,17 +371,72 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
                 ("queued-one", "finished", "queued-two", "finished"), (first.error, second.error)
             assert first.ended_at <= second.started_at  # the second started after the first finished
             expect(page.get_by_text("Queue (0 waiting)")).to_be_visible(timeout=30_000)
-            expect(page.get_by_text("queued-two", exact=True)).to_be_visible()
             shot(page, "13-queue-done")
 
-            # 11. Experiments: the shipped ablation, its Fréchet distance per change and its loss curves.
+            # 11. Experiments leads with the answer (issue 22.3): each change's effect and its seed spread.
             page.get_by_role("link", name="Experiments").click()
             expect(page.get_by_role("heading", name="Experiments")).to_be_visible()
-            expect(page.get_by_text("Fréchet distance per run")).to_be_visible(timeout=60_000)
-            expect(page.get_by_text(re.compile(r"\+ ImprovedUNet")).first).to_be_visible(timeout=60_000)
-            expect(page.get_by_text(re.compile(r"floor \d")).first).to_be_visible()
+            expect(page.get_by_text("What each change did", exact=True)).to_be_visible(timeout=60_000)
+            reading = page.locator('[data-testid="stAlert"]').filter(has_text="The largest improvement")
+            expect(reading).to_contain_text("step 6, + EMA 0.999 (-60%)", timeout=60_000)
+            expect(reading).to_contain_text("Also outside the seed spread: step 2, + ImprovedUNet (12 wide) (-42%)")
+            expect(reading).to_contain_text("not measurable at this budget: step 3 (-1%)")
+            expect(page.get_by_text(re.compile(r"Seed spread from .*improved-lr-seed1"))).to_be_visible()
+            expect(page.get_by_text("Fréchet distance per run", exact=True)).to_be_visible()
             expect(page.get_by_role("button", name=re.compile("Results as CSV"))).to_be_visible()
-            page.get_by_text("Loss curves", exact=True).scroll_into_view_if_needed()
             shot(page, "14-experiments")
+
+            # 12. A new sweep (issue 22.1): a meaningless budget is refused before the click, the default
+            # one gives runs longer than their warm-up, the page updates itself when they finish, a reload
+            # stays on it, and the queue's own evaluation setting stays off.
+            def choose(label: str, option: str) -> None:
+                """Open a select box and pick an option; on a loaded machine a click during a rerun can
+                miss, so open it again until the option shows (at most three tries)."""
+                for attempt in range(3):
+                    page.locator('[data-testid="stSelectbox"]').filter(has_text=label).click()
+                    try:
+                        page.get_by_role("option", name=option, exact=True).click(timeout=10_000)
+                        return
+                    except Exception:  # noqa: BLE001 - the list did not open: close whatever did, try again
+                        page.keyboard.press("Escape")
+                        if attempt == 2:
+                            raise
+
+            page.get_by_text("New sweep", exact=True).click()
+            amount = page.get_by_role("spinbutton", name="Amount")
+            expect(amount).to_be_visible()
+            choose("Budget", "training images")
+            amount.fill("20")
+            amount.press("Enter")
+            expect(page.get_by_text(re.compile(r"Not ready: .*under the minimum of 20"))).to_be_visible()
+            choose("Budget", "optimizer steps")
+            amount.fill("20")
+            amount.press("Enter")
+            expect(page.get_by_text("2 runs, 20 optimizer steps each.", exact=True)).to_be_visible()
+            name_box = page.get_by_role("textbox", name="Name", exact=True)
+            name_box.fill("opt-journey")
+            name_box.press("Enter")
+            score_n = page.get_by_role("spinbutton", name="Score at N")
+            score_n.fill("32")
+            score_n.press("Enter")
+            expect(score_n).to_have_value("32")
+            page.get_by_role("button", name=re.compile("Create and queue")).click()
+            expect(page.locator('[data-testid="stAlert"]').filter(has_text="Sweep opt-journey")).to_be_visible()
+            assert run_queue.read_queue(tmp_path / "runs").eval is None  # later runs are not scored for it
+            for planned in sweeps.load(tmp_path / "runs", "opt-journey")["runs"]:
+                config = run_store.load_config(tmp_path / "runs" / planned["name"])
+                assert config.train.max_steps >= max(20, config.train.warmup_steps)
+            expect(page.get_by_text(re.compile(r"^Not finished yet"))).to_be_visible()
+            shot(page, "15-sweep-queued")
+            # No reload: the page notices the runs finishing and scores appearing.
+            expect(page.get_by_text(re.compile(r"^Not finished yet"))).to_have_count(0, timeout=600_000)
+            shot(page, "16-sweep-finished")
+            page.reload()
+            expect(page.get_by_text("What each change did", exact=True)).to_be_visible(timeout=60_000)
+            assert "sweep=opt-journey" in page.url
+            expect(page.get_by_text(re.compile(r"^grid from tiny, 2 runs, 20 steps each"))).to_be_visible()
+            rows = sweeps.results(tmp_path / "runs", sweeps.load(tmp_path / "runs", "opt-journey"))
+            assert [r["state"] for r in rows] == ["finished", "finished"] and all(r["fd"] for r in rows), rows
+            shot(page, "17-sweep-after-reload")
         finally:
             browser.close()

@@ -78,7 +78,12 @@ def test_loss_curves_overlay_with_smoothing_axes_and_log_scale(two_runs):
     traces = [t for t in figure(at)["data"] if t.get("showlegend") is not False]
     assert sorted(t["name"] for t in traces) == ["ImprovedUNet + Adam · adam", "ImprovedUNet + AdamW · tiny"]
     assert len({t["line"]["color"] for t in traces}) == 2
-    assert figure(at)["layout"]["yaxis"]["type"] == "log"
+    # Adam and AdamW at 6 tiny steps lie within 3 % of each other: the second is dashed and marked,
+    # so the first stays visible under it (issue 22, point 4).
+    assert sorted((t["line"].get("dash", "solid"), t["mode"]) for t in traces) == [
+        ("dash", "lines+markers"), ("solid", "lines")]
+    layout = figure(at)["layout"]
+    assert layout["yaxis"]["type"] == "log" and "1" in layout["yaxis"]["ticktext"]  # plain ticks, no 1.0e+2
 
     at.slider(key="cmp_smooth").set_value(0.0).run()  # no smoothing: the line is metrics.csv itself
     raw = {r["step"]: r["loss"] for r in runs.read_metrics(adam)}
@@ -102,17 +107,20 @@ def test_settings_that_differ_and_evaluations(two_runs):
     assert "schedule.timesteps" not in diff.index and "model.name" not in diff.index
     assert diff.loc["train.optimizer"].to_dict() == {"adam": "adam", "tiny": "adamw"}
     headline = at.dataframe[1].value  # the figures people compare, narrow enough to fit the page
-    assert list(headline.columns) == ["run", "setting", "n", "fd", "fd_floor", "fd_ratio", "class_entropy", "seconds"]
+    assert list(headline.columns) == ["run", "setting", "n", "classifier", "fd", "fd_ratio", "verdict", "fd_floor",
+                                      "class_entropy", "seconds"]
     evals = at.dataframe[2].value  # every field, in the expander
     row = evals.iloc[0]
     assert row["run"] == "tiny" and row["fd"] == 123.4 and row["fd_ratio"] == round(123.4 / 3.2, 4)
     assert row["class_shares.Trouser"] == 0.5
     # headline figures first, in this order, then the rest (seconds, ...), the class shares last
-    assert list(evals.columns[:9]) == ["run", "setting", "n", "fd", "fd_floor", "fd_ratio", "fd_noise",
-                                       "class_entropy", "mean_confidence"]
-    assert evals.columns[-1].startswith("class_shares.") and "seconds" in evals.columns[9:]
+    assert list(evals.columns[:11]) == ["run", "setting", "n", "classifier", "fd", "fd_floor", "verdict", "fd_ratio",
+                                        "fd_noise", "class_entropy", "mean_confidence"]
+    assert evals.columns[-1].startswith("class_shares.") and "seconds" in evals.columns[11:]
     shares = figure(at, "cmp_shares_chart")["data"]  # the class shares of the evaluation
-    assert [t["type"] for t in shares] == ["bar"] and list(shares[0]["x"]) == ["Trouser", "Bag"]
+    # one heatmap row per evaluation, one column per class, the share written in the cell
+    assert [t["type"] for t in shares] == ["heatmap"] and list(shares[0]["x"]) == ["Trouser", "Bag"]
+    assert shares[0]["text"][0][0] == "50%"
 
 
 def test_csv_of_the_overlaid_curves(two_runs):

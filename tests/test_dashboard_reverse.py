@@ -165,3 +165,4 @@ def test_the_result_shown_belongs_to_the_picked_run(two_runs):
     assert any("generated with **tiny**" in c.value for c in at.caption)
     at.selectbox(key="rev_run").set_value("tiny").run()
     assert len(at.get("download_button")) == 3
+

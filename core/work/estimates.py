@@ -151,14 +151,15 @@ def step_seconds(entries: list[dict], work: Work) -> float | None:
 
 
 def measure_forward_seconds(model: nn.Module, batch: int, device: torch.device | str = "cpu",
-                            warmup: int = 2, repeats: int = 3, shape: tuple[int, int, int] = BUILTIN_SHAPE) -> float:
-    """Seconds of one forward pass of `batch` images, after `warmup` untimed calls (best of `repeats`)."""
+                            warmup: int = 2, repeats: int = 5, shape: tuple[int, int, int] = BUILTIN_SHAPE) -> float:
+    """Seconds of one forward pass of `batch` images of `shape`, after `warmup` untimed calls: the median
+    of `repeats` (on a shared machine the best one is the luckiest, not the typical one)."""
     device = resolve_device(device)
     x = torch.randn(batch, *shape, device=device)
     t = torch.full((batch,), 1, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
-    best = float("inf")
+    timed: list[float] = []
     try:
         with torch.inference_mode():
             for i in range(warmup + repeats):
@@ -167,10 +168,10 @@ def measure_forward_seconds(model: nn.Module, batch: int, device: torch.device |
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 if i >= warmup:
-                    best = min(best, time.perf_counter() - start)
+                    timed.append(time.perf_counter() - start)
     finally:
         model.train(was_training)
-    return best
+    return sorted(timed)[len(timed) // 2]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import streamlit as st
 
 from core.store import runs
 from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, SAMPLER_NAMES
-from dashboard import cache, guidance
+from dashboard import cache, guidance, reading
 from dashboard.charts import (X_AXES, assign_colours, bucket_figure, class_shares_figure, config_diff, evals_frame,
                               format_duration, loss_figure, metrics_frame, quality_groups, run_label,
                               steps_quality_figure)
@@ -111,8 +111,21 @@ if evals:
     st.caption("From each run's eval.json (the Evaluate action below, or `python -m core eval`); compare numbers "
                "taken with the same classifier and the same sample count.")
     every = evals_frame(evals)
-    headline = [c for c in ("run", "setting", "n", "fd", "fd_floor", "fd_ratio", "class_entropy", "weights",
-                            "seconds") if c in every.columns]
+    every.insert(3, "classifier", [f"{str(sha)[:6]} ({acc:.1%})" if isinstance(acc, (int, float)) else str(sha)[:6]
+                                   for sha, acc in zip(every.get("classifier_sha256", [None] * len(every)),
+                                                       every.get("classifier_accuracy", [None] * len(every)))])
+    every.insert(6, "verdict", [reading.verdict(*v) for v in zip(every.get("fd"), every.get("fd_floor"),
+                                                                 every.get("fd_noise"))])
+    if every["classifier"].nunique() > 1:  # distances from two classifiers are on two scales: never one table
+        kinds = every["classifier"].value_counts().index.tolist()
+        chosen_clf = st.selectbox("Classifier", kinds, key="cmp_eval_classifier",
+                                  help="Fréchet distances are measured in a classifier's features: figures from "
+                                       "different classifiers do not compare, so the table shows one at a time")
+        st.caption(f"{len(every) - int((every['classifier'] == chosen_clf).sum())} entries taken with another "
+                   "classifier are hidden; pick it above to see them.")
+        every = every[every["classifier"] == chosen_clf]
+    headline = [c for c in ("run", "setting", "n", "classifier", "fd", "fd_ratio", "verdict", "fd_floor",
+                            "class_entropy", "weights", "seconds") if c in every.columns]
     numbers = {c: st.column_config.NumberColumn(format="%.4g")
                for c in ("fd", "fd_floor", "fd_ratio", "fd_noise", "class_entropy", "mean_confidence")}
     st.dataframe(every[headline], hide_index=True, key="cmp_evals", width="stretch", column_config=numbers)
@@ -131,7 +144,12 @@ if evals:
         n, sha = keys[pick]
         st.caption(f"Fréchet distance against network evaluations per image, one line per run and sampler "
                    f"(N = {n}, classifier {sha or '?'}); a run's DDPM figure is its dashed horizontal line.")
-        st.plotly_chart(steps_quality_figure(groups[keys[pick]], colours), key="cmp_quality_chart")
+        shown = groups[keys[pick]]
+        elsewhere = {run: min(ddpm, key=lambda e: e["fd"]) for run, entries in evals.items()
+                     if not any(e.get("sampler") == "ddpm" for e in shown.get(run, []))
+                     and (ddpm := [e for e in entries if isinstance(e, dict) and e.get("sampler") == "ddpm"
+                                   and isinstance(e.get("fd"), (int, float))])}
+        st.plotly_chart(steps_quality_figure(shown, colours, elsewhere=elsewhere), key="cmp_quality_chart")
     shares = class_shares_figure(evals)
     if shares is not None:
         st.caption("Which classes the samples look like, by the classifier: an even spread is what the "

@@ -140,7 +140,8 @@ def sampler_ui(info: runs.RunInfo, top: list) -> dict:
     seed = c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="rev_seed",
                            persist_state="session")
     n = c5.number_input("Images", min_value=1, max_value=MAX_IMAGES, value=16, key="rev_n", persist_state="session",
-                        disabled=bool(guidance.conditional_params(info, 1).get("ncol")),
+                        disabled=info.config.model.conditional  # drawn before the class picker: its default
+                        and st.session_state.get("rev_class", guidance.ALL_CLASSES) == guidance.ALL_CLASSES,
                         help="For one row per class, the count is 10 × Images per class (below).")
     use_ema = c6.toggle("EMA", disabled=not has_ema, key="rev_ema",
                         help="Sample with the EMA weights (usually better)" if has_ema

@@ -132,7 +132,7 @@ st.dataframe(table, hide_index=True, key="runs_table", width="stretch",
              column_config={"run": st.column_config.TextColumn(width="medium"),
                             "status": st.column_config.TextColumn(width="small"),
                             "Fréchet distance": st.column_config.NumberColumn(
-                                format="%.2f", width="small", help="the newest evaluation (lower is better); "
+                                format="%.2f", width="medium", help="the newest evaluation (lower is better); "
                                 "compare runs only at the same setting and N ('scored at')"),
                             "training time": st.column_config.TextColumn(width="small"),
                             "last loss": st.column_config.NumberColumn(format="%.4f", width="small"),
