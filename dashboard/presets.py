@@ -25,9 +25,10 @@ PRESET_SLUGS = {"Book": "book", "Improved (blog)": "improved", "Quick CPU demo":
                 "Tiny smoke test": "tiny", "Improved + guidance (step 10)": "improved-cfg",
                 "Book conditional (step 10)": "book-cond", "Book + guidance (step 10)": "book-cfg"}
 
-# Form field -> (config section, config field). The widget key is "f_" + the form field.
+# Form field -> (config section, config field). The widget key is "f_" + the form field. The data
+# source (dataset, folder, size, channels, flip) is not here: presets leave it as the user set it
+# (dashboard.data_source).
 FORM_FIELDS: dict[str, tuple[str, str]] = {
-    "dataset": ("train", "dataset"),
     "model": ("model", "name"),
     "base_channels": ("model", "base_channels"),
     "optimizer": ("train", "optimizer"),
