@@ -21,6 +21,7 @@ from core.store.export import to_display
 from core.work.jobs import measure_call_seconds
 from core.diffusion.sampling import sample
 from core.diffusion.schedule import NoiseScheduler
+from dashboard import data_source
 
 # Sampling and scoring run on the best device here (a GPU when there is one); training picks its own.
 DEVICE = resolve_device("auto")
@@ -87,7 +88,7 @@ def timestep_losses(run_dir: str, mtime: float, buckets: int = 10, n_images: int
     """(t_low, t_high, loss) per bucket on the first `n_images` test images of the run's dataset;
     `space` "eps" is the training loss, "x0" the error of the predicted clean image in [0, 1] units."""
     loaded = trained_model(run_dir, mtime, True)
-    test = dataset(loaded.config.data.dataset, "test")
+    test = data_source.run_images(loaded.config.data, "test")  # a folder run: its training images
     result = loss_by_timestep(loaded.model, scheduler_for(loaded.config), test.images[:n_images],
                               pixel_range=loaded.config.train.pixel_range, buckets=buckets, seed=seed,
                               device=DEVICE, prediction=loaded.config.train.prediction)
@@ -101,7 +102,7 @@ def forward_example(dataset_name: str, index: int, timesteps: int, schedule: str
 
     All T frames at once (T·784 bytes): the t slider then only indexes, it never recomputes.
     """
-    images = dataset(dataset_name, "train")
+    images = data_source.source_images(dataset_name)   # a built-in dataset or a run's own images
     sched = scheduler(ScheduleConfig(timesteps=timesteps, schedule=schedule, scale_to_timesteps=scale_to_timesteps))
     x_0 = to_model_range(images.images[index:index + 1], pixel_range)            # (1, 1, 28, 28)
     noise = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(noise_seed))

@@ -7,19 +7,27 @@ by `config_with_data`, which goes through the CLI's own `apply_train_arguments`,
 `--dataset folder` run get the same DataConfig (fingerprint, class names, channels) and the same
 refusals. Widget keys are `f_<field>` like the rest of the Train form; presets never touch them
 (a preset is a recipe, the data is the user's).
+
+The other pages get a run's own images here too (`run_images`, `source_images`): a folder run's
+pictures at the run's size and channels, for the Forward process page and the per-timestep losses.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from pathlib import Path
 
 import streamlit as st
 
 from core.cli.data import apply_train_arguments
-from core.config import (BUILTIN_CLASS_NAMES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ConfigError, RunConfig, data_defaults,
-                         override)
-from core.data.datasets import DatasetNotFoundError, ensure_dataset
+from core.config import (BUILTIN_CLASS_NAMES, BUILTIN_SHAPES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ConfigError, DataConfig,
+                         RunConfig, data_defaults, override)
+from core.data.datasets import DatasetNotFoundError, ImageSet, ensure_dataset
 from core.data.folder import FolderSummary, scan_folder, summarize
+from core.data.sources import load_run_images
+from core.store import runs
+from dashboard.state import runs_dir
 
 SOURCE_LABELS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR-10", "folder": "Image folder"}
 DATA_FIELDS = ("dataset", "data_dir", "image_size", "channels", "hflip")
@@ -138,3 +146,47 @@ def config_with_data(config: RunConfig, conditional: bool) -> RunConfig:
                               image_size=int(values["image_size"]), channels=int(values["channels"]),
                               hflip=bool(values["hflip"]), conditional=conditional)
     return apply_train_arguments(override(config, num_classes=0), args)
+
+
+# -- a run's own images, for the pages that show or score data ------------------------------------------
+RUN_SOURCE = "run:"   # Forward process source keys: a built-in dataset's name, or "run:" + a run's name
+
+
+def data_label(data: DataConfig) -> str:
+    """Short: "FashionMNIST", "CIFAR-10 16×16×1", "folder shapes/ · 3 classes · 32×32×3"."""
+    shape = f"{data.image_size}×{data.image_size}×{data.channels}"
+    if data.dataset != "folder":
+        native = BUILTIN_SHAPES[data.dataset] == (data.channels, data.image_size)
+        return SOURCE_LABELS[data.dataset] + ("" if native else f" {shape}")
+    kind = f"{len(data.class_names)} classes" if data.class_names else "unlabelled"
+    return f"folder {Path(data.data_dir).name}/ · {kind} · {shape}"
+
+
+@st.cache_resource(show_spinner="Loading the images…", max_entries=4)
+def _images(data_json: str, split: str) -> ImageSet:
+    return load_run_images(DataConfig(**json.loads(data_json)), split)
+
+
+def run_images(data: DataConfig, split: str = "train") -> ImageSet:
+    """A run's images at its shape (uint8 (N, C, H, W)); a folder has one split, its training images."""
+    split = "train" if data.dataset == "folder" else split
+    return _images(json.dumps(dataclasses.asdict(data)), split)
+
+
+def forward_sources(infos: list[runs.RunInfo]) -> dict[str, str]:
+    """The built-in datasets here, then every run whose data is not a built-in at its own shape."""
+    offered = {d: SOURCE_LABELS[d] for d in sources() if d != "folder"}
+    for info in infos:
+        data = info.config.data if info.readable and info.config is not None else None
+        if data is not None and (data.dataset == "folder" or BUILTIN_SHAPES[data.dataset] != (data.channels,
+                                                                                              data.image_size)):
+            offered[RUN_SOURCE + info.name] = f"run {info.name}: {data_label(data)}"
+    return offered
+
+
+def source_images(source: str) -> ImageSet:
+    """The training images of a Forward process source; raises RunError, ConfigError, DatasetNotFoundError."""
+    if source.startswith(RUN_SOURCE):
+        return run_images(runs.load_config(runs_dir() / source[len(RUN_SOURCE):]).data)
+    channels, size = data_defaults(source)
+    return run_images(DataConfig(dataset=source, image_size=size, channels=channels))

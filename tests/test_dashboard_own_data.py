@@ -114,16 +114,30 @@ def colour_run(runs_dir, tmp_path):
     return runs_dir / "colour"
 
 
-def test_reverse_page_shows_a_colour_run_in_colour(colour_run, monkeypatch):
-    shown: list[bytes] = []
+@pytest.fixture
+def shown(monkeypatch) -> list[bytes]:
+    """The bytes of every image the page hands to Streamlit's (real, in-memory) media storage."""
+    images: list[bytes] = []
     real = MemoryMediaFileStorage.load_and_get_id
 
-    def keep(self, path_or_data, mimetype, kind, filename=None):  # the real storage, watched
+    def keep(self, path_or_data, mimetype, kind, filename=None):
         if isinstance(path_or_data, bytes) and mimetype.startswith("image/"):
-            shown.append(path_or_data)
+            images.append(path_or_data)
         return real(self, path_or_data, mimetype, kind, filename)
 
     monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", keep)
+    return images
+
+
+def colour_spread(image_bytes: bytes) -> np.ndarray:
+    """max - min over R, G, B per pixel: 0 everywhere for a grey picture."""
+    with Image.open(io.BytesIO(image_bytes)) as img:
+        assert img.mode == "RGB", img.mode
+        pixels = np.asarray(img).astype(int)
+    return pixels.max(axis=2) - pixels.min(axis=2)
+
+
+def test_reverse_page_shows_a_colour_run_in_colour(colour_run, shown):
     at = AppTest.from_file(APP, default_timeout=120).run()
     at.switch_page("views/reverse.py").run()
     assert at.selectbox(key="rev_run").value == "colour"
@@ -138,8 +152,19 @@ def test_reverse_page_shows_a_colour_run_in_colour(colour_run, monkeypatch):
     assert result.images.shape == (4, 3, 16, 16)
     at.slider(key="rev_frame").set_value(at.slider(key="rev_frame").max).run()
     assert [img.captions for img in at.image] == [["x_0"]]
-    with Image.open(io.BytesIO(shown[-1])) as img:
-        pixels = np.asarray(img.convert("RGB")).astype(int)
-        assert img.mode == "RGB" and img.width >= 4 * 2 * 16   # scaled up for viewing
-    spread = pixels.max(axis=2) - pixels.min(axis=2)
+    spread = colour_spread(shown[-1])
+    assert spread.shape[1] >= 4 * 2 * 16   # scaled up for viewing
     assert (spread > 30).mean() > 0.05, "the images are grey"
+
+
+def test_forward_page_offers_a_runs_own_images(colour_run, shown):
+    at = AppTest.from_file(APP, default_timeout=120).run()  # the Forward process is the default page
+    options = at.selectbox(key="fw_dataset").options
+    assert options[0] == "FashionMNIST" and options[-1] == "run colour: folder shapes/ · 3 classes · 16×16×3"
+    shown.clear()
+    at.selectbox(key="fw_dataset").set_value("run:colour").run()
+    assert not at.exception and not at.error
+    assert at.number_input(key="fw_index").label == "Image index (0 to 17)"  # the run's 18 pictures
+    assert [img.captions for img in at.image][0] == ["x₀ (image 0)"]
+    x0 = colour_spread(shown[0])
+    assert x0.shape[0] >= 4 * 16 and (x0 > 60).mean() > 0.1   # a bright coloured shape, scaled up

@@ -277,7 +277,7 @@ def _latest_grid(p: Progress) -> tuple[np.ndarray, str] | None:
     if path is None:
         return None
     with Image.open(path) as img:
-        return np.asarray(img.convert("L")), path.stem
+        return np.asarray(img.convert("L" if img.mode in ("1", "L", "I", "I;16") else "RGB")), path.stem
 
 
 def eta_ui_value(p: Progress) -> float | None:
