@@ -134,6 +134,7 @@ def run_call_seconds(run_dir: Path, use_ema: bool = True) -> float:
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
-def network_cost(config: ModelConfig) -> dict:
-    """Parameters and GFLOP per image (forward; forward + backward) of a network, counted once."""
-    return model_cost(config)
+def network_cost(config: ModelConfig, image_size: int = 28) -> dict:
+    """Parameters and GFLOP per image (forward; forward + backward) of a network at the run's image size,
+    counted once."""
+    return model_cost(config, image_size)

@@ -168,3 +168,17 @@ def test_forward_page_offers_a_runs_own_images(colour_run, shown):
     assert [img.captions for img in at.image][0] == ["x₀ (image 0)"]
     x0 = colour_spread(shown[0])
     assert x0.shape[0] >= 4 * 16 and (x0 > 60).mean() > 0.1   # a bright coloured shape, scaled up
+
+
+def test_runs_table_names_a_folder_run_with_its_shape_and_cost(colour_run):
+    from core.bench.flops import model_cost
+    from core.store import runs
+
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/runs.py").run()
+    assert not at.exception
+    row = at.dataframe[0].value.set_index("run").loc["colour"]
+    assert row["dataset"] == "folder shapes/ · 3 classes · 16×16×3"
+    config = runs.load_config(colour_run)
+    assert row["GFLOP/image"] == pytest.approx(model_cost(config.model, 16)["forward_gflop"])
+    assert row["GFLOP/image"] < model_cost(config.model, 28)["forward_gflop"]   # counted at 16 px, not 28

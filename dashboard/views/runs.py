@@ -30,7 +30,7 @@ def runs_table(infos: list[runs.RunInfo]) -> pd.DataFrame:
     rows = []
     for info in infos:
         c = info.config
-        cost = cache.network_cost(c.model) if c else None
+        cost = cache.network_cost(c.model, c.data.image_size) if c else None
         rows.append({
             "run": info.name,
             "status": info.state,
