@@ -182,3 +182,25 @@ def test_runs_table_names_a_folder_run_with_its_shape_and_cost(colour_run):
     config = runs.load_config(colour_run)
     assert row["GFLOP/image"] == pytest.approx(model_cost(config.model, 16)["forward_gflop"])
     assert row["GFLOP/image"] < model_cost(config.model, 28)["forward_gflop"]   # counted at 16 px, not 28
+
+
+def test_a_conditional_folder_run_is_guided_by_its_folder_names(runs_dir, tmp_path):
+    shapes = make_shapes_folder(tmp_path / "shapes", per_class=6, size=16, seed=2)
+    assert cli.main(["train", "--preset", "tiny", "--dataset", "folder", "--data-dir", str(shapes), "--conditional",
+                     "--image-size", "16", "--max-steps", "2", "--batch-size", "8", "--runs-dir", str(runs_dir),
+                     "--name", "cond", "--quiet"]) == 0
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/reverse.py").run()
+    assert at.selectbox(key="rev_class").options == ["All classes (one row per class)", "0 · circle", "1 · square",
+                                                     "2 · triangle"]
+    at.selectbox(key="rev_class").set_value(1)
+    at.number_input(key="rev_n").set_value(2).run()
+    at.button(key="rev_generate").click().run()
+    for _ in range(600):
+        if "rev_result" in at.session_state:
+            break
+        assert not at.error, at.error[0].value
+        at.run()
+    assert not at.exception
+    assert at.session_state["rev_result"]["result"].images.shape == (2, 3, 16, 16)
+    assert any("cond · " in m.value and "· class square · γ = " in m.value for m in at.markdown)
