@@ -13,6 +13,7 @@ from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
+from test_dashboard_compare import values
 from core.cli import main as cli
 from core.data import cache as data_cache
 from core.data.shapes import make_shapes_folder
@@ -204,3 +205,16 @@ def test_a_conditional_folder_run_is_guided_by_its_folder_names(runs_dir, tmp_pa
     assert not at.exception
     assert at.session_state["rev_result"]["result"].images.shape == (2, 3, 16, 16)
     assert any("cond · " in m.value and "· class square · γ = " in m.value for m in at.markdown)
+
+
+def test_compare_scores_a_folder_run_per_timestep_and_shows_its_samples_in_colour(colour_run, shown):
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.switch_page("views/compare.py").run()   # the only run is selected by default
+    assert not at.exception
+    assert [img.captions for img in at.image] == [["ImprovedUNet + AdamW · colour"]]
+    assert (colour_spread(shown[-1]) > 30).mean() > 0.05
+    at.button(key="cmp_buckets_button").click().run()   # on the run's own images (a folder has no test split)
+    assert not at.exception and not at.error
+    bucket = [c for c in at.get("plotly_chart") if c.proto.id.endswith("cmp_bucket_chart")]
+    traces = json.loads(bucket[0].proto.spec)["data"]
+    assert len(traces) == 1 and len(values(traces[0]["y"])) == 10 and all(y > 0 for y in values(traces[0]["y"]))
