@@ -218,3 +218,20 @@ def test_compare_scores_a_folder_run_per_timestep_and_shows_its_samples_in_colou
     bucket = [c for c in at.get("plotly_chart") if c.proto.id.endswith("cmp_bucket_chart")]
     traces = json.loads(bucket[0].proto.spec)["data"]
     assert len(traces) == 1 and len(values(traces[0]["y"])) == 10 and all(y > 0 for y in values(traces[0]["y"]))
+
+
+def test_a_conditional_preset_on_fashion_mnist_still_gets_its_ten_labels(runs_dir):
+    at = train_page()
+    at.selectbox(key="train_preset").set_value("Book + guidance (step 10)").run()
+    assert at.selectbox(key="f_dataset").value == "fashion_mnist"  # presets leave the data source alone
+    assert at.selectbox(key="f_num_classes").value == 10
+    for field, value in (("max_steps", 1), ("limit_images", 16), ("batch_size", 8), ("base_channels", 8),
+                         ("epochs", 1)):
+        at.number_input(key=f"f_{field}").set_value(value)
+    at.text_input(key="f_run_name").set_value("cfg-form").run()
+    at.button(key="train_button").click().run()
+    assert not at.error, at.error[0].value
+    assert job_manager().job.join(300)
+    saved = json.loads((runs_dir / "cfg-form" / "config.json").read_text())
+    assert saved["model"]["num_classes"] == 10 and saved["data"]["dataset"] == "fashion_mnist"
+    assert (saved["data"]["image_size"], saved["data"]["channels"]) == (28, 1)
