@@ -235,3 +235,16 @@ def test_a_conditional_preset_on_fashion_mnist_still_gets_its_ten_labels(runs_di
     saved = json.loads((runs_dir / "cfg-form" / "config.json").read_text())
     assert saved["model"]["num_classes"] == 10 and saved["data"]["dataset"] == "fashion_mnist"
     assert (saved["data"]["image_size"], saved["data"]["channels"]) == (28, 1)
+
+
+def test_skipped_files_are_named_as_the_cli_names_them(runs_dir, tmp_path, capsys):
+    shapes = make_shapes_folder(tmp_path / "shapes", per_class=3, size=16)
+    (shapes / "circle" / "zz-broken.png").write_bytes(b"\x89PNG cut short")
+    assert cli.main(["data", "--dataset", "folder", "--data-dir", str(shapes), "--image-size", "16"]) == 0
+    printed = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    at = train_page()
+    choose_folder(at, str(shapes))
+    at.number_input(key="f_image_size").set_value(16).run()
+    assert [s.value for s in at.success] == ["9 images, colour; sizes 16x16 (9)"]
+    assert [w.value for w in at.warning] == [printed[-1]] and printed[-1].startswith("skipped 1 unreadable: "
+                                                                                     "circle/zz-broken.png (")
