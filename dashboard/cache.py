@@ -23,6 +23,7 @@ from core.store.export import to_display
 from core.work import estimates
 from core.diffusion.sampling import sample
 from core.diffusion.schedule import NoiseScheduler
+from dashboard import data_source
 
 # Sampling and scoring run on the best device here (a GPU when there is one); training picks its own.
 DEVICE = resolve_device("auto")
@@ -49,18 +50,6 @@ def dataset(name: str, split: str) -> ImageSet:
 
 
 @st.cache_data(show_spinner=False, ttl=60)
-def installed_datasets() -> tuple[str, ...]:
-    """The datasets this machine has (or can prepare without a download): the only ones to offer."""
-    found = []
-    for name in DATASET_NAMES:
-        try:
-            ensure_dataset(name, download=False)
-        except (DatasetNotFoundError, ConfigError, OSError):
-            continue
-        found.append(name)
-    return tuple(found)
-
-
 @st.cache_resource(show_spinner=False, max_entries=16)
 def scheduler(config: ScheduleConfig) -> NoiseScheduler:
     return NoiseScheduler(config)  # ScheduleConfig is frozen, so it is its own cache key
@@ -102,7 +91,7 @@ def timestep_losses(run_dir: str, mtime: float, buckets: int = 10, n_images: int
     """(t_low, t_high, loss) per bucket on the first `n_images` test images of the run's dataset;
     `space` "eps" is the training loss, "x0" the error of the predicted clean image in [0, 1] units."""
     loaded = trained_model(run_dir, mtime, True)
-    test = dataset(loaded.config.data.dataset, "test")
+    test = data_source.run_images(loaded.config.data, "test")  # a folder run: its training images
     result = loss_by_timestep(loaded.model, scheduler_for(loaded.config), test.images[:n_images],
                               pixel_range=loaded.config.train.pixel_range, buckets=buckets, seed=seed,
                               device=DEVICE, prediction=loaded.config.train.prediction)
@@ -116,7 +105,7 @@ def forward_example(dataset_name: str, index: int, timesteps: int, schedule: str
 
     All T frames at once (T·784 bytes): the t slider then only indexes, it never recomputes.
     """
-    images = dataset(dataset_name, "train")
+    images = data_source.source_images(dataset_name)   # a built-in dataset or a run's own images
     sched = scheduler(ScheduleConfig(timesteps=timesteps, schedule=schedule, scale_to_timesteps=scale_to_timesteps))
     x_0 = to_model_range(images.images[index:index + 1], pixel_range)            # (1, 1, 28, 28)
     noise = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(noise_seed))
@@ -177,6 +166,7 @@ def training_estimate(runs_folder: Path, config: RunConfig, steps: int) -> estim
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
-def network_cost(config: ModelConfig) -> dict:
-    """Parameters and GFLOP per image (forward; forward + backward) of a network, counted once."""
-    return model_cost(config)
+def network_cost(config: ModelConfig, image_size: int = 28) -> dict:
+    """Parameters and GFLOP per image (forward; forward + backward) of a network at the run's image size,
+    counted once."""
+    return model_cost(config, image_size)

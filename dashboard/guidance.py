@@ -17,7 +17,7 @@ import streamlit as st
 import torch
 
 from core.store import runs
-from core.config import ConfigError, SampleConfig
+from core.config import BUILTIN_CLASS_NAMES, ConfigError, SampleConfig
 from core.diffusion.sampling import sample
 from core.diffusion.guidance import check_guidance, class_names, default_guidance, per_class_labels
 from dashboard import cache
@@ -76,7 +76,9 @@ def describe(meta: dict, dataset: str | None) -> str:
     if meta["guidance"] == 0:
         return " · γ = 0: the class is ignored, these are unconditional samples"
     present = sorted(set(meta["labels"]))
-    what = f"class {class_names(dataset)[present[0]]}" if len(present) == 1 and dataset else \
+    # The run's own names (a folder's subfolders); results made before they were recorded: the dataset's.
+    names = meta.get("class_names") or (class_names(dataset) if dataset in BUILTIN_CLASS_NAMES else ())
+    what = f"class {names[present[0]]}" if len(present) == 1 and len(names) > present[0] else \
         f"{len(present)} classes, one row each"
     return f" · {what} · γ = {meta['guidance']:g}"
 

@@ -26,9 +26,10 @@ PRESET_SLUGS = {"Book": "book", "Improved (blog)": "improved", "Quick CPU demo":
                 "Book conditional (step 10)": "book-cond", "Book + guidance (step 10)": "book-cfg"}
 
 # The form's fields, by the flat names `core.config.override` routes to their config sections (it
-# owns that mapping). The widget key is "f_" + the name.
+# owns that mapping). The widget key is "f_" + the name. The data source (dataset, folder, size, channels,
+# flip) is not here: presets leave it as the user set it (dashboard.data_source).
 FORM_FIELDS: tuple[str, ...] = (
-    "dataset", "model", "base_channels", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "max_steps",
+    "model", "base_channels", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "max_steps",
     "time_budget_s", "limit_images", "timesteps", "schedule", "seed", "device", "ema_decay",
     "num_classes", "label_dropout", "label_dropout_mode",        # step 10: 0 = unconditional, 10 = labels
     # The "Advanced" section: what the presets set and the main form hides.

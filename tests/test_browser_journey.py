@@ -4,7 +4,8 @@ Switch the optimizer and see the run name follow, train the tiny preset and watc
 Reverse page switch between the tiny run and a shipped demo run and see each bring its own steps and
 EMA setting, generate, scrub the frames, download the final grid; evaluate the tiny run from the Runs
 page and see its figure on Compare; queue two tiny runs from the Train page and see the second start
-after the first finished. A screenshot of every step goes to test-artifacts/.
+after the first finished; train on a generated folder of coloured shapes from the Train form and see
+colour images on the Reverse page (`own_images_step`). A screenshot of every step goes to test-artifacts/.
 Skipped (not failed) only where no `chromium` is installed; `make test` installs it.
 """
 from __future__ import annotations
@@ -438,5 +439,78 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             rows = sweeps.results(tmp_path / "runs", sweeps.load(tmp_path / "runs", "opt-journey"))
             assert [r["state"] for r in rows] == ["finished", "finished"] and all(r["fd"] for r in rows), rows
             shot(page, "17-sweep-after-reload")
+
+            # 13. Your own images: a folder from the Train form, colour images on the Reverse page.
+            own_images_step(page, tmp_path, shot)
         finally:
             browser.close()
+
+
+# -- own images (issue 20) ---------------------------------------------------------------------------------
+def colour_share(png: bytes) -> float:
+    """The share of pixels whose R, G, B differ by more than 30: 0 for a grey picture."""
+    from PIL import Image
+    import numpy as np
+
+    with Image.open(io.BytesIO(png)) as img:
+        pixels = np.asarray(img.convert("RGB")).astype(int)
+    return float(((pixels.max(axis=2) - pixels.min(axis=2)) > 30).mean())
+
+
+def own_images_step(page, tmp_path: Path, shot) -> None:
+    """Train the tiny preset on a generated shapes folder from the Train form (the folder field shows what
+    it found first), then generate with it on the Reverse page and see colour, not grey."""
+    from playwright.sync_api import expect
+    from core.data.shapes import make_shapes_folder
+
+    shapes = make_shapes_folder(tmp_path / "shapes", per_class=12, size=16)
+    page.get_by_role("link", name="Train").click()
+    expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible()
+    page.locator('[data-testid="stSelectbox"]').filter(has_text="Preset").click()
+    page.get_by_role("option", name="Tiny smoke test").click()
+    expect(page.get_by_label("Timesteps T")).to_have_value("20")
+    page.locator('[data-testid="stSelectbox"]').filter(has_text=re.compile(r"^Data")).click()
+    page.get_by_role("option", name="Image folder").click()
+    folder_box = page.get_by_role("textbox", name="Image folder")
+    folder_box.fill(str(tmp_path / "nowhere"))
+    folder_box.press("Enter")
+    expect(page.get_by_text(re.compile(r"is not allowed: no such folder"))).to_be_visible()
+    shot(page, "18-own-folder-refused")
+    folder_box.fill(str(shapes))
+    folder_box.press("Enter")
+    expect(page.get_by_text(re.compile(r"^36 images, colour"))).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("3 classes: circle (12), square (12), triangle (12)")).to_be_visible()
+    size_box = page.get_by_role("spinbutton", name="Image size")
+    size_box.fill("16")
+    size_box.press("Enter")
+    expect(size_box).to_have_value("16")
+    max_steps = page.get_by_label("Max steps (0 = no limit)")
+    max_steps.fill("6")
+    max_steps.press("Enter")
+    expect(max_steps).to_have_value("6")
+    name_box = page.get_by_role("textbox", name="Run name")
+    name_box.fill("own-shapes")
+    name_box.press("Enter")
+    expect(name_box).to_have_value("own-shapes")
+    shot(page, "19-own-folder-form")
+    page.get_by_role("button", name=re.compile(r"Train$")).click()
+    expect(page.get_by_text(re.compile(r"Run own-shapes — finished"))).to_be_visible(timeout=300_000)
+    shot(page, "20-own-folder-trained")
+
+    page.get_by_role("link", name="Reverse process").click()
+    expect(page.get_by_role("heading", name="Reverse process")).to_be_visible()
+    page.locator('[data-testid="stSelectbox"]').filter(has_text=re.compile(r"^Run")).click()
+    page.get_by_role("option", name=re.compile(r"own-shapes")).click()
+    page.get_by_role("button", name=re.compile("Generate")).click()
+    frame_slider = page.locator('[data-testid="stSlider"]').filter(has_text="Frame").get_by_role("slider")
+    expect(frame_slider).to_be_visible(timeout=60_000)
+    frame_slider.focus()
+    frame_slider.press("End")
+    expect(page.get_by_text(re.compile(r"the finished images"))).to_be_visible()
+    final = page.locator('[data-testid="stImage"]').filter(has_text="x_0").locator("img").first
+    expect(final).to_be_visible()
+    final.scroll_into_view_if_needed()
+    page.wait_for_timeout(1000)
+    shot(page, "21-own-folder-reverse")
+    assert colour_share(final.screenshot(path=str(ARTIFACTS / "journey-21b-own-folder-x0.png"))) > 0.05, \
+        "the own-folder run's images show grey on the Reverse page"

@@ -1,6 +1,6 @@
 """Forward process: watch noise swallow a dataset image as t grows, and see ᾱ_t and SNR at that t.
 
-Needs no trained run: only the dataset and the noise schedule.
+Needs no trained run: only the dataset (a built-in one, or a run's own images) and the noise schedule.
 """
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import random
 
 import streamlit as st
 
-from core.config import DATASET_LABELS, DATASET_NAMES, SCHEDULE_NAMES
+from core.config import SCHEDULE_NAMES, ConfigError
 from core.data.datasets import DatasetNotFoundError
-from dashboard import cache
+from core.store import runs
+from dashboard import cache, data_source
+from dashboard.state import runs_dir
 from dashboard.charts import plain_number, schedule_figure, upscale
 
 PIXEL_RANGES = {"symmetric": "[−1, 1] (ImprovedUNet presets)", "unit": "[0, 1] (the book)"}
@@ -38,13 +40,12 @@ def latex_number(value: float) -> str:
 def source_ui(installed: tuple[str, ...]) -> tuple[str, str, int, str, bool]:
     """Dataset (of those installed), schedule, T, pixel range and whether the linear betas scale with T."""
     c1, c2, c3, c4, c5 = st.columns([2, 2, 2, 3, 2])
-    if st.session_state.get("fw_dataset") not in installed:
+    offered = data_source.forward_sources(runs.list_runs(runs_dir()), installed)
+    if st.session_state.get("fw_dataset") not in offered:  # a deleted run or dataset: back to the first one
         st.session_state.pop("fw_dataset", None)
-    dataset = c1.selectbox("Dataset", installed, format_func=DATASET_LABELS.get, key="fw_dataset",
-                           persist_state="session",
-                           help="Datasets installed on this machine" + (
-                               "" if len(installed) == len(DATASET_NAMES) else "; not installed: " + ", ".join(
-                                   DATASET_LABELS[d] for d in DATASET_NAMES if d not in installed)))
+    dataset = c1.selectbox("Dataset", list(offered), format_func=offered.get, key="fw_dataset",
+                           persist_state="session", help="a dataset installed on this machine, or the images a "
+                           "run trained on (its own folder, at its size and channels)")
     schedule = c2.radio("Schedule", SCHEDULE_NAMES, horizontal=True, key="fw_schedule", persist_state="session",
                         help="linear: the book (Ho et al. 2020); cosine: Nichol & Dhariwal 2021")
     timesteps = int(c3.number_input("T (timesteps)", min_value=2, max_value=4000, value=1000, step=50,
@@ -80,17 +81,16 @@ st.title("Forward process")
 st.caption("The forward process adds Gaussian noise to a real image: x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε. "
            "Drag t to see how much of the image survives; no trained model is needed here.")
 
-installed = cache.installed_datasets()
+installed = data_source.installed_datasets()
 if not installed:
     st.error("No dataset is installed on this machine, so there is no image to add noise to. Ask whoever runs "
              "this server to run `make data` (it installs FashionMNIST), then reload this page.")
     st.stop()
 dataset_name, schedule, T, pixel_range, scale = source_ui(installed)
 try:
-    n_images = len(cache.dataset(dataset_name, "train"))
-except DatasetNotFoundError:
-    st.error(f"{DATASET_LABELS[dataset_name]} could not be read on this machine; pick another dataset, or ask "
-             "whoever runs this server to install it again (`make data`).")
+    n_images = len(data_source.source_images(dataset_name))
+except (DatasetNotFoundError, ConfigError, runs.RunError) as exc:
+    st.error(str(exc))
     st.stop()
 
 index, noise_seed = image_ui(n_images)

@@ -53,7 +53,7 @@ def _generate(run_dir: str) -> None:
                       prediction=loaded.config.train.prediction, shape=loaded.config.data.shape,
                       timing=(runs_dir(), estimates.network_key(loaded.config.model, loaded.config.data.shape))).start()
     meta = dict(params, run=loaded.name, used_ema=loaded.used_ema, timesteps=loaded.config.schedule.timesteps,
-                dataset=loaded.config.data.dataset)
+                dataset=loaded.config.data.dataset, class_names=list(loaded.config.data.names))
     st.session_state["rev_job"] = {"job": job, "meta": meta}
 
 

@@ -11,10 +11,10 @@ import pandas as pd
 import streamlit as st
 
 from core.store import runs
-from core.config import DATASET_LABELS, MODEL_LABELS, OPTIMIZER_LABELS, PIXEL_RANGE_LABELS, ConfigError
+from core.config import MODEL_LABELS, OPTIMIZER_LABELS, PIXEL_RANGE_LABELS, ConfigError
 from core.store.export import run_bundle
 from core.work.jobs import JobBusy
-from dashboard import cache
+from dashboard import cache, data_source
 from dashboard.charts import format_duration
 from dashboard.evaluate import evaluate_ui, evaluation_status_ui
 from dashboard.state import job_manager, runs_dir
@@ -42,7 +42,7 @@ def runs_table(infos: list[runs.RunInfo]) -> pd.DataFrame:
     rows = []
     for info in infos:
         c = info.config
-        cost = cache.network_cost(c.model) if c else None
+        cost = cache.network_cost(c.model, c.data.image_size) if c else None
         score = latest_score(info)
         rows.append({
             "run": info.name,
@@ -54,7 +54,7 @@ def runs_table(infos: list[runs.RunInfo]) -> pd.DataFrame:
             "model": MODEL_LABELS.get(c.model.name, c.model.name) if c else "—",
             "optimizer": OPTIMIZER_LABELS.get(c.train.optimizer, c.train.optimizer) if c else "—",
             "scored at": f"{score.get('setting')}, N = {score.get('n')}" if score else "",
-            "dataset": DATASET_LABELS.get(c.data.dataset, c.data.dataset) if c else "—",
+            "dataset": data_source.data_label(c.data) if c else "—",
             "pixels": PIXEL_RANGE_LABELS.get(c.train.pixel_range, "—") if c else "—",
             "T": c.schedule.timesteps if c else None,
             "params (M)": cost["params"] / 1e6 if cost else None,

@@ -15,13 +15,13 @@ from PIL import Image
 
 from core.work import queue
 from core.store import runs
-from core.config import (DATASET_LABELS, DATASET_NAMES, DEFAULT_FEW_STEP_SAMPLER, DEVICE_NAMES, LABEL_DROPOUT_MODES,
+from core.config import (DEFAULT_FEW_STEP_SAMPLER, DEVICE_NAMES, LABEL_DROPOUT_MODES,
                          MAX_MIN_SNR_GAMMA, MODEL_LABELS, OPTIMIZER_LABELS, OPTIMIZER_NAMES, PIXEL_RANGE_LABELS,
                          PIXEL_RANGES, PREDICTION_LABELS, PREDICTION_NAMES, SAMPLER_LABELS, SAMPLER_NAMES,
                          SCHEDULE_NAMES, ConfigError)
 from core.work.jobs import JobBusy
 from core.train.training import Progress, total_steps_for
-from dashboard import cache
+from dashboard import cache, data_source
 from dashboard.charts import (format_duration, live_loss_figure, plain_number, smoothed_eta, steady_images_per_s,
                               upscale)
 from dashboard.presets import (DEFAULT_PRESET, FORM_FIELDS, FORM_PRESETS, TINY_TAKES, UNUSED_MODEL_FIELDS,
@@ -65,12 +65,21 @@ def _form_values() -> dict:
     return {field: st.session_state[f"f_{field}"] for field in FORM_FIELDS if f"f_{field}" in st.session_state}
 
 
+def _form_config(preset: str):
+    """The run the form describes: the preset with the form's values, on the chosen data (a folder completed
+    from what is in it, as the CLI does)."""
+    values = _form_values()
+    conditional = bool(values.get("num_classes", FORM_PRESETS[preset].model.num_classes))
+    # The label count is the data's (10 for FashionMNIST, the folder's classes): set once the data is known.
+    config = config_from_form(preset, {**values, "num_classes": 0})
+    return data_source.config_with_data(config, conditional=conditional)
+
+
 def _start_training() -> None:
     preset = st.session_state["train_preset"]
-    values = _form_values()
     name = str(st.session_state.get("f_run_name", "")).strip()
     try:
-        config = config_from_form(preset, values)
+        config = _form_config(preset)
         manager.start_new(runs_dir(), name, config)
     except JobBusy as exc:
         st.session_state["train_feedback"] = ("warning", str(exc))
@@ -86,7 +95,7 @@ def _queue_run() -> None:
     preset = st.session_state["train_preset"]
     name = str(st.session_state.get("f_run_name", "")).strip()
     try:
-        config = config_from_form(preset, _form_values())
+        config = _form_config(preset)
         entry = manager.queue_new(runs_dir(), name, config, eval_device=cache.DEVICE)
     except (ConfigError, runs.RunError, OSError) as exc:  # QueueDamaged and QueueError are RunErrors
         st.session_state["train_feedback"] = ("error", f"Not queued: {exc}")
@@ -145,11 +154,11 @@ def train_form_ui(preset: str) -> None:
 
     Not an `st.form`: the run name follows the model and optimizer as they change."""
     with st.container(border=True):
-        c1, c2, c3 = st.columns([2, 1, 1])
+        c1, c2 = st.columns([3, 1])
         c1.text_input("Run name", key="f_run_name", help="Becomes the folder name: letters, digits, . _ -. "
                       "Follows the model and optimizer until you type your own.")
-        c2.selectbox("Dataset", DATASET_NAMES, format_func=DATASET_LABELS.get, key="f_dataset")
-        c3.selectbox("Device", DEVICE_NAMES, key="f_device")
+        c2.selectbox("Device", DEVICE_NAMES, key="f_device")
+        data_source.data_source_ui()
         c1, c2, c3, c4 = st.columns(4)
         c1.selectbox("Model", list(MODEL_LABELS), format_func=lambda m: f"{MODEL_LABELS[m]} ({MODEL_ORIGIN[m]})",
                      key="f_model", on_change=_follow_name)
@@ -209,15 +218,20 @@ def train_form_ui(preset: str) -> None:
                   help="Create the run and queue it: queued runs train one after another (see Queue below)")
         with b3:
             training_estimate_ui(preset)
-    form_memory().update(preset=preset, values=_form_values())
+    form_memory().update(preset=preset, values={**_form_values(), **data_source.form_values()})
 
 
 def conditional_fields_ui() -> None:
     """Step 10's options: class labels, and the label dropout that classifier-free guidance needs."""
+    names = data_source.class_names()
+    options = (0, len(names)) if names else (0,)
+    if st.session_state.get("f_num_classes", 0) not in options:  # a preset's 10 labels on a 3-class folder
+        st.session_state["f_num_classes"] = options[-1] if st.session_state.get("f_num_classes") else 0
     c1, c2, c3, _ = st.columns(4)
-    c1.selectbox("Class labels", (0, 10), key="f_num_classes",
+    c1.selectbox("Class labels", options, key="f_num_classes",
                  format_func=lambda k: "none (unconditional)" if k == 0 else f"{k} classes (step 10)",
-                 help="A label embedding lets you ask for a class when sampling (step 10 of the book).")
+                 help="A label embedding lets you ask for a class when sampling (step 10 of the book): "
+                      + (", ".join(names) if names else "this data has no classes (a flat folder)"))
     c2.number_input("Label dropout", min_value=0.0, max_value=0.99, step=0.05, format="%g", key="f_label_dropout",
                     help="Share of labels dropped while training, so the same network also learns the "
                          "unconditional ε̂ that guidance needs (book: 0.1; 0 = no guidance).")
@@ -266,7 +280,7 @@ def _latest_grid(p: Progress) -> tuple[np.ndarray, str] | None:
     if path is None:
         return None
     with Image.open(path) as img:
-        return np.asarray(img.convert("L")), path.stem
+        return np.asarray(img.convert("L" if img.mode in ("1", "L", "I", "I;16") else "RGB")), path.stem
 
 
 def _history(p: Progress) -> list[tuple[float, int]]:
@@ -314,12 +328,12 @@ def images_per_s_value(p: Progress) -> float:
 def training_estimate_ui(preset: str) -> None:
     """How long the form's run would take here, before it is started."""
     try:
-        config = config_from_form(preset, _form_values())
+        config = _form_config(preset)  # the form's data too: a folder's own count, size and channels
     except ConfigError:
         return  # the form's own error appears on Train
     try:
-        n_images = len(cache.dataset(config.train.dataset, "train").images)
-    except Exception:  # noqa: BLE001 - a dataset not installed: Train will say so; estimate for the usual size
+        n_images = len(data_source.run_images(config.data))
+    except Exception:  # noqa: BLE001 - data not installed or unreadable: Train says so; estimate the usual size
         n_images = 60_000
     n_images = min(n_images, config.train.limit_images or n_images)
     steps = total_steps_for(config, n_images)
