@@ -331,3 +331,6 @@ def _load_classifier_file(path: Path, dataset: str, device: torch.device | str) 
         raise ClassifierError(f"classifier {path} does not fit the network ({first}); {refit}") from None
     return Classifier(model=model.to(device, memory_format=torch.channels_last).eval(), dataset=dataset, test_accuracy=test_accuracy,
                       path=path, sha256=hashlib.sha256(blob).hexdigest(), fit_seconds=fit_seconds)
+
+
+read_metadata = safetensors_metadata  # the __metadata__ of a safetensors blob (the one checked parser in store.io)
