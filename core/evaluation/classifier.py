@@ -46,6 +46,7 @@ from torch.nn import functional as F
 from ..config import DATASET_NAMES, ConfigError
 from ..data.datasets import CLASS_NAMES, ImageSet
 from ..errors import RunError
+from ..store.cache import DIGEST_KEY, tensors_digest
 from ..store.io import atomic_write_bytes, read_bounded_bytes, safetensors_metadata
 
 ARCH_VERSION = 1          # bump when the network changes: older files are then refitted
@@ -268,6 +269,7 @@ def save_classifier(classifier: Classifier, path: Path) -> Classifier:
         "fit_seconds": f"{classifier.fit_seconds:.1f}", "torch": torch.__version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    metadata[DIGEST_KEY] = tensors_digest(state)  # its manifest: a flipped bit is refused at load, like a checkpoint
     blob = save(state, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, blob)
@@ -319,6 +321,10 @@ def _load_classifier_file(path: Path, dataset: str, device: torch.device | str) 
                               f"{ARCH_VERSION}; {refit}")
     if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
         raise ClassifierError(f"classifier {path} is damaged (non-finite weights); {refit}")
+    # Classifiers fitted since issue 23 carry the sha256 of their weights (the shipped one predates it).
+    if DIGEST_KEY in metadata and metadata[DIGEST_KEY] != tensors_digest(state):
+        raise ClassifierError(f"classifier {path} is damaged (its weights do not match the sha256 in its "
+                              f"metadata); {refit}")
     model = FeatureClassifier()
     try:
         model.load_state_dict(state, strict=True)
