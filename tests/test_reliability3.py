@@ -371,3 +371,13 @@ def test_q9_dashboard_started_elsewhere_refuses_to_serve_without_its_binding(tmp
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "started outside" in proc.stdout and "EXCEPTIONS 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_class_a_fitted_classifier_with_a_flipped_bit_is_refused(tiny_classifier, tmp_path):
+    """The class behind F1/Q8: derived files are verified like checkpoints. A classifier fitted here
+    carries the sha256 of its weights; one flipped bit is refused instead of scoring with it."""
+    damaged = tmp_path / "fashion_mnist.safetensors"
+    shutil.copy(tiny_classifier, damaged)
+    flip_exponent_bit(damaged)
+    with pytest.raises(ClassifierError, match="sha256"):
+        load_classifier("fashion_mnist", tmp_path)

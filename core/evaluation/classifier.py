@@ -53,6 +53,7 @@ from torch.nn import functional as F
 from ..config import DATASET_NAMES, ConfigError
 from ..data.datasets import CLASS_NAMES, ImageSet
 from ..errors import RunError
+from ..store.cache import DIGEST_KEY, tensors_digest
 from ..store.io import atomic_write_bytes, read_bounded_bytes, safetensors_metadata
 from .pixels import as_nchw, image_shape
 
@@ -337,6 +338,7 @@ def save_classifier(classifier: Classifier, path: Path) -> Classifier:
         # Only other shapes carry these keys: a 28x28x1 file stays byte-for-byte what it always was.
         metadata.update(channels=str(channels), image_size=str(size),
                         num_classes=str(classifier.model.num_classes), fingerprint=classifier.fingerprint)
+    metadata[DIGEST_KEY] = tensors_digest(state)  # its manifest: a flipped bit is refused at load, like a checkpoint
     blob = save(state, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, blob)
@@ -404,6 +406,10 @@ def load_classifier_file(path: Path, dataset: str, device: torch.device | str = 
                               f"{ARCH_VERSION}; {refit}")
     if not all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()):
         raise ClassifierError(f"classifier {path} is damaged (non-finite weights); {refit}")
+    # Classifiers fitted since issue 23 carry the sha256 of their weights (the shipped one predates it).
+    if DIGEST_KEY in metadata and metadata[DIGEST_KEY] != tensors_digest(state):
+        raise ClassifierError(f"classifier {path} is damaged (its weights do not match the sha256 in its "
+                              f"metadata); {refit}")
     try:
         # Files without shape keys are 28x28x1 with 10 classes: the shipped FashionMNIST classifier.
         shape = {k: int(metadata.get(k, default)) for k, default in
