@@ -109,7 +109,7 @@ def test_unconditional_runs_have_no_class_picker(tiny_run, monkeypatch):
     at.number_input(key="rev_steps").set_value(3).run()
     at.number_input(key="rev_n").set_value(4).run()
     done = generate(at)
-    assert not done["meta"].get("labels") and done["result"].images.shape == (4, 28, 28)
+    assert not done["meta"].get("labels") and done["result"].images.shape == (4, 1, 28, 28)
 
 
 def test_train_form_has_the_conditional_options(tmp_path, monkeypatch):

@@ -252,7 +252,8 @@ def test_bad_objective_values_name_field_value_and_rule(field, value, rule):
 
 # -- (f) the CLI -----------------------------------------------------------------------------------------
 def test_cli_flags_reach_config_json(tmp_path, images, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "load_run_images", lambda *args, **kwargs: images)
+    from core.cli import train as train_cli
+    monkeypatch.setattr(train_cli, "load_training_images", lambda *args, **kwargs: images)
     runs_dir = tmp_path / "runs"
     code = cli.main(["train", "--preset", "tiny", "--max-steps", "2", "--prediction", "v", "--min-snr-gamma", "5",
                      "--runs-dir", str(runs_dir), "--name", "obj", "--quiet"])

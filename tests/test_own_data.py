@@ -238,11 +238,12 @@ def test_the_cache_is_verified_and_rebuilt_when_damaged(tmp_path):
 
 
 # -- the shipped runs ---------------------------------------------------------------------------------------
-# sha256 of 4 DDIM-5 samples (seed 3) drawn by the code before the data section existed (commit 4765b62)
+# sha256 of 4 DDIM-5 samples (seed 3) drawn by the code before the data section existed, with per-image
+# noise streams (the `diffusion` branch at 0e52e11, before the merge with the data section)
 SHIPPED_SAMPLES = {
-    "demo-improved-unet-adamw": "05b8193153f77fa7707c3f5562e1cab248e31030eb771ec3004313ff14e32001",
-    "demo-book-unet-adam": "6765fe8e1f835a30aafb1c23024c5fb791148b4f22498d389e2de62b61ed4f87",
-    "demo-improved-cfg": "182abd320961a4c33c679066c4d4fe523f6fc605047e32c37ac3bace737b5fe4",
+    "demo-improved-unet-adamw": "b596da46a7a48e46b69debed95b55944141c07dd97e401d7487f3d0e2a113956",
+    "demo-book-unet-adam": "b574e01b0442fb34b4b2418d2f5c573f4625254661b92d82576cc71500481e42",
+    "demo-improved-cfg": "6eba4a9a4a735e7482e62f5e6524a49e6f119c5869f5b4376bbe92e5ee5218fd",
 }
 
 

@@ -77,11 +77,11 @@ def test_shipped_classifier_loads_and_gives_the_same_features():
     old = old_network()
     old.load_state_dict(loaded.model.state_dict(), strict=True)  # same names, same shapes
     old.to(memory_format=torch.channels_last).eval()  # as load_classifier always placed it
-    images = load_images("fashion_mnist", "test").images[:256]
+    images = load_images("fashion_mnist", "test").images[:256]  # (N, 1, 28, 28)
     with torch.no_grad():
-        expected = old.embed(old.body(images.unsqueeze(1).float() / 127.5 - 1.0))
-        assert torch.equal(loaded.model.features(images), expected)              # (N, 28, 28)
-        assert torch.equal(loaded.model.features(images.unsqueeze(1)), expected)  # (N, 1, 28, 28)
+        expected = old.embed(old.body(images.float() / 127.5 - 1.0))
+        assert torch.equal(loaded.model.features(images[:, 0]), expected)  # (N, 28, 28)
+        assert torch.equal(loaded.model.features(images), expected)        # (N, 1, 28, 28)
     assert set(clf.read_metadata(SHIPPED.read_bytes())) >= {"dataset", "arch_version"}
 
 

@@ -114,7 +114,7 @@ def test_unit_range_images_are_the_books_clamp(model, scheduler):
     above 1 become 255 (not wrapped around), the rest round(x·255). The untrained network lands outside
     [0, 1] on both sides, so the clamp is exercised."""
     config = SampleConfig(n=2)
-    x = final_images(model, scheduler, config, pixel_range="unit").squeeze(1).double().numpy()
+    x = final_images(model, scheduler, config, pixel_range="unit").double().numpy()
     img = sample(model, scheduler, config, pixel_range="unit").images
     assert (x < 0).any() and (x > 1).any()
     assert (img[x < 0] == 0).all() and (img[x > 1] == 255).all()

@@ -165,12 +165,12 @@ class Diffuser:
 
 # -- data and training (the book's loop) -------------------------------------------------------------
 class PerImageDataset(torch.utils.data.Dataset):
-    """uint8 (N, 28, 28) images served one at a time through PIL + ToTensor, like torchvision's
-    MNIST dataset with `transform=ToTensor()` (pixels in [0, 1])."""
+    """uint8 (N, 28, 28) or (N, 1, 28, 28) images served one at a time through PIL + ToTensor, like
+    torchvision's MNIST dataset with `transform=ToTensor()` (pixels in [0, 1])."""
 
     def __init__(self, images: torch.Tensor):
         from torchvision import transforms
-        self.images = images.numpy()
+        self.images = (images[:, 0] if images.dim() == 4 else images).numpy()  # the book's grayscale (N, 28, 28)
         self.transform = transforms.ToTensor()
 
     def __len__(self) -> int:

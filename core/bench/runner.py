@@ -227,7 +227,7 @@ def matmul_gflops(device: torch.device, size: int, repeats: int) -> float:
 
 
 def bench_images(n: int, data_root: str | None, synthetic: bool = False) -> tuple[torch.Tensor, str]:
-    """The training images as uint8 (N, 28, 28): FashionMNIST when present, else (or when asked)
+    """The training images as uint8 (N, 1, 28, 28): FashionMNIST when present, else (or when asked)
     seeded random pixels; the speed of a step does not depend on the pixel values."""
     reason = "asked for"
     if not synthetic:
@@ -237,7 +237,7 @@ def bench_images(n: int, data_root: str | None, synthetic: bool = False) -> tupl
         except Exception as exc:  # noqa: BLE001 - any missing or unreadable dataset: fall back, say so
             reason = f"dataset not loaded: {type(exc).__name__}"
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (max(n, 1024), 28, 28), generator=gen, dtype=torch.uint8)
+    images = torch.randint(0, 256, (max(n, 1024), 1, 28, 28), generator=gen, dtype=torch.uint8)
     return images, f"synthetic uint8 ({len(images)} images; {reason})"
 
 
