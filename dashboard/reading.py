@@ -22,6 +22,8 @@ the spread is within noise; a sweep without such a pair is marked "single seed".
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable, Sequence
 
@@ -36,7 +38,8 @@ NOT_RECIPE = ("seed", "device", "log_every", "checkpoint_every_s", "sample_every
 
 def position(fd: float | None, floor: float | None, noise: float | None) -> float | None:
     """Where fd lies between the floor (0) and the noise ceiling (1); None without both references."""
-    if fd is None or floor is None or noise is None or noise <= floor:
+    values = (fd, floor, noise)  # a table's missing cell is NaN, not None: both mean "not measured"
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) or noise <= floor:
         return None
     return (fd - floor) / (noise - floor)
 

@@ -152,7 +152,7 @@ def test_reverse_page_shows_a_colour_run_in_colour(colour_run, shown):
     result = at.session_state["rev_result"]["result"]
     assert result.images.shape == (4, 3, 16, 16)
     at.slider(key="rev_frame").set_value(at.slider(key="rev_frame").max).run()
-    assert [img.captions for img in at.image] == [["x_0"]]
+    assert any(img.captions and img.captions[0].startswith("x_0") for img in at.image)
     spread = colour_spread(shown[-1])
     assert spread.shape[1] >= 4 * 2 * 16   # scaled up for viewing
     assert (spread > 30).mean() > 0.05, "the images are grey"
@@ -194,7 +194,7 @@ def test_a_conditional_folder_run_is_guided_by_its_folder_names(runs_dir, tmp_pa
     at.switch_page("views/reverse.py").run()
     assert at.selectbox(key="rev_class").options == ["All classes (one row per class)", "0 · circle", "1 · square",
                                                      "2 · triangle"]
-    at.selectbox(key="rev_class").set_value(1)
+    at.selectbox(key="rev_class").set_value(1).run()  # one class: "Images" applies (it is disabled for all classes)
     at.number_input(key="rev_n").set_value(2).run()
     at.button(key="rev_generate").click().run()
     for _ in range(600):

@@ -114,8 +114,10 @@ if evals:
     every.insert(3, "classifier", [f"{str(sha)[:6]} ({acc:.1%})" if isinstance(acc, (int, float)) else str(sha)[:6]
                                    for sha, acc in zip(every.get("classifier_sha256", [None] * len(every)),
                                                        every.get("classifier_accuracy", [None] * len(every)))])
-    every.insert(6, "verdict", [reading.verdict(*v) for v in zip(every.get("fd"), every.get("fd_floor"),
-                                                                 every.get("fd_noise"))])
+    missing = [None] * len(every)  # entries without a figure (a guidance sweep, a memorization check)
+    every.insert(6, "verdict", [reading.verdict(*v) for v in zip(every.get("fd", missing),
+                                                                 every.get("fd_floor", missing),
+                                                                 every.get("fd_noise", missing))])
     if every["classifier"].nunique() > 1:  # distances from two classifiers are on two scales: never one table
         kinds = every["classifier"].value_counts().index.tolist()
         chosen_clf = st.selectbox("Classifier", kinds, key="cmp_eval_classifier",
