@@ -1,5 +1,7 @@
 """The Evaluate action shared by the Runs and Compare pages: pick a sampler, steps and N, see what it
-will take, score the run in the background (`core.jobs.EvaluationJob`), watch its progress.
+will take, score the run in the background (`core.jobs.EvaluationJob`), watch its progress. Below
+it, the memorization check (dashboard.memorization), whose job runs through the same manager and
+shows its progress in the same status panel.
 
 The job adds its entry to the run's eval.json, exactly as `python -m core eval` does.
 """
@@ -16,6 +18,7 @@ from core.work import estimates
 from core.work.jobs import JobBusy, classifier_ready
 from dashboard import cache, reading
 from dashboard.charts import format_duration
+from dashboard.memorization import memorization_ui
 from dashboard.state import evaluation_manager
 
 POLL_S = 1.0
@@ -55,6 +58,7 @@ def evaluate_ui(info: runs.RunInfo, prefix: str) -> None:
     st.button("Evaluate", icon=":material/speed:", key=f"{prefix}_eval_button", on_click=_start,
               args=(str(info.path), params, prefix), disabled=busy,
               help="One evaluation at a time" if busy else None)
+    memorization_ui(info, prefix)
 
 
 def evaluation_status_ui(prefix: str) -> None:
@@ -74,7 +78,8 @@ def evaluation_status_ui(prefix: str) -> None:
         if s.active:
             eta = f" · about {format_duration(s.eta_s)} left" if s.eta_s is not None else ""
             counted = f": {s.done} of {s.total}" if s.total else ""
-            st.progress(s.fraction, text=f"Evaluating **{s.run_name}** ({s.setting}) · {s.phase}{counted} · "
+            doing = "Checking for copies" if s.kind == "nearest" else "Evaluating"
+            st.progress(s.fraction, text=f"{doing} **{s.run_name}** ({s.setting}) · {s.phase}{counted} · "
                                          f"{format_duration(s.elapsed_s)}{eta}")
             st.button("Cancel evaluation", icon=":material/close:", key=f"{prefix}_eval_cancel", on_click=job.cancel)
             return
@@ -86,7 +91,11 @@ def evaluation_status_ui(prefix: str) -> None:
         if st.session_state.get(f"{prefix}_eval_shown") == id(job):
             return  # said once; a later action on the page clears it (the figure stays in the tables)
         st.session_state[f"{prefix}_eval_shown"] = id(job)
-        if s.state == "finished" and s.entry:
+        if s.state == "finished" and s.entry and s.kind == "nearest":
+            verdict = "copies its training images" if s.entry.get("copying") else "no sign of copying"
+            st.success(f"Checked **{s.run_name}** for copies ({s.setting}, N = {s.entry['n']}): {verdict}, "
+                       f"in {format_duration(s.elapsed_s)}.")
+        elif s.state == "finished" and s.entry:
             verdict = reading.verdict(s.entry["fd"], s.entry.get("fd_floor"), s.entry.get("fd_noise"))
             st.success(f"Evaluated **{s.run_name}** ({s.setting}, N = {s.entry['n']}): Fréchet distance "
                        f"**{s.entry['fd']:.2f}** (real-data floor {s.entry['fd_floor']:.2f})"

@@ -1,6 +1,7 @@
 """Evaluation in the background: `EvaluationJob` samples a run at one setting and scores it (the
 dashboard's Evaluate panel and the queue worker) and records its pace for core.work.estimates;
-`EvaluationManager` keeps one per process."""
+`NearestCheckJob` runs the memorization check (core.evaluation.nearest) with the same phases and
+progress; `EvaluationManager` keeps one of either per process."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from ..store import runs
 from ..config import SampleConfig
 from ..device import resolve_device
 from ..evaluation.classifier import FitConfig, classifier_path
+from ..evaluation.nearest import GRID_PREFIX, check_run
 from ..evaluation.own_data import uses_fingerprint
 from ..evaluation.scoring import run_evaluator, score_setting, setting_name
 from ..diffusion.sampling import total_steps
@@ -38,6 +40,7 @@ class EvaluationStatus:
     eta_s: float | None
     error: str | None
     entry: dict[str, Any] | None
+    kind: str = "fd"    # "fd" (Fréchet distance) or "nearest" (the memorization check)
 
     @property
     def fraction(self) -> float:
@@ -60,6 +63,7 @@ class EvaluationJob(ReportingJob):
     the entry to its eval.json. Fits the dataset's classifier first when it is missing."""
 
     thread_name = "evaluation"
+    kind = "fd"
 
     def __init__(self, run_dir: Path, config: SampleConfig, *, use_ema: bool = True,
                  device: torch.device | str = "cpu", classifier_dir: str | os.PathLike | None = None,
@@ -132,12 +136,38 @@ class EvaluationJob(ReportingJob):
                 eta = (now - self._phase_started) / self._done * (self._total - self._done)
             return EvaluationStatus(self.run_dir.name, self._setting, self._state, self._phase, self._done,
                                     self._total, end - self._started, eta, self._error,
-                                    dict(self._entry) if self._entry else None)
+                                    dict(self._entry) if self._entry else None, self.kind)
+
+
+class NearestCheckJob(EvaluationJob):
+    """The memorization check of one run in the background, as `python -m core eval --nearest` does:
+    sample, find each sample's nearest training image, add the entry to eval.json and write the grid.
+    Only the work differs from `EvaluationJob` (phases: loading, sampling, scoring = the search)."""
+
+    thread_name = "memorization check"
+    kind = "nearest"
+
+    def __init__(self, run_dir: Path, config: SampleConfig, **kwargs: Any):
+        super().__init__(run_dir, config, **kwargs)
+        self._setting = GRID_PREFIX + config.setting  # the exact name (steps resolved) once it is done
+
+    def work(self) -> None:
+        entry = check_run(self.run_dir, self.config, device=self._device, use_ema=self._use_ema,
+                          classifier_dir=self._classifier_dir, data_root=self._data_root,
+                          wrap=self._sampling_phase)
+        if entry is None:
+            return self._finish("cancelled")
+        with self._lock:
+            self._entry, self._setting = entry, entry["setting"]
+        self._finish("finished")
+
+
+JOB_KINDS: dict[str, type[EvaluationJob]] = {"fd": EvaluationJob, "nearest": NearestCheckJob}
 
 
 class EvaluationManager:
-    """At most one running `EvaluationJob` per process (they share the CPU with training); the last
-    one stays available so a page can show how it ended."""
+    """At most one running `EvaluationJob` (or `NearestCheckJob`) per process (they share the CPU with
+    training); the last one stays available so a page can show how it ended."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -148,11 +178,15 @@ class EvaluationManager:
         with self._lock:
             return self._job
 
-    def start(self, run_dir: str | os.PathLike, config: SampleConfig, **kwargs: Any) -> EvaluationJob:
+    def start(self, run_dir: str | os.PathLike, config: SampleConfig, *, kind: str = "fd",
+              **kwargs: Any) -> EvaluationJob:
+        """Start a job of `kind` ("fd": score it; "nearest": check it for copies); JobBusy if one runs."""
+        if kind not in JOB_KINDS:
+            raise ValueError(f"evaluation kind = {kind!r} is not allowed: use one of {', '.join(JOB_KINDS)}")
         with self._lock:
             if self._job is not None and self._job.alive:
                 raise JobBusy(f"run {self._job.run_dir.name!r} is being evaluated: one evaluation at a time. "
                               "Cancel it (or wait for it to finish) before starting another.")
-            self._job = EvaluationJob(Path(run_dir), config, **kwargs)
+            self._job = JOB_KINDS[kind](Path(run_dir), config, **kwargs)
             self._job.start()
             return self._job
