@@ -12,13 +12,13 @@ from pathlib import Path
 import streamlit as st
 
 from core.store import runs
-from core.config import (DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, SAMPLER_NAMES, ConfigError,
-                         SampleConfig)
+from core.config import ConfigError, SampleConfig
 from core.work import estimates
 from core.work.jobs import JobBusy, classifier_ready
 from dashboard import cache, reading
 from dashboard.charts import format_duration
 from dashboard.memorization import memorization_ui
+from dashboard.widgets import sampler_setting_ui
 from dashboard.state import evaluation_manager
 
 POLL_S = 1.0
@@ -38,16 +38,9 @@ def _start(run_dir: str, params: dict, prefix: str) -> None:
 
 def evaluate_ui(info: runs.RunInfo, prefix: str) -> None:
     """Sampler, steps and N for one run, the time it will take, and the Evaluate button."""
-    T = info.config.schedule.timesteps
-    c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
-    sampler = c1.selectbox("Sampler", SAMPLER_NAMES, index=SAMPLER_NAMES.index(DEFAULT_FEW_STEP_SAMPLER),
-                           format_func=SAMPLER_LABELS.get, key=f"{prefix}_eval_sampler")
-    steps = c2.number_input(f"Steps (1 to {T})", min_value=1, max_value=T, value=min(DEFAULT_FEW_STEPS, T),
-                            key=f"{prefix}_eval_steps", disabled=sampler == "ddpm",
-                            help="DDPM always runs all T steps")
-    n = c3.number_input("Images (N)", min_value=2, max_value=10_000, value=DEFAULT_N, step=100,
-                        key=f"{prefix}_eval_n", help="Compare only figures taken at the same N (the CLI uses 1000)")
-    params = {"sampler": sampler, "steps": 0 if sampler == "ddpm" else int(steps), "n": int(n)}
+    params = sampler_setting_ui(info, f"{prefix}_eval", DEFAULT_N, 100,
+                                "Compare only figures taken at the same N (the CLI uses 1000)")
+    sampler, n = params["sampler"], params["n"]
     ready = classifier_ready(info.config.data.dataset)
     sampling = cache.sampling_estimate(info, sampler, params["steps"], int(n))
     seconds = estimates.estimate_evaluation(sampling, int(n), ready).seconds

@@ -19,8 +19,7 @@ from typing import Any
 import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
-from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, SAMPLER_NAMES, ConfigError, \
-    SampleConfig
+from core.config import ConfigError, SampleConfig
 from core.errors import RunError
 from core.evaluation.memorization import COPYING_SHARE
 from core.evaluation.nearest import GRID_PREFIX
@@ -30,6 +29,7 @@ from core.work.jobs import JobBusy
 from dashboard import cache
 from dashboard.charts import format_duration
 from dashboard.state import evaluation_manager
+from dashboard.widgets import sampler_setting_ui
 
 DEFAULT_N = 256        # enough samples for a share to mean something, minutes at most on a CPU
 SEARCH_S_PER_IMAGE = 0.01  # the nearest-neighbour search per sample and held-out image (exact, chunked)
@@ -124,18 +124,10 @@ def _start(run_dir: str, params: dict, prefix: str) -> None:
 
 def check_ui(info: runs.RunInfo, prefix: str) -> None:
     """Sampler, steps and N for the memorization check, its time estimate, and the button."""
-    T = info.config.schedule.timesteps
-    c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
-    sampler = c1.selectbox("Sampler", SAMPLER_NAMES, index=SAMPLER_NAMES.index(DEFAULT_FEW_STEP_SAMPLER),
-                           format_func=SAMPLER_LABELS.get, key=f"{prefix}_mem_sampler")
-    steps = c2.number_input(f"Steps (1 to {T})", min_value=1, max_value=T, value=min(DEFAULT_FEW_STEPS, T),
-                            key=f"{prefix}_mem_steps", disabled=sampler == "ddpm",
-                            help="DDPM always runs all T steps")
-    n = c3.number_input("Images (N)", min_value=2, max_value=10_000, value=DEFAULT_N, step=64,
-                        key=f"{prefix}_mem_n", help="Samples judged; as many held-out real images are judged too")
-    params = {"sampler": sampler, "steps": 0 if sampler == "ddpm" else int(steps), "n": int(n)}
-    sampling = cache.sampling_estimate(info, sampler, params["steps"], int(n))
-    seconds = sampling.seconds + 2 * int(n) * SEARCH_S_PER_IMAGE
+    params = sampler_setting_ui(info, f"{prefix}_mem", DEFAULT_N, 64,
+                                "Samples judged; as many held-out real images are judged too")
+    sampling = cache.sampling_estimate(info, params["sampler"], params["steps"], params["n"])
+    seconds = sampling.seconds + 2 * params["n"] * SEARCH_S_PER_IMAGE
     st.caption(f"Estimated time here: about **{format_duration(seconds)}**. Runs in the background; the entry "
                "goes into the run's eval.json and the grid into its samples/, as "
                "`python -m core eval --nearest` writes them.")

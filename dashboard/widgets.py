@@ -6,6 +6,7 @@ from typing import Sequence
 import numpy as np
 import streamlit as st
 
+from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, SAMPLER_NAMES
 from core.store.runs import RunInfo
 
 from .charts import run_label, scaled_grid
@@ -38,3 +39,18 @@ def run_picker_ui(infos: Sequence[RunInfo], label: str = "Run", key: str | None 
 def sampleable(infos: Sequence[RunInfo]) -> list[RunInfo]:
     """Runs whose config reads and which have weights to sample from."""
     return [i for i in infos if i.readable and i.config is not None and (i.path / "model.safetensors").exists()]
+
+
+def sampler_setting_ui(info: RunInfo, key_prefix: str, default_n: int, n_step: int, n_help: str) -> dict:
+    """Sampler, steps (1 to T; none for DDPM) and N in one row, as Evaluate and Check for copies ask
+    them: {"sampler", "steps" (0 = all T), "n"}."""
+    T = info.config.schedule.timesteps
+    c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
+    sampler = c1.selectbox("Sampler", SAMPLER_NAMES, index=SAMPLER_NAMES.index(DEFAULT_FEW_STEP_SAMPLER),
+                           format_func=SAMPLER_LABELS.get, key=f"{key_prefix}_sampler")
+    steps = c2.number_input(f"Steps (1 to {T})", min_value=1, max_value=T, value=min(DEFAULT_FEW_STEPS, T),
+                            key=f"{key_prefix}_steps", disabled=sampler == "ddpm",
+                            help="DDPM always runs all T steps")
+    n = c3.number_input("Images (N)", min_value=2, max_value=10_000, value=default_n, step=n_step,
+                        key=f"{key_prefix}_n", help=n_help)
+    return {"sampler": sampler, "steps": 0 if sampler == "ddpm" else int(steps), "n": int(n)}
