@@ -125,10 +125,11 @@ def _start(run_dir: str, params: dict, prefix: str) -> None:
 def check_ui(info: runs.RunInfo, prefix: str) -> None:
     """Sampler, steps and N for the memorization check, its time estimate, and the button."""
     params = sampler_setting_ui(info, f"{prefix}_mem", DEFAULT_N, 64,
-                                "Samples judged; as many held-out real images are judged too")
+                                "Samples judged; as many held-out real images are judged too",
+                                ("Sampler for the check", "Check steps", "Samples to check (N)"))
     sampling = cache.sampling_estimate(info, params["sampler"], params["steps"], params["n"])
     seconds = sampling.seconds + 2 * params["n"] * SEARCH_S_PER_IMAGE
-    st.caption(f"Estimated time here: about **{format_duration(seconds)}**. Runs in the background; the entry "
+    st.caption(f"Estimated check time: about **{format_duration(seconds)}**. Runs in the background; the entry "
                "goes into the run's eval.json and the grid into its samples/, as "
                "`python -m core eval --nearest` writes them.")
     busy = evaluation_manager().job is not None and evaluation_manager().job.alive

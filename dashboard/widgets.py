@@ -41,16 +41,18 @@ def sampleable(infos: Sequence[RunInfo]) -> list[RunInfo]:
     return [i for i in infos if i.readable and i.config is not None and (i.path / "model.safetensors").exists()]
 
 
-def sampler_setting_ui(info: RunInfo, key_prefix: str, default_n: int, n_step: int, n_help: str) -> dict:
+def sampler_setting_ui(info: RunInfo, key_prefix: str, default_n: int, n_step: int, n_help: str,
+                       labels: tuple[str, str, str] = ("Sampler", "Steps", "Images (N)")) -> dict:
     """Sampler, steps (1 to T; none for DDPM) and N in one row, as Evaluate and Check for copies ask
-    them: {"sampler", "steps" (0 = all T), "n"}."""
+    them: {"sampler", "steps" (0 = all T), "n"}. Two rows on one page need their own labels (a
+    label names one widget, for a reader and for a browser test alike)."""
     T = info.config.schedule.timesteps
     c1, c2, c3 = st.columns([3, 1, 1], vertical_alignment="bottom")
-    sampler = c1.selectbox("Sampler", SAMPLER_NAMES, index=SAMPLER_NAMES.index(DEFAULT_FEW_STEP_SAMPLER),
+    sampler = c1.selectbox(labels[0], SAMPLER_NAMES, index=SAMPLER_NAMES.index(DEFAULT_FEW_STEP_SAMPLER),
                            format_func=SAMPLER_LABELS.get, key=f"{key_prefix}_sampler")
-    steps = c2.number_input(f"Steps (1 to {T})", min_value=1, max_value=T, value=min(DEFAULT_FEW_STEPS, T),
+    steps = c2.number_input(f"{labels[1]} (1 to {T})", min_value=1, max_value=T, value=min(DEFAULT_FEW_STEPS, T),
                             key=f"{key_prefix}_steps", disabled=sampler == "ddpm",
                             help="DDPM always runs all T steps")
-    n = c3.number_input("Images (N)", min_value=2, max_value=10_000, value=default_n, step=n_step,
+    n = c3.number_input(labels[2], min_value=2, max_value=10_000, value=default_n, step=n_step,
                         key=f"{key_prefix}_n", help=n_help)
     return {"sampler": sampler, "steps": 0 if sampler == "ddpm" else int(steps), "n": int(n)}

@@ -62,8 +62,10 @@ def test_the_job_runs_through_the_evaluation_manager(tiny_run):
 
 def test_check_for_copies_from_the_runs_page(tiny_run, monkeypatch):
     at = runs_page(tiny_run, monkeypatch)
-    assert any(c.value.startswith("Estimated time here: about") and "--nearest" in c.value for c in at.caption)
+    assert any(c.value.startswith("Estimated check time: about") and "--nearest" in c.value for c in at.caption)
     assert not images(at)  # no check yet: no result
+    labels = [w.label for w in [*at.number_input, *at.selectbox]]
+    assert len(labels) == len(set(labels)), labels  # beside Evaluate's row: each widget named once
     at.number_input(key="runs_mem_steps").set_value(4)
     at.number_input(key="runs_mem_n").set_value(16).run()
     at.button(key="runs_mem_button").click().run()
