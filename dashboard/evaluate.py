@@ -25,15 +25,17 @@ POLL_S = 1.0
 DEFAULT_N = 1000  # what `python -m core eval` uses: numbers compare only at the same N
 
 
-def _start(run_dir: str, params: dict, prefix: str) -> None:
+def _start(run_dir: str, params: dict, prefix: str, kind: str = "fd") -> None:
+    """Start an evaluation ("fd") or a memorization check ("nearest"); the page says which, or why not."""
     try:
         config = SampleConfig(sampler=params["sampler"], steps=params["steps"], n=params["n"], seed=0)
-        evaluation_manager().start(Path(run_dir), config, device=cache.DEVICE)
+        evaluation_manager().start(Path(run_dir), config, kind=kind, device=cache.DEVICE)
     except (JobBusy, ConfigError, runs.RunError) as exc:
         st.session_state[f"{prefix}_eval_feedback"] = ("warning", str(exc))
     else:
-        st.session_state[f"{prefix}_eval_feedback"] = ("success", f"Evaluating **{Path(run_dir).name}** "
-                                                                  f"({config.setting}, N = {config.n}).")
+        doing = f"Checking **{Path(run_dir).name}** for copies" if kind == "nearest" else \
+            f"Evaluating **{Path(run_dir).name}**"
+        st.session_state[f"{prefix}_eval_feedback"] = ("success", f"{doing} ({config.setting}, N = {config.n}).")
 
 
 def evaluate_ui(info: runs.RunInfo, prefix: str) -> None:
@@ -51,7 +53,7 @@ def evaluate_ui(info: runs.RunInfo, prefix: str) -> None:
     st.button("Evaluate", icon=":material/speed:", key=f"{prefix}_eval_button", on_click=_start,
               args=(str(info.path), params, prefix), disabled=busy,
               help="One evaluation at a time" if busy else None)
-    memorization_ui(info, prefix)
+    memorization_ui(info, prefix, _start)
 
 
 def evaluation_status_ui(prefix: str) -> None:
@@ -84,6 +86,7 @@ def evaluation_status_ui(prefix: str) -> None:
         if st.session_state.get(f"{prefix}_eval_shown") == id(job):
             return  # said once; a later action on the page clears it (the figure stays in the tables)
         st.session_state[f"{prefix}_eval_shown"] = id(job)
+        what = "The check for copies" if s.kind == "nearest" else "Evaluation"
         if s.state == "finished" and s.entry and s.kind == "nearest":
             verdict = "copies its training images" if s.entry.get("copying") else "no sign of copying"
             st.success(f"Checked **{s.run_name}** for copies ({s.setting}, N = {s.entry['n']}): {verdict}, "
@@ -94,8 +97,8 @@ def evaluation_status_ui(prefix: str) -> None:
                        f"**{s.entry['fd']:.2f}** (real-data floor {s.entry['fd_floor']:.2f})"
                        + (f", {verdict}" if verdict else "") + f", in {format_duration(s.elapsed_s)}.")
         elif s.state == "failed":
-            st.error(f"Evaluation of {s.run_name} failed: {s.error}")
+            st.error(f"{what} of {s.run_name} failed: {s.error}")
         else:
-            st.info(f"Evaluation of {s.run_name} cancelled.")
+            st.info(f"{what} of {s.run_name} cancelled.")
 
     panel()

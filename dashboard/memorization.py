@@ -14,18 +14,16 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
-from core.config import ConfigError, SampleConfig
 from core.errors import RunError
 from core.evaluation.memorization import COPYING_SHARE
 from core.evaluation.nearest import GRID_PREFIX
 from core.store import runs
 from core.store.io import MAX_IMAGE_BYTES, read_bounded_bytes
-from core.work.jobs import JobBusy
 from dashboard import cache
 from dashboard.charts import format_duration
 from dashboard.state import evaluation_manager
@@ -111,18 +109,7 @@ def read_grid(run_dir: Path, name: str) -> Image.Image:
     return image
 
 
-def _start(run_dir: str, params: dict, prefix: str) -> None:
-    try:
-        config = SampleConfig(sampler=params["sampler"], steps=params["steps"], n=params["n"], seed=0)
-        evaluation_manager().start(Path(run_dir), config, kind="nearest", device=cache.DEVICE)
-    except (JobBusy, ConfigError, RunError) as exc:
-        st.session_state[f"{prefix}_eval_feedback"] = ("warning", str(exc))
-    else:
-        st.session_state[f"{prefix}_eval_feedback"] = ("success", f"Checking **{Path(run_dir).name}** for copies "
-                                                                  f"({config.setting}, N = {config.n}).")
-
-
-def check_ui(info: runs.RunInfo, prefix: str) -> None:
+def check_ui(info: runs.RunInfo, prefix: str, start: Callable[..., None]) -> None:
     """Sampler, steps and N for the memorization check, its time estimate, and the button."""
     params = sampler_setting_ui(info, f"{prefix}_mem", DEFAULT_N, 64,
                                 "Samples judged; as many held-out real images are judged too",
@@ -133,8 +120,8 @@ def check_ui(info: runs.RunInfo, prefix: str) -> None:
                "goes into the run's eval.json and the grid into its samples/, as "
                "`python -m core eval --nearest` writes them.")
     busy = evaluation_manager().job is not None and evaluation_manager().job.alive
-    st.button("Check for copies", icon=":material/content_copy:", key=f"{prefix}_mem_button", on_click=_start,
-              args=(str(info.path), params, prefix), disabled=busy,
+    st.button("Check for copies", icon=":material/content_copy:", key=f"{prefix}_mem_button", on_click=start,
+              args=(str(info.path), params, prefix, "nearest"), disabled=busy,
               help="One evaluation at a time" if busy else None)
 
 
@@ -170,8 +157,9 @@ def result_ui(run_dir: Path) -> None:
     st.image(grid, caption="Each pair: a sample | its nearest training image, most copy-like first")
 
 
-def memorization_ui(info: runs.RunInfo, prefix: str) -> None:
-    """The "Check for copies" action and the run's latest result, under the Evaluate action."""
+def memorization_ui(info: runs.RunInfo, prefix: str, start: Callable[..., None]) -> None:
+    """The "Check for copies" action and the run's latest result, under the Evaluate action; `start`
+    is the Evaluate panel's (run_dir, params, prefix, kind) starter: one manager, one feedback line."""
     st.markdown("**Check for copies**: did the model learn the images or copy them?")
-    check_ui(info, prefix)
+    check_ui(info, prefix, start)
     result_ui(info.path)
