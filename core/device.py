@@ -6,6 +6,7 @@ dashboard all need it, and it needs nothing of theirs.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -50,3 +51,19 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so a timer or a memory reading sees it done."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def available_host_memory() -> int:
+    """Bytes a new allocation in host memory may take: MemAvailable, else the free pages, else a very
+    large number (unknown: the guards then let the allocator decide)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 62

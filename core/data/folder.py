@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..config import ConfigError, DataConfig
+from ..device import available_host_memory
 from .cache import DecodedFolder, load_cached, save_cached
 from .datasets import ImageSet
 from .transforms import resize_crop, to_channels, to_l_or_rgb
@@ -257,22 +258,10 @@ def summarize(data_dir: str | os.PathLike, size: int = 32) -> FolderSummary:
                          class_counts=class_counts, skipped=tuple(decoded.skipped))
 
 
-def available_memory() -> int:
-    """Bytes a new allocation may take (MemAvailable), or a very large number when unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 1 << 62
-
-
 def check_memory(n: int, size: int) -> None:
     """Refuse a folder whose decoded images (at worst 3 channels, held twice while stacking) will not fit."""
     need = 2 * n * 3 * size * size
-    have = available_memory() // 2   # leave half for the network, the optimizer and everyone else
+    have = available_host_memory() // 2   # leave half for the network, the optimizer and everyone else
     if need > have:
         fits = max(0, have // (2 * 3 * size * size))
         raise ImageFolderError(f"image_size = {size} is not allowed for {n:,} images: decoding needs about "

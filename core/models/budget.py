@@ -19,10 +19,10 @@ and about half the training activations per image (no gradients are kept, but th
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from ..device import available_host_memory
 from ..config import ConfigError, ModelConfig, RunConfig
 from . import build_model
 
@@ -69,21 +69,11 @@ def activation_bytes_per_image(model: ModelConfig, image_size: int = 28) -> int:
 
 
 def available_bytes(device: torch.device) -> int:
-    """Memory free for a new allocation on `device`: CUDA's free memory, or MemAvailable."""
+    """Memory free for a new allocation on `device`: CUDA's free memory, or the host's (device.py)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 1 << 62  # unknown: the parameter cap still holds
+    return available_host_memory()
 
 
 def _gb(n: float) -> str:
