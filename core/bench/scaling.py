@@ -53,7 +53,8 @@ def _worker(rank: int, world_size: int, port: int, config_json: str, threads: in
         device = device_for(world, resolve_device(config.train.device))
         batch = config.train.batch_size
         gen = torch.Generator().manual_seed(rank)
-        images = torch.randint(0, 256, (max(4 * batch, 1024), 28, 28), generator=gen, dtype=torch.uint8)
+        images = torch.randint(0, 256, (max(4 * batch, 1024), *config.data.shape), generator=gen,
+                               dtype=torch.uint8)
         trainer = ProductTrainer(config, device, images, batch)
         for _ in range(warmup):
             trainer.step()

@@ -115,7 +115,9 @@ def switch_run_settings(info: runs.RunInfo) -> None:
         values["rev_ema"] = False
     for key, value in values.items():
         state[key] = value
-    state["rev_settings_for"] = info.name
+    # "rev_settings_for" is set only once the widgets have been drawn with these values (sampler_ui):
+    # a rerun that cuts this one short (a click on another field, on a loaded machine) arrives with the
+    # previous run's widget values from the browser, and must bring this run's in again.
 
 
 # -- widgets ---------------------------------------------------------------------------------------------
@@ -148,6 +150,7 @@ def sampler_ui(info: runs.RunInfo, top: list) -> dict:
                         else "This run was trained without EMA")
     st.session_state["rev_per_run"][info.name] = {"rev_sampler": sampler, "rev_steps": int(steps),
                                                   "rev_eta": float(eta), "rev_ema": bool(use_ema)}
+    st.session_state["rev_settings_for"] = info.name  # the widgets now hold this run's values
     del seed, n
     return {"params": sampler_params(info), "button": c7, "estimate": c8}
 
