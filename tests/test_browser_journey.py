@@ -506,8 +506,8 @@ def own_images_step(page, tmp_path: Path, shot) -> None:
     expect(frame_slider).to_be_visible(timeout=60_000)
     frame_slider.focus()
     frame_slider.press("End")
-    expect(page.get_by_text(re.compile(r"the finished images"))).to_be_visible()
-    final = page.locator('[data-testid="stImage"]').filter(has_text="x_0").locator("img").first
+    expect(page.get_by_text(re.compile(r"^Frame \d+ of \d+: the finished images"))).to_be_visible()
+    final = page.locator('[data-testid="stImage"]').filter(has_text="x_0: the finished images").locator("img").first
     expect(final).to_be_visible()
     final.scroll_into_view_if_needed()
     page.wait_for_timeout(1000)
