@@ -40,7 +40,7 @@ pages = [
 page = st.navigation(pages)
 
 with st.sidebar:
-    st.caption("Step 9 of *Deep Learning from Scratch 5*: a DDPM on 28×28 images, the book's UNet "
+    st.caption("Step 9 of *Deep Learning from Scratch 5*: a DDPM on 28×28 images (or your own), the book's UNet "
                "versus an ImprovedUNet, Adam versus AdamW.")
     job = job_manager().job
     if job is not None and job.alive and job.snapshot().active:

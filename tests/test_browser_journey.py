@@ -349,6 +349,7 @@ def test_train_then_generate_then_evaluate(server, tmp_path):
             expect(page.get_by_label("Timesteps T")).to_have_value("20")
             max_steps = page.get_by_label("Max steps (0 = no limit)")
             for queued_name in ("queued-one", "queued-two"):
+                expect(max_steps).to_have_count(1, timeout=30_000)  # a rerun may briefly show two forms
                 max_steps.fill("6")
                 max_steps.press("Enter")
                 expect(max_steps).to_have_value("6")
@@ -485,6 +486,7 @@ def own_images_step(page, tmp_path: Path, shot) -> None:
     size_box.press("Enter")
     expect(size_box).to_have_value("16")
     max_steps = page.get_by_label("Max steps (0 = no limit)")
+    expect(max_steps).to_have_count(1, timeout=30_000)  # a rerun may briefly show the old form beside the new
     max_steps.fill("6")
     max_steps.press("Enter")
     expect(max_steps).to_have_value("6")
