@@ -17,10 +17,12 @@ import io
 import os
 import shutil
 import sys
+import time
 import traceback
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -115,6 +117,36 @@ def copy_run(source: Path, runs_dir: Path, name: str | None = None) -> Path:
 def tiny_run(tmp_path, trained_tiny_run) -> Path:
     """A finished tiny run folder (with EMA) in a temporary runs dir: tmp_path/runs/tiny, this test's own."""
     return copy_run(trained_tiny_run, tmp_path / "runs")
+
+
+# -- the dashboard in AppTest ------------------------------------------------------------------------------
+def poll_app(at, done: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    """Rerun the page (each run polls its background job, as the page's fragment does) until `done()`,
+    failing on an error shown on the way or after `timeout` seconds: a time, not a count of reruns, so
+    the wait holds on a loaded machine as well as on a quiet one."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"{what} did not finish in {timeout:.0f} s"
+        assert not at.error and not at.exception, (at.error or at.exception)[0].value
+        time.sleep(0.1)
+        at.run()
+    assert not at.exception
+
+
+def generate(at, timeout: float = 120.0) -> dict:
+    """Click the Reverse page's Generate and wait for its result (the session's `rev_result`)."""
+    at.button(key="rev_generate").click().run()
+    poll_app(at, lambda: "rev_result" in at.session_state, "generation", timeout)
+    return at.session_state["rev_result"]
+
+
+def stop_queue_worker() -> None:
+    """End the dashboard process's queue worker, if a test started one: never leave it into the next test."""
+    from dashboard.state import job_manager
+    runner = job_manager().queue_runner
+    if runner is not None:
+        runner.stop()
+        assert runner.join(120)
 
 
 # -- the CLI in this process -----------------------------------------------------------------------------

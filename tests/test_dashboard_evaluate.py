@@ -8,7 +8,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO
+from conftest import REPO, poll_app
 from core.config import DEFAULT_FEW_STEP_SAMPLER, SAMPLER_LABELS
 from core.store import runs
 from core.config import SampleConfig
@@ -78,12 +78,7 @@ def test_evaluate_from_the_runs_page_then_see_it_on_compare(tiny_run, classifier
     at.number_input(key="runs_eval_n").set_value(32).run()
     at.button(key="runs_eval_button").click().run()
     assert any("Evaluating **tiny**" in s.value for s in at.success)
-    deadline = time.monotonic() + 120
-    while not any("Fréchet distance" in s.value for s in at.success):
-        assert time.monotonic() < deadline, "the evaluation did not finish in time"
-        assert not at.error, at.error[0].value
-        time.sleep(0.3)
-        at.run()
+    poll_app(at, lambda: any("Fréchet distance" in s.value for s in at.success), "the evaluation")
     (entry,) = json.loads((tiny_run / "eval.json").read_text())
     assert entry["setting"] == f"{DEFAULT_FEW_STEP_SAMPLER}-5" and entry["n"] == 32
 

@@ -4,7 +4,6 @@ conditional options."""
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO, copy_run, tiny_config
+from conftest import REPO, copy_run, generate, tiny_config
 from core.store import runs
 from core.evaluation import classifier as clf
 from dashboard.guidance import tradeoff_figure
@@ -34,17 +33,6 @@ def cond_app(tmp_path, monkeypatch, trained_runs) -> AppTest:
     at.number_input(key="rev_steps").set_value(3).run()
     return at
 
-
-def generate(at: AppTest, timeout: float = 60.0) -> dict:
-    at.button(key="rev_generate").click().run()
-    deadline = time.monotonic() + timeout
-    while "rev_result" not in at.session_state:
-        assert time.monotonic() < deadline, "generation did not finish in time"
-        assert not at.error, at.error[0].value
-        time.sleep(0.1)
-        at.run()
-    assert not at.exception
-    return at.session_state["rev_result"]
 
 
 def test_pick_sneaker_at_guidance_3(cond_app):

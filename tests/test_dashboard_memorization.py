@@ -9,7 +9,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO, copy_run
+from conftest import REPO, copy_run, poll_app
 from core.config import SampleConfig
 from core.evaluation.nearest import check_run
 from core.store import runs
@@ -70,12 +70,7 @@ def test_check_for_copies_from_the_runs_page(tiny_run, monkeypatch):
     at.number_input(key="runs_mem_n").set_value(16).run()
     at.button(key="runs_mem_button").click().run()
     assert any("Checking **tiny** for copies" in s.value for s in at.success)
-    deadline = time.monotonic() + 120
-    while not any("Checked **tiny** for copies" in s.value for s in at.success):
-        assert time.monotonic() < deadline, "the check did not finish in time"
-        assert not at.error and not at.exception, (at.error or at.exception)[0].value
-        time.sleep(0.3)
-        at.run()
+    poll_app(at, lambda: any("Checked **tiny** for copies" in s.value for s in at.success), "the check")
     (entry,) = json.loads((tiny_run / "eval.json").read_text())
     assert entry["kind"] == "memorization" and entry["n"] == 16
     verdict = VERDICTS[0] if entry["copying"] else VERDICTS[1]

@@ -12,7 +12,7 @@ from PIL import Image
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO
+from conftest import REPO, generate
 from test_dashboard_compare import values
 from core.cli import main as cli
 from core.data import cache as data_cache
@@ -143,12 +143,7 @@ def test_reverse_page_shows_a_colour_run_in_colour(colour_run, shown):
     at.switch_page("views/reverse.py").run()
     assert at.selectbox(key="rev_run").value == "colour"
     at.number_input(key="rev_n").set_value(4).run()
-    at.button(key="rev_generate").click().run()
-    for _ in range(600):
-        if "rev_result" in at.session_state:
-            break
-        assert not at.error, at.error[0].value
-        at.run()
+    generate(at)
     result = at.session_state["rev_result"]["result"]
     assert result.images.shape == (4, 3, 16, 16)
     at.slider(key="rev_frame").set_value(at.slider(key="rev_frame").max).run()
@@ -196,12 +191,7 @@ def test_a_conditional_folder_run_is_guided_by_its_folder_names(runs_dir, tmp_pa
                                                      "2 · triangle"]
     at.selectbox(key="rev_class").set_value(1).run()  # one class: "Images" applies (it is disabled for all classes)
     at.number_input(key="rev_n").set_value(2).run()
-    at.button(key="rev_generate").click().run()
-    for _ in range(600):
-        if "rev_result" in at.session_state:
-            break
-        assert not at.error, at.error[0].value
-        at.run()
+    generate(at)
     assert not at.exception
     assert at.session_state["rev_result"]["result"].images.shape == (2, 3, 16, 16)
     assert any("cond · " in m.value and "· class square · γ = " in m.value for m in at.markdown)

@@ -3,14 +3,13 @@ frames, and export a PNG grid, a GIF and the frames as .npz."""
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO, copy_run, tiny_config
+from conftest import REPO, copy_run, generate, tiny_config
 from core.config import DEFAULT_FEW_STEP_SAMPLER, DEFAULT_FEW_STEPS, SAMPLER_LABELS, ScheduleConfig
 from core.store.export import frames_npz, grid_png, reverse_gif
 
@@ -25,17 +24,6 @@ def app(tiny_run, monkeypatch) -> AppTest:
     assert not at.exception
     return at
 
-
-def generate(at: AppTest, timeout: float = 60.0) -> dict:
-    at.button(key="rev_generate").click().run()
-    deadline = time.monotonic() + timeout
-    while "rev_result" not in at.session_state:  # each run polls the background job, as the fragment does
-        assert time.monotonic() < deadline, "generation did not finish in time"
-        assert not at.error, at.error[0].value
-        time.sleep(0.1)
-        at.run()
-    assert not at.exception
-    return at.session_state["rev_result"]
 
 
 def test_widgets_and_no_run_message(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from typing import Callable
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO, make_tiny_images, tiny_config
+from conftest import REPO, make_tiny_images, stop_queue_worker, tiny_config
 from core.cli.main import main
 from core.evaluation.classifier import ClassifierError, FitConfig, fit, load_classifier, save_classifier
 from core.evaluation.frechet import QualityEvaluator
@@ -245,11 +245,7 @@ def dashboard_runs(monkeypatch):
     def point(root: Path) -> None:
         monkeypatch.setenv("DDPM_RUNS_DIR", str(root))
     yield point
-    from dashboard.state import job_manager
-    runner = job_manager().queue_runner  # never leave a queue worker into the next test
-    if runner is not None:
-        runner.stop()
-        assert runner.join(120)
+    stop_queue_worker()
 
 
 def pages_render(root: Path, pages=PAGES) -> None:

@@ -39,6 +39,16 @@ def feature_classifier(train, classifier_dir: str | Path | None, device: torch.d
         return None
 
 
+def feature_fn(classifier: Classifier, device: torch.device):
+    """uint8 images -> the classifier's features, without gradients, on `device`."""
+    model = classifier.model.to(device).eval()
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.features(x.to(device))
+    return features
+
+
 def check_run(run_dir: str | Path, config: SampleConfig, *, device: torch.device | str = "cpu",
               use_ema: bool = True, classifier_dir: str | Path | None = None, data_root: str | None = None,
               wrap: StepWrapper | None = None) -> dict[str, Any] | None:
@@ -60,13 +70,7 @@ def check_run(run_dir: str | Path, config: SampleConfig, *, device: torch.device
         return None
     sampling_s = time.perf_counter() - started
     heldout = real_subset(heldout_split, min(config.n, len(heldout_split)), config.seed)
-    features = None
-    if classifier is not None:
-        model = classifier.model.to(device).eval()
-
-        def features(x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return model.features(x.to(device))
+    features = None if classifier is None else feature_fn(classifier, device)
     report = memorization.check(samples, reference, heldout, features,
                                 heldout_in_train=heldout_split.split == IN_TRAIN_SPLIT)
     setting = GRID_PREFIX + setting_name(config, steps, not loaded.used_ema and (run_dir / "ema.safetensors").exists())

@@ -118,7 +118,8 @@ def run_classifier_for(train: ImageSet, classifier_dir: str | Path | None, devic
     if uses_fingerprint(train.dataset):
         names = class_names_of(train)
         return fitted_classifier(train, names, classifier_dir, device) or \
-            fit_on_training_split(train, names, classifier_dir, device=device)
+            fit_on_training_split(train, names, classifier_dir, fit_config or FitConfig(), device=device,
+                                  progress=progress)
     return load_or_fit_classifier(train.dataset, classifier_dir, device, data_root, fit_config, progress)[0]
 
 
